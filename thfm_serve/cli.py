@@ -1,0 +1,70 @@
+"""The `thfm` console command.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser whose
+``func`` default takes the parsed args and returns an exit code. Errors the user can cause are
+ThfmError: printed as one line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import ThfmError
+
+logger = logging.getLogger("thfm")
+
+COMMAND_MODULES = (
+    "thfm_serve.commands.checkpoint",  # init-checkpoint
+    "thfm_serve.commands.predict",  # predict (--checkpoint in-process, --url through Triton)
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thfm", description="THFM Serve: export, serve and call THFM.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        # Library chatter (weight-loading progress, accelerate hints) is noise for a CLI user.
+        for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        try:
+            from diffusers.utils import logging as dlog
+
+            dlog.disable_progress_bar()
+            dlog.set_verbosity_error()
+            from transformers.utils import logging as tlog
+
+            tlog.disable_progress_bar()
+            tlog.set_verbosity_error()
+        except ImportError:  # pragma: no cover - both are dependencies
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except ThfmError as e:
+        logger.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

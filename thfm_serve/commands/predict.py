@@ -1,0 +1,71 @@
+"""`thfm predict VIDEO --tasks LIST --out DIR` with `--checkpoint DIR` (in-process) or `--url`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ThfmError
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="run tasks on a video and write one <task>.npz per task")
+    p.add_argument("video", help="video file (mp4, avi, mov, mkv, webm)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run in-process from this checkpoint directory")
+    src.add_argument("--url", action="append", help="Triton gRPC endpoint HOST:PORT (repeat to spread windows over servers)")
+    p.add_argument("--tasks", default="all", help="comma-separated: depth,normals,segmentation,densepose,keypoints2d,keypoints3d or 'all'")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--height", type=int, help="model height (multiple of 16; default: checkpoint's)")
+    p.add_argument("--width", type=int, help="model width (multiple of 16; default: checkpoint's)")
+    p.add_argument("--window", type=int, help="frames per model window, 4n+1 (default: checkpoint's)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TASK=TEXT",
+                   help="free-form prompt for a task (in-process, needs the checkpoint's text encoder)")
+    p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process)")
+    p.add_argument("--max-frames", type=int, default=None, help="refuse videos longer than this")
+    p.set_defaults(func=run)
+
+
+def _parse_prompts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, sep, text = item.partition("=")
+        if not sep or not text.strip():
+            raise ThfmError(f"--prompt expects TASK=TEXT, got {item!r}")
+        out[task.strip()] = text
+    return out
+
+
+def run(args) -> int:
+    from ..config import parse_tasks
+    from ..video import read_video
+
+    tasks = parse_tasks(args.tasks)  # unknown task names fail before any heavy work
+    if args.url:
+        from thfm_serve.client.command import run_remote
+
+        return run_remote(args, tasks)
+
+    import torch
+
+    from ..checkpoint import missing_parts
+    from ..errors import CheckpointError
+    from ..pipeline import ThfmPipeline, write_results
+
+    missing = missing_parts(args.checkpoint)
+    if missing:
+        raise CheckpointError(f"checkpoint {args.checkpoint} is missing {', '.join(missing)}")
+    video = read_video(args.video, max_frames=args.max_frames)
+    logger.info("decoded %s: %d frames %dx%d at %.2f fps", args.video, *video.frames.shape[:3], video.fps)
+    pipe = ThfmPipeline.from_checkpoint(args.checkpoint, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    prompts = _parse_prompts(args.prompt)
+    unknown = set(prompts) - set(tasks)
+    if unknown:
+        raise ThfmError(f"--prompt given for tasks not requested: {sorted(unknown)}")
+    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts)
+    for path in write_results(results, args.out):
+        logger.info("wrote %s", path)
+    logger.info("outputs in %s", Path(args.out).resolve())
+    return 0

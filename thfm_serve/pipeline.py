@@ -1,0 +1,106 @@
+"""The in-process reference pipeline: video frames -> every requested task's arrays.
+
+This is the path the exported and served models are checked against. Per model window:
+VAE-encode the clip once, run the core once for all requested tasks (batched, one task prompt per
+batch row), decode the dense tasks' latents with the VAE decoder, and map everything back to the
+input's frames and resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import DENSE_TASKS, SPARSE_TASKS, parse_tasks
+from .processing import dense_output, fit_clip, plan_windows, snap_size, sparse_output, task_result, validate_frames
+
+logger = logging.getLogger(__name__)
+
+
+class ThfmPipeline:
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32):
+        self.ck = checkpoint
+        self.cfg = checkpoint.config
+        self.dtype = dtype
+        self.core = checkpoint.core().to(dtype)
+        self.encoder = checkpoint.vae_encoder()
+        self.decoder = checkpoint.vae_decoder()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "ThfmPipeline":
+        return cls(load_checkpoint(path, dtype=dtype), dtype=dtype)
+
+    def resolve(self, height: int | None, width: int | None, window: int | None) -> tuple[int, int, int]:
+        h = snap_size(height) if height else self.cfg.height
+        w = snap_size(width) if width else self.cfg.width
+        return h, w, window or self.cfg.frames
+
+    def embeddings(self, tasks: list[str], prompts: dict[str, str] | None = None) -> torch.Tensor:
+        """[len(tasks), text_len, text_dim]: cached per-task embeddings, or a free-form prompt's."""
+        rows = []
+        for t in tasks:
+            if prompts and t in prompts:
+                rows.append(self.ck.encode_prompt(prompts[t]))
+            else:
+                rows.append(self.ck.task_embedding(t))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def run_window(self, clip: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """clip [1,3,T,H,W] in [-1,1], text [N,L,D] -> latents [N,16,T',h,w], kp2d [N,T,K,2], kp3d [N,T,K,3]."""
+        latent = self.encoder(clip)
+        n = text.shape[0]
+        pred, kp2d, kp3d = self.core(latent.expand(n, -1, -1, -1, -1).to(self.dtype), text.to(self.dtype))
+        return pred.float(), kp2d, kp3d
+
+    @torch.no_grad()
+    def run(
+        self,
+        frames: np.ndarray,
+        tasks: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        window: int | None = None,
+        prompts: dict[str, str] | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames and resolution."""
+        frames = validate_frames(frames)
+        tasks = parse_tasks(tasks, self.ck.tasks)
+        h, w, window = self.resolve(height, width, window)
+        num_frames, in_h, in_w = frames.shape[:3]
+        text = self.embeddings(tasks, prompts)
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+        windows = plan_windows(num_frames, window)
+        for i, win in enumerate(windows):
+            logger.info("window %d/%d: frames %d-%d at %dx%d", i + 1, len(windows), win.start, win.stop - 1, h, w)
+            clip = fit_clip(frames[win.start : win.stop], win.length, h, w)
+            pred, kp2d, kp3d = self.run_window(clip, text)
+            keep = slice(win.keep_from - win.start, win.stop - win.start)
+            dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
+            if dense_idx:
+                maps = self.decoder(pred[dense_idx])  # [n_dense, 3, T, h, w]
+            for j, t in enumerate(tasks):
+                if t in DENSE_TASKS:
+                    m = maps[dense_idx.index(j)].permute(1, 0, 2, 3)[keep]  # [F, 3, h, w]
+                    parts[t].append(dense_output(t, m, in_h, in_w, self.cfg.depth_log_scale))
+                else:
+                    kp = (kp2d if t == "keypoints2d" else kp3d)[j][keep]
+                    parts[t].append(sparse_output(t, kp, in_h, in_w))
+        joints = list(self.cfg.joint_names)
+        return {t: task_result(t, np.concatenate(parts[t], axis=0), joints if t in SPARSE_TASKS else None) for t in tasks}
+
+
+def write_results(results: dict[str, dict[str, np.ndarray]], out_dir: str | Path) -> list[Path]:
+    """One `<task>.npz` per task."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, arrays in results.items():
+        path = out / f"{task}.npz"
+        np.savez(path, **arrays)
+        paths.append(path)
+    return paths
