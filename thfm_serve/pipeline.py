@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import DENSE_TASKS, SPARSE_TASKS, parse_tasks
-from .processing import dense_output, fit_clip, plan_windows, snap_size, sparse_output, task_result, validate_frames
+from .config import DENSE_TASKS, SPARSE_TASKS, check_resolution, latent_frames, parse_tasks
+from .processing import dense_output, fit_clip, plan_windows, sparse_output, task_result, validate_frames
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,13 @@ class ThfmPipeline:
         return cls(load_checkpoint(path, dtype=dtype), dtype=dtype)
 
     def resolve(self, height: int | None, width: int | None, window: int | None) -> tuple[int, int, int]:
-        h = snap_size(height) if height else self.cfg.height
-        w = snap_size(width) if width else self.cfg.width
-        return h, w, window or self.cfg.frames
+        """Model resolution and window: the checkpoint's defaults, or explicit values checked (not
+        silently snapped) against the model grid."""
+        h, w = height or self.cfg.height, width or self.cfg.width
+        check_resolution(h, w)
+        window = window or self.cfg.frames
+        latent_frames(window)
+        return h, w, window
 
     def embeddings(self, tasks: list[str], prompts: dict[str, str] | None = None) -> torch.Tensor:
         """[len(tasks), text_len, text_dim]: cached per-task embeddings, or a free-form prompt's."""

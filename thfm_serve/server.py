@@ -301,6 +301,11 @@ def _shm_regions(pids: Iterable[int]) -> set[str]:
     return names
 
 
+def _is_error_line(line: str) -> bool:
+    # tritonserver's log lines start with the severity and date: "E1124 06:52:09.821764 ...".
+    return len(line) > 5 and line[0] == "E" and line[1:5].isdigit()
+
+
 def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
     """The error lines and the last lines of a tritonserver log, for error messages."""
     try:
@@ -310,7 +315,7 @@ def _tail(path: Path, lines: int = _TAIL_LINES) -> str:
     # Drop the ASCII tables tritonserver prints at startup; keep error-severity lines ("E1124 ...")
     # since a model's load error is often printed well before the last lines.
     text = [t for t in text if t and not t.startswith(("+", "|"))]
-    errors = [t for t in text if len(t) > 5 and t[0] == "E" and t[1:5].isdigit()]
+    errors = [t for t in text if _is_error_line(t)]
     last = text[-lines:]
     out = [t for t in errors if t not in last][-10:] + last
     return "\n".join(out)
@@ -324,7 +329,7 @@ def _headline(path: Path | None) -> str:
         return ""
     errors = [
         t for t in text
-        if len(t) > 5 and t[0] == "E" and t[1:5].isdigit()
+        if _is_error_line(t)
         # Logged by every start of this build on a machine without a GPU; not the cause of anything.
         and "CudaDriverHelper has not been initialized" not in t
     ]
@@ -370,6 +375,7 @@ class TritonServer:
         self._own_log = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._client = None
+        self._stopped = False  # set once stop() has reaped the process and swept its group
         self._lock = threading.Lock()
 
     # -- addresses
@@ -417,6 +423,7 @@ class TritonServer:
             self.log_path, self._own_log = Path(name), True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver (repository %s, log %s)", repo, self.log_path)
+        self._stopped = False
         log.debug("argv: %s", argv)
         with open(self.log_path, "wb") as log_file:
             # The child keeps its own copy of the descriptor; ours is closed when the block ends.
@@ -512,6 +519,8 @@ class TritonServer:
             proc = self._proc
             if proc is None:
                 return None
+            if self._stopped:
+                return proc.returncode
             pgid = proc.pid  # start_new_session made it the group leader
             if proc.poll() is None:
                 log.info("stopping tritonserver (pid %d)", proc.pid)
@@ -527,6 +536,7 @@ class TritonServer:
             for name in shm:
                 Path("/dev/shm", name).unlink(missing_ok=True)
             rc = proc.returncode
+            self._stopped = True
             log.info("tritonserver stopped (exit code %s)", rc)
             if self._own_log and self.log_path is not None:
                 self.log_path.unlink(missing_ok=True)
@@ -565,6 +575,9 @@ class TritonServer:
 def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout_s: float = 300) -> int:
     """Run tritonserver until SIGINT/SIGTERM (then stop it cleanly and return 0) or until it dies
     (then return its exit code, 128+N if killed by signal N, as a shell would report it).
+
+    A failed start raises ServerError (the CLI prints its message: the model's load error and the
+    tail of the log). A signal during start stops the half-started server and returns 0.
     """
     stop_requested = threading.Event()
     received: list[int] = []
@@ -595,10 +608,8 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
             if rc is not None:
                 log.error("tritonserver exited with code %d:\n%s", rc, _tail(server.log_path))
                 server._own_log = False  # keep the log of a crash
-                server.stop()
                 return 128 - rc if rc < 0 else rc
         log.info("received %s, stopping", signal.Signals(received[0]).name)
-        server.stop()
         return 0
     finally:
         server.stop()

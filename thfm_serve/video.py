@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Iterator
 
 import av
 import av.sidedata.sidedata
@@ -52,7 +52,7 @@ class Video:
 
     frames: uint8 [F, H, W, 3] RGB, in displayed orientation (rotation metadata applied).
     fps: average frame rate; for variable frame rate the mean rate.
-    timestamps: float64 [F], seconds of each frame (pts * time_base) in decode order of display.
+    timestamps: float64 [F], seconds of each frame (pts * time_base), in display order.
     source: the path, or "<bytes>" for decode_video_bytes.
     """
 
@@ -100,6 +100,11 @@ def _open(path_or_bytes, source: str):
     try:
         container = av.open(target, mode="r")
     except _AV_ERRORS as exc:
+        if isinstance(exc, av.error.EOFError):
+            raise VideoError(
+                f"{source}: cannot be opened as a video: the data ends before the container "
+                "header does (truncated file?)"
+            ) from exc
         raise VideoError(f"{source}: cannot be opened as a video ({_reason(exc)})") from exc
 
     try:
@@ -132,10 +137,16 @@ def _reason(exc: BaseException) -> str:
     return str(msg)
 
 
-def _frames(container, stream) -> Iterator[av.VideoFrame]:
-    """Decode only the first video stream; audio and other streams are never decoded."""
+def _frames(container, stream, packets: list[int] | None = None) -> Iterator[av.VideoFrame]:
+    """Decode only the first video stream; audio and other streams are never decoded.
+
+    packets, when given, gets packets[0] += 1 per non-empty packet read, so that a caller can
+    tell an empty video stream from one whose data could not be decoded.
+    """
     for packet in container.demux(stream):
         # demux() ends with an empty packet that flushes the decoder (B-frame reordering).
+        if packets is not None and packet.size:
+            packets[0] += 1
         yield from packet.decode()
 
 
@@ -143,54 +154,57 @@ def _frames(container, stream) -> Iterator[av.VideoFrame]:
 # Orientation
 
 
-def _display_transform(frame: av.VideoFrame) -> tuple[Callable[[np.ndarray], np.ndarray], int, bool]:
-    """Return (fn, rotation, swaps_axes): fn maps a decoded HxWx3 array to displayed orientation.
+# The display matrix's 2x2 part, as R = [[a, c], [b, d]] acting on (column, row) column vectors:
+# FFmpeg maps a source pixel (x, y) to (a*x + c*y, b*x + d*y). In these image coordinates (y
+# down) a quarter turn counter-clockwise is _CCW90 and a mirror left-right is _HFLIP. Every
+# quarter-turn/flip matrix is _HFLIP**f @ _CCW90**k (turn first, then mirror), so we find (k, f)
+# and apply np.rot90(k) then a left-right flip. This reproduces what `ffmpeg` (autorotate) shows
+# for all eight orientations, and reads iPhone portrait video (rotation -90) upright.
+_CCW90 = np.array([[0, 1], [-1, 0]])
+_HFLIP = np.array([[-1, 0], [0, 1]])
+_ORIENTATIONS = {
+    (k, f): np.linalg.matrix_power(_HFLIP, f) @ np.linalg.matrix_power(_CCW90, k)
+    for k in range(4)
+    for f in (0, 1)
+}
 
-    FFmpeg's display matrix maps a source pixel (x=column, y=row, image coordinates) to
-    (a*x + c*y, b*x + d*y). For the 90-degree cases (all that real files use) the 2x2 part is a
-    signed permutation, which we apply as a transpose plus flips. This reproduces what
-    `ffmpeg` (autorotate) shows for all eight rotation/flip combinations. `rotation` is the
-    counter-clockwise angle as av.VideoFrame.rotation reports it.
-    """
+
+def _orientation(frame: av.VideoFrame) -> tuple[int, bool]:
+    """(k, hflip): show the decoded frame as np.rot90(arr, k), then mirrored left-right if hflip."""
     sd = frame.side_data.get(_DISPLAYMATRIX)
     if sd is None:
-        return (lambda a: a), 0, False
+        return 0, False
     m = np.frombuffer(bytes(sd), dtype="<i4")
-    rotation = int(frame.rotation)
-    a, b, c, d = (int(np.sign(v)) if abs(v) > 0x8000 else 0 for v in (m[0], m[1], m[3], m[4]))
-    if b == 0 and c == 0 and a != 0 and d != 0:
-        flip_cols, flip_rows = a < 0, d < 0
-
-        def fn(arr, flip_rows=flip_rows, flip_cols=flip_cols):
-            if flip_rows:
-                arr = arr[::-1]
-            if flip_cols:
-                arr = arr[:, ::-1]
-            return arr
-
-        return fn, rotation, False
-    if a == 0 and d == 0 and b != 0 and c != 0:
-        # Destination (row, col) = (b*x, c*y): transpose, then flip rows if b<0, cols if c<0.
-        flip_rows, flip_cols = b < 0, c < 0
-
-        def fn(arr, flip_rows=flip_rows, flip_cols=flip_cols):
-            arr = arr.transpose(1, 0, 2)
-            if flip_rows:
-                arr = arr[::-1]
-            if flip_cols:
-                arr = arr[:, ::-1]
-            return arr
-
-        return fn, rotation, True
-    # Not a multiple of 90 degrees (never seen from cameras). Rotating by an arbitrary angle
-    # would invent pixels; snap to the nearest quarter turn, as players effectively do.
-    k = int(round(rotation / 90.0)) % 4
+    # 16.16 fixed point. Normalise away any scale (as av_display_rotation_get does) so that only
+    # the rotation/mirror part is compared.
+    r = np.array([[m[0], m[3]], [m[1], m[4]]], dtype=np.float64)
+    norms = np.hypot(r[:, 0], r[:, 1])
+    if np.all(norms > 0):
+        r = r / norms[:, None]
+    for (k, f), cand in _ORIENTATIONS.items():
+        if np.allclose(r, cand, atol=1e-3):
+            return k, bool(f)
+    # Not a quarter turn (never written by cameras). Rotating by an arbitrary angle would invent
+    # pixels; snap to the nearest quarter turn instead.
+    k = int(round(frame.rotation / 90.0)) % 4
     logger.warning(
         "display matrix %s is not a quarter-turn rotation; using the nearest one (%d degrees)",
-        m.tolist(),
-        k * 90,
+        m.tolist(), k * 90,
     )
-    return (lambda arr, k=k: np.rot90(arr, k)), rotation, k % 2 == 1
+    return k, False
+
+
+def _orient(arr: np.ndarray, k: int, hflip: bool) -> np.ndarray:
+    if k:
+        arr = np.rot90(arr, k)  # a view; the copy happens when it is stored into the output
+    if hflip:
+        arr = arr[:, ::-1]
+    return arr
+
+
+def _rotation_degrees(k: int) -> int:
+    """Counter-clockwise degrees in (-180, 180], the convention of av.VideoFrame.rotation."""
+    return {0: 0, 1: 90, 2: 180, 3: -90}[k]
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,18 +247,23 @@ def _decode(path_or_bytes, max_frames: int | None, max_pixels: int | None) -> Vi
         buf: np.ndarray | None = None
         times: list[float | None] = []
         n = 0
-        transform = None
         size = None  # (decoded width, decoded height) of the first frame
+        k, hflip = 0, False
+        rescaled = 0
+        packets = [0]
         try:
-            for frame in _frames(container, stream):
-                if transform is None:
+            for frame in _frames(container, stream, packets):
+                if buf is None:
                     size = (frame.width, frame.height)
                     if max_pixels is not None:
                         _check_pixels(source, frame.width, frame.height, max_pixels)
-                    transform, rotation, swaps = _display_transform(frame)
-                    if rotation or swaps:
-                        logger.debug("%s: applying display rotation %d", source, rotation)
-                    h, w = (frame.width, frame.height) if swaps else (frame.height, frame.width)
+                    k, hflip = _orientation(frame)
+                    if k or hflip:
+                        logger.debug(
+                            "%s: display matrix: rotating %d degrees ccw%s",
+                            source, _rotation_degrees(k), ", mirroring" if hflip else "",
+                        )
+                    h, w = (frame.width, frame.height) if k % 2 else (frame.height, frame.width)
                     # Preallocate to the declared count (exact for mp4/mov), so the result is
                     # written once instead of listed then stacked (which doubles peak memory).
                     cap = declared or 16
@@ -253,27 +272,35 @@ def _decode(path_or_bytes, max_frames: int | None, max_pixels: int | None) -> Vi
                     buf = np.empty((cap, h, w, 3), dtype=np.uint8)
                 if max_frames is not None and n >= max_frames:
                     # Stop right away: decoding the rest would only cost time and memory.
-                    total = f"{declared} (declared by the container)" if declared else f"more than {max_frames}"
+                    total = (
+                        f"{declared} frames (declared by the container)"
+                        if declared and declared > max_frames
+                        else f"more than {max_frames} frames"
+                    )
                     raise ShapeError(
-                        f"{source}: video has {total} frames, above the limit max_frames={max_frames}"
+                        f"{source}: video has {total}, above the limit max_frames={max_frames}"
                     )
                 if (frame.width, frame.height) != size:
                     # Mid-stream resolution change (rare; some streams/concatenations). Scale back
                     # to the first frame's size so the output stays one array.
-                    logger.warning(
-                        "%s: frame %d is %dx%d, first frame was %dx%d; rescaling",
-                        source, n, frame.width, frame.height, size[0], size[1],
-                    )
+                    if not rescaled:
+                        logger.warning(
+                            "%s: frame %d is %dx%d, first frame was %dx%d; rescaling to the first",
+                            source, n, frame.width, frame.height, size[0], size[1],
+                        )
+                    rescaled += 1
                     rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
                 else:
                     rgb = frame.to_ndarray(format="rgb24")
                 if n == buf.shape[0]:
-                    grown = np.empty((max(16, n * 2),) + buf.shape[1:], dtype=np.uint8)
+                    # More frames than declared (or no count declared): grow geometrically.
+                    cap = max(16, n * 2)
                     if max_frames is not None:
-                        grown = grown[: max(n + 1, min(grown.shape[0], max_frames))]
+                        cap = max(n + 1, min(cap, max_frames))
+                    grown = np.empty((cap,) + buf.shape[1:], dtype=np.uint8)
                     grown[:n] = buf[:n]
                     buf = grown
-                buf[n] = transform(rgb)
+                buf[n] = _orient(rgb, k, hflip)
                 times.append(_frame_time(frame))
                 n += 1
         except _AV_ERRORS as exc:
@@ -287,18 +314,58 @@ def _decode(path_or_bytes, max_frames: int | None, max_pixels: int | None) -> Vi
             )
 
         if n == 0:
-            raise VideoError(f"{source}: video stream contains no frames")
-        if declared is not None and n < declared and n < (max_frames or n + 1):
-            # Common for cut-off downloads; mp4 edit lists can also make the header count high.
-            logger.warning("%s: container declares %d frames but only %d decoded", source, declared, n)
-
-        fps = _stream_fps(stream)
-
-    timestamps = _fill_timestamps(times, fps)
-    if fps is None:
-        fps = _fps_from_timestamps(timestamps)
+            if packets[0]:
+                raise VideoError(
+                    f"{source}: none of its {packets[0]} video packet(s) decoded to a frame "
+                    "(truncated or damaged file?)"
+                )
+            if declared:
+                raise VideoError(
+                    f"{source}: the container declares {declared} frames but none could be read "
+                    "(truncated or damaged file?)"
+                )
+            # An incomplete first packet is dropped by the demuxer, so a file cut inside its first
+            # frame looks exactly like an empty stream.
+            raise VideoError(
+                f"{source}: video stream contains no frames (empty, or the file is truncated)"
+            )
+        stream_fps = _stream_fps(stream)
+        timestamps = _fill_timestamps(times, stream_fps)
+        fps = _mean_fps(timestamps, stream_fps)
+        _warn_if_short(source, container, stream, n, declared, timestamps, fps)
     frames = buf if n == buf.shape[0] else buf[:n].copy()
     return Video(frames=frames, fps=float(fps), timestamps=timestamps, source=source)
+
+
+def _warn_if_short(source, container, stream, n, declared, timestamps, fps) -> None:
+    """Warn when fewer frames came out than the header promises: a cut-off file (an interrupted
+    download or upload) hits end-of-file silently, without any decode error."""
+    if declared is not None:
+        # Exact for mp4/mov/avi (mp4 edit lists can rarely make it high; this is only a warning).
+        if n < declared:
+            logger.warning(
+                "%s: container declares %d frames but only %d decoded (truncated file?)",
+                source, declared, n,
+            )
+        return
+    # mkv/webm carry no frame count, only a duration. Use the stream's own duration, or the
+    # container's when the video is its only stream (an audio track may legitimately run longer).
+    end = None
+    if stream.duration is not None and stream.time_base is not None:
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        end = start + float(stream.duration * stream.time_base)
+    elif container.duration is not None and len(container.streams) == 1:
+        start = container.start_time / av.time_base if container.start_time is not None else 0.0
+        end = start + container.duration / av.time_base
+    if end is None or not fps:
+        return
+    decoded_end = float(timestamps[-1]) + 1.0 / fps
+    if decoded_end < end - max(2.0 / fps, 0.1):
+        logger.warning(
+            "%s: decoded frames end at %.3f s but the container says the video lasts until "
+            "%.3f s (truncated file?); returning the %d frame(s) decoded",
+            source, decoded_end, end, n,
+        )
 
 
 def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None:
@@ -327,9 +394,21 @@ def _fill_timestamps(times: list[float | None], fps: float | None) -> np.ndarray
     return out
 
 
-def _fps_from_timestamps(ts: np.ndarray) -> float:
+def _mean_fps(ts: np.ndarray, stream_fps: float | None) -> float:
+    """The mean frame rate of the decoded frames.
+
+    The container's rate is exact for constant frame rate (24000/1001, not 23.9760...), so keep
+    it when the timestamps agree with it. They disagree for variable frame rate: mkv/webm report
+    the nominal rate and mp4 divides by a duration that includes a guessed last-frame duration;
+    then the timestamps are the truth: (frames - 1) intervals over the first-to-last span.
+    """
+    measured = None
     if len(ts) >= 2 and ts[-1] > ts[0]:
-        return float((len(ts) - 1) / (ts[-1] - ts[0]))
+        measured = float((len(ts) - 1) / (ts[-1] - ts[0]))
+    if stream_fps and (measured is None or abs(measured - stream_fps) <= 0.01 * stream_fps):
+        return float(stream_fps)
+    if measured is not None:
+        return measured
     logger.warning("frame rate unknown (no rate in the stream, fewer than 2 timestamps); using 0")
     return 0.0
 
@@ -349,7 +428,12 @@ def read_video(
 def decode_video_bytes(
     data: bytes, max_frames: int | None = None, max_pixels: int | None = None
 ) -> Video:
-    """Like read_video, for an encoded video held in memory; source is "<bytes>"."""
+    """Like read_video, for an encoded video held in memory; source is "<bytes>".
+
+    data may also be a uint8 numpy array (how a Triton tensor of raw bytes arrives).
+    """
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8:
+        data = data.tobytes()
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_video_bytes expects bytes, got {type(data).__name__}")
     return _decode(bytes(data), max_frames, max_pixels)
@@ -364,24 +448,25 @@ def probe_video(path_or_bytes) -> dict:
 
     Returns a dict: width, height (displayed, i.e. after rotation), frames (count declared by
     the container, or None when it does not say, as in mkv/webm), fps, codec (e.g. "h264"),
-    rotation (counter-clockwise degrees, as av.VideoFrame.rotation), pix_fmt, duration (seconds
+    rotation (counter-clockwise degrees in (-180, 180] applied for display; iPhone portrait is
+    -90), hflip (mirrored left-right after the rotation; rare), pix_fmt, duration (seconds
     or None), format (container) and has_audio.
     """
     source = _source_name(path_or_bytes)
     container, stream = _open(path_or_bytes, source)
     with container:
-        width, height = stream.width, stream.height
-        rotation = 0
         try:
             # The display matrix reaches us only on decoded frames, so decode the first one.
             frame = next(_frames(container, stream), None)
         except _AV_ERRORS as exc:
             raise VideoError(f"{source}: cannot decode any video frame ({_reason(exc)})") from exc
         if frame is None:
-            raise VideoError(f"{source}: video stream contains no frames")
-        _, rotation, swaps = _display_transform(frame)
+            raise VideoError(
+                f"{source}: video stream contains no frames (empty, or the file is truncated)"
+            )
+        k, hflip = _orientation(frame)
         width, height = frame.width, frame.height
-        if swaps:
+        if k % 2:
             width, height = height, width
         duration = None
         if stream.duration is not None and stream.time_base is not None:
@@ -394,7 +479,8 @@ def probe_video(path_or_bytes) -> dict:
             "frames": _declared_frames(stream),
             "fps": _stream_fps(stream),
             "codec": stream.codec_context.codec.canonical_name,
-            "rotation": int(rotation),
+            "rotation": _rotation_degrees(k),
+            "hflip": hflip,
             "pix_fmt": stream.codec_context.pix_fmt,
             "duration": duration,
             "format": container.format.name,
@@ -471,6 +557,9 @@ def encode_video(
                 if codec.startswith("libvpx"):
                     # vpx treats crf as a cap on top of a target bitrate unless the bitrate is 0.
                     options["b"] = "0"
+                if codec == "libx265":
+                    # x265 logs its whole configuration to stderr at info level.
+                    options["x265-params"] = "log-level=error"
             elif codec == "mpeg4":
                 # No crf: use a fixed quantiser (2 best .. 31 worst); crf 18 -> q 3.
                 stream.codec_context.qscale = True
