@@ -1,0 +1,19 @@
+"""THFM Serve client: run THFM through Triton Inference Server over gRPC.
+
+    from thfm_serve.client import ThfmClient          # blocking (tritonclient.grpc)
+    from thfm_serve.client import AsyncThfmClient     # asyncio (tritonclient.grpc.aio)
+
+Both take one or more "HOST:PORT" gRPC endpoints, read the entry model's window size from its config,
+cut long clips into overlapping windows, spread them over the servers (retrying a failed window on
+another server), and stitch the answers into the arrays the in-process pipeline produces.
+The `thfm predict VIDEO --url HOST:PORT` command is command.run_remote.
+"""
+
+from .aio import AsyncThfmClient
+from .core import Prediction
+from .sync import ThfmClient
+from .windows import ClipWindow, default_overlap, plan_overlapping
+from .wire import ServerInfo
+
+__all__ = ["AsyncThfmClient", "ClipWindow", "Prediction", "ServerInfo", "ThfmClient", "default_overlap",
+           "plan_overlapping"]

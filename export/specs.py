@@ -193,7 +193,7 @@ class SubmodelSpec:
     profiles: dict[str, tuple[int, int, int]]
     tolerances: dict[str, Tolerance]  # output name -> tolerance at this spec's precision
     precision: str = Precision.FP32.value
-    static_dims: tuple[str, ...] = ()
+    static_dims: tuple[str, ...] = ()  # fixed by design (the VAE window); degenerate profiles are fixed too
     notes: list[str] = field(default_factory=list)
 
     # -- lookup
@@ -213,9 +213,11 @@ class SubmodelSpec:
 
     @property
     def dynamic_dims(self) -> list[str]:
-        """Base dims that vary (used by at least one tensor and not static)."""
+        """Base dims that vary: used by a tensor, not static by design, and min < max in the profile.
+        Every other axis is a fixed size in the graph, the Triton dims and the TensorRT profile."""
         used = {a.base for t in self.inputs + self.outputs for a in t.axes().values()}
-        return [d for d in BASE_DIMS if d in used and d not in self.static_dims]
+        return [d for d in BASE_DIMS if d in used and d not in self.static_dims
+                and self.profiles[d][0] != self.profiles[d][2]]
 
     @property
     def max_batch(self) -> int:
@@ -275,7 +277,8 @@ class SubmodelSpec:
         """config.pbtxt dims: -1 for each dynamic axis. drop_batch=True leaves out axis 0 (the batch),
         as Triton wants when the model config has max_batch_size > 0."""
         t = self.tensor(tensor)
-        out = [-1 if isinstance(d, str) and parse_axis(d).base not in self.static_dims else
+        dynamic = set(self.dynamic_dims)
+        out = [-1 if isinstance(d, str) and parse_axis(d).base in dynamic else
                (d if isinstance(d, int) else self.shape(tensor)[i]) for i, d in enumerate(t.shape)]
         if drop_batch:
             if t.shape[0] != "batch":
@@ -314,7 +317,8 @@ class SubmodelSpec:
     def onnx_dim_params(self) -> dict[str, dict[int, str]]:
         """Tensor name -> {axis: symbol} for every dynamic axis, inputs and outputs; the exported
         ONNX graph's dim_params are renamed to these symbols and validation checks them."""
-        return {t.name: {i: ax.symbol for i, ax in t.axes().items() if ax.base not in self.static_dims}
+        dynamic = set(self.dynamic_dims)
+        return {t.name: {i: ax.symbol for i, ax in t.axes().items() if ax.base in dynamic}
                 for t in self.inputs + self.outputs}
 
     def dummy_inputs(self, which: str | Mapping[str, int] = "opt", seed: int = 0) -> dict[str, np.ndarray]:
@@ -387,11 +391,15 @@ def build_specs(
     max_batch: int = MAX_BATCH,
     vae_static_frames: bool = True,
     latent_channels: int = LATENT_CHANNELS,
+    max_frames: int | None = None,
+    max_height: int | None = None,
+    max_width: int | None = None,
 ) -> dict[str, SubmodelSpec]:
     """Specs for "core", "vae_encoder" and "vae_decoder" (thfm_serve.protocol names).
 
     frames/height/width: the export (opt) shape; default the checkpoint config's clip. The max
-    profile is the larger of that and the config's default clip, with ``max_batch`` rows.
+    profile is the larger of that and the config's default clip, with ``max_batch`` rows, unless
+    max_frames/max_height/max_width set it; an opt shape above an explicit max is a ShapeError.
 
     vae_static_frames: the Wan VAE encodes and decodes in a Python loop over time chunks with a
     feature cache, so torch.export specialises the frame count (the loop is unrolled for the traced
@@ -407,7 +415,14 @@ def build_specs(
     default = base_dims_for(cfg.frames, cfg.height, cfg.width, max_batch)
     if batch > max_batch:
         raise ShapeError(f"export batch {batch} exceeds the max batch {max_batch}")
-    profiles = {d: (1, opt[d], max(opt[d], default[d])) for d in BASE_DIMS}
+    explicit = base_dims_for(max_frames or cfg.frames, max_height or cfg.height, max_width or cfg.width, max_batch)
+    profiles = {}
+    for d in BASE_DIMS:
+        given = {"latent_frames": max_frames, "hp": max_height, "wp": max_width}.get(d)
+        hi = explicit[d] if given else max(opt[d], default[d])
+        if opt[d] > hi:
+            raise ShapeError(f"the export shape's {_describe(d, opt[d])} is outside the profile (max {_describe(d, hi)})")
+        profiles[d] = (1, opt[d], hi)
     k = cfg.num_joints
     f32 = "float32"
 

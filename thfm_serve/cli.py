@@ -19,6 +19,9 @@ logger = logging.getLogger("thfm")
 COMMAND_MODULES = (
     "thfm_serve.commands.checkpoint",  # init-checkpoint
     "thfm_serve.commands.predict",  # predict (--checkpoint in-process, --url through Triton)
+    "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
+    "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
+    "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def register(sub) -> None:
                    help="free-form prompt for a task (in-process, needs the checkpoint's text encoder)")
     p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process)")
     p.add_argument("--max-frames", type=int, default=None, help="refuse videos longer than this")
+    p.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write pictures to look at: <out>/pictures/<task>.mp4 and a contact sheet "
+                   "<task>.png per task (default: off)")
+    remote = p.add_argument_group("with --url (through Triton)")
+    remote.add_argument("--send", choices=("video", "frames"), default="video",
+                        help="send each window as losslessly encoded video (default; small on the wire) "
+                        "or as raw RGB frames")
+    remote.add_argument("--overlap", type=int, default=None,
+                        help="frames shared by neighbouring windows, cross-faded when stitched "
+                        "(default: about 1/8 of the model window; 0 = the in-process windows)")
+    remote.add_argument("--max-in-flight", type=int, default=None,
+                        help="requests at once over all servers (default: 2 per --url)")
+    remote.add_argument("--timeout", type=float, default=None, help="seconds per request (default 600)")
+    remote.add_argument("--retries", type=int, default=None,
+                        help="extra tries per window after a server failure, on another server (default 3)")
     p.set_defaults(func=run)
 
 
@@ -67,5 +83,10 @@ def run(args) -> int:
     results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts)
     for path in write_results(results, args.out):
         logger.info("wrote %s", path)
+    if args.pictures:
+        from ..visualize import write_pictures
+
+        pics = write_pictures(results, Path(args.out) / "pictures", video.frames, video.fps)
+        logger.info("wrote %d pictures to %s", len(pics), Path(args.out) / "pictures")
     logger.info("outputs in %s", Path(args.out).resolve())
     return 0

@@ -1,0 +1,185 @@
+"""Cutting a long clip into overlapping model windows, and stitching the windows' results back.
+
+The model sees `window` frames at a time (the entry model's `window_frames`). A clip longer than
+that is cut into full windows that overlap by at least `overlap` frames; neighbouring results are
+cross-faded linearly over exactly `overlap` frames so that nothing jumps at a window seam.
+
+Plan (N frames, window W, overlap O, stride S = W - O):
+  * N <= W: one window [0, N) (the server pads it to 4n+1 frames like the in-process path).
+  * otherwise windows start at 0, S, 2S, ... while they end before N, and one last window is
+    aligned to the end, [N - W, N), so that every request is a full window (the exported VAE has a
+    static frame count). Its overlap with the window before can be longer than O.
+  * the hand-over from window i to window i+1 happens in a "fade zone" of O frames: the first O
+    frames of window i+1 for the regular windows, the last O frames of window i before the last
+    (end-aligned) window. Frames of the overlap outside the zone come from the earlier window,
+    exactly as the in-process path keeps them (processing.plan_windows' keep_from).
+  * O <= (W - 1) // 2 keeps the zones disjoint: every frame gets contributions from one window, or
+    from two inside a zone, never three.
+
+With O = 0 the plan and the kept frames equal processing.plan_windows, so the served result can be
+compared frame for frame with the in-process one.
+
+Stitching is order-independent by construction: a frame outside a zone is a copy of one window's
+result, and a zone frame is the sum of exactly two products a*w + b*(1-w); IEEE addition of two
+terms is commutative, so the bytes do not depend on which window (or server) answered first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from thfm_serve.errors import ShapeError
+
+
+@dataclass(frozen=True)
+class ClipWindow:
+    """One request: input frames [start, stop).
+
+    fade_in: the first `fade_in` frames of this window are blended with the previous window (its
+    weight rises linearly). fade_out: the last `fade_out` *used* frames, ending at `use_stop`, are
+    blended with the next window (its weight falls). Frames [use_start, use_stop) of the input take
+    a contribution from this window; frames in [start, use_start) or [use_stop, stop) are computed
+    but not used (the overlap beyond a fade zone).
+    """
+
+    index: int
+    start: int
+    stop: int
+    use_start: int
+    use_stop: int
+    fade_in: int
+    fade_out: int
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+
+def max_overlap(window: int) -> int:
+    """Largest overlap for which fade zones stay disjoint (no frame blended from three windows)."""
+    return max(0, (window - 1) // 2)
+
+
+def default_overlap(window: int) -> int:
+    """About an eighth of a window (10 of 81 frames): enough frames to hide a seam, little extra cost."""
+    return min(max_overlap(window), max(1, (window - 1) // 8))
+
+
+def plan_overlapping(num_frames: int, window: int, overlap: int) -> list[ClipWindow]:
+    """Windows covering num_frames frames; see the module docstring."""
+    if window < 1:
+        raise ShapeError(f"window must be at least 1 frame, got {window}")
+    if num_frames < 1:
+        raise ShapeError("a clip needs at least one frame")
+    if overlap < 0 or overlap > max_overlap(window):
+        raise ShapeError(
+            f"overlap {overlap} is outside 0..{max_overlap(window)} for a window of {window} frames "
+            "(at most half a window, so that no frame is blended from three windows)"
+        )
+    if num_frames <= window:
+        return [ClipWindow(0, 0, num_frames, 0, num_frames, 0, 0)]
+
+    stride = window - overlap
+    starts = []
+    s = 0
+    while s + window < num_frames:
+        starts.append(s)
+        s += stride
+    starts.append(num_frames - window)  # end-aligned; > the previous start since that one ended before N
+
+    # Fade zone between window i and i+1: [zone_start[i], zone_start[i] + overlap).
+    zones = []
+    for i in range(len(starts) - 1):
+        if i + 1 == len(starts) - 1:
+            zones.append(starts[i] + window - overlap)  # last O frames of the earlier window
+        else:
+            zones.append(starts[i + 1])  # first O frames of the later window (the overlap is exactly O)
+
+    out = []
+    for i, start in enumerate(starts):
+        use_start = start if i == 0 else zones[i - 1]
+        use_stop = num_frames if i == len(starts) - 1 else zones[i] + overlap
+        out.append(ClipWindow(
+            index=i,
+            start=start,
+            stop=start + window,
+            use_start=use_start,
+            use_stop=use_stop,
+            fade_in=0 if i == 0 else overlap,
+            fade_out=0 if i == len(starts) - 1 else overlap,
+        ))
+    return out
+
+
+def fade_weights(overlap: int) -> np.ndarray:
+    """Weight of the later window over a fade zone of `overlap` frames: 1/(O+1) .. O/(O+1).
+
+    Neither end reaches 0 or 1, so both windows count in every zone frame, and the weights are
+    symmetric: the earlier window gets exactly 1 - w, computed once here so both sides agree.
+    """
+    return (np.arange(1, overlap + 1, dtype=np.float64) / (overlap + 1)).astype(np.float32)
+
+
+class Stitcher:
+    """Accumulates per-window arrays ([frames, ...] each) into one [num_frames, ...] array.
+
+    add() may be called in any order; the result is the same bytes whatever the order (see the
+    module docstring). Memory: the output array plus nothing per window.
+    """
+
+    def __init__(self, plan: list[ClipWindow], num_frames: int):
+        self.plan = plan
+        self.num_frames = num_frames
+        self._out: np.ndarray | None = None
+        self._done: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return len(self._done) == len(self.plan)
+
+    def add(self, win: ClipWindow, array: np.ndarray, name: str = "output") -> None:
+        array = np.asarray(array)
+        if array.shape[0] != win.frames:
+            raise ShapeError(
+                f"{name}: the server returned {array.shape[0]} frames for window {win.index} "
+                f"(frames {win.start}-{win.stop - 1}), expected {win.frames}"
+            )
+        if win.index in self._done:
+            raise ValueError(f"{name}: window {win.index} added twice")
+        if self._out is None:
+            # Zeros: zone frames are built by adding two weighted terms.
+            self._out = np.zeros((self.num_frames,) + array.shape[1:], dtype=array.dtype)
+        elif array.shape[1:] != self._out.shape[1:] or array.dtype != self._out.dtype:
+            raise ShapeError(
+                f"{name}: window {win.index} came back as {array.dtype} {list(array.shape[1:])} per "
+                f"frame, earlier windows as {self._out.dtype} {list(self._out.shape[1:])}"
+            )
+        out = self._out
+        local = lambda t: t - win.start  # noqa: E731 - input frame -> index in this window
+        plain_start = win.use_start + win.fade_in
+        plain_stop = win.use_stop - win.fade_out
+        if plain_stop > plain_start:
+            out[plain_start:plain_stop] = array[local(plain_start):local(plain_stop)]
+        if win.fade_in:
+            w = fade_weights(win.fade_in).reshape((-1,) + (1,) * (array.ndim - 1)).astype(array.dtype)
+            sl = slice(local(win.use_start), local(win.use_start) + win.fade_in)
+            out[win.use_start:win.use_start + win.fade_in] += array[sl] * w
+        if win.fade_out:
+            # The earlier window's weight is 1 - (the later window's weight), frame by frame.
+            w = (1 - fade_weights(win.fade_out)).reshape((-1,) + (1,) * (array.ndim - 1)).astype(array.dtype)
+            sl = slice(local(plain_stop), local(win.use_stop))
+            out[plain_stop:win.use_stop] += array[sl] * w
+        self._done.add(win.index)
+
+    def blended_frames(self) -> np.ndarray:
+        """Indices of the frames that were cross-faded from two windows (every fade zone)."""
+        idx = [t for win in self.plan if win.fade_in for t in range(win.use_start, win.use_start + win.fade_in)]
+        return np.asarray(idx, dtype=np.int64)
+
+    def result(self) -> np.ndarray:
+        if not self.complete or self._out is None:
+            missing = sorted(set(range(len(self.plan))) - self._done)
+            raise ValueError(f"windows {missing} have no result yet")
+        return self._out

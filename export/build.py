@@ -1,0 +1,390 @@
+"""`export_repository`: checkpoint -> validated ONNX (and TensorRT engine) in a Triton model repository.
+
+Layout written (the Triton config.pbtxt / model.py files are the repository writer's job; see
+thfm_serve.repository, called at the end when it exists)::
+
+    <repo>/core/1/model.onnx [+ model.onnx.data]   transformer + THFM tokens/heads (precision applies here)
+    <repo>/core/1/task_embeddings.npz              cached prompt embeddings, one [text_len, text_dim] per task
+    <repo>/core/1/thfm_config.json                 the checkpoint's thfm/config.json (tasks, joints, clip)
+    <repo>/core/1/model.plan                       --target gpu: TensorRT engine (+ timing cache)
+    <repo>/core/1/polygraphy/                      validation inputs/outputs as polygraphy JSON
+    <repo>/vae_encoder/1/model.onnx                fp32, frames static at the window
+    <repo>/vae_decoder/1/model.onnx                fp32, frames static at the window
+    <repo>/<model>/1/manifest.json                 key (checkpoint hash, precision, spec, recipe), files, validation
+    <repo>/export_report.json                      this run: per-model status, numbers, drift, engine
+
+Each model is exported into a staging folder and moved into place only after it validated, so a
+failed export never leaves a model that looks valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from thfm_serve.config import ThfmConfig
+from thfm_serve.errors import CheckpointError, ExportError, ThfmError
+from thfm_serve.protocol import CORE, VAE_DECODER, VAE_ENCODER
+
+from . import manifest as mf
+from .calibration import DEFAULT_CLIPS, calibration_set, procedural_clips
+from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
+from .precision import check_target_precision, lowered_core, precision_summary
+from .specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
+from .validate import make_runner, task_drift, torch_runner, validate_values
+from .vae_window import decode_in_window, encode_in_window
+
+logger = logging.getLogger(__name__)
+
+MODELS = (CORE, VAE_ENCODER, VAE_DECODER)
+VERSION = "1"
+MODEL_FILE = "model.onnx"
+EMBEDDINGS_FILE = "task_embeddings.npz"
+CONFIG_FILE = "thfm_config.json"
+REPORT_FILE = "export_report.json"
+DRIFT_SEED = 1234  # the drift clip differs from the calibration clips (seed 0)
+
+
+def export_repository(
+    checkpoint: str | Path,
+    repo: str | Path,
+    target: str | Target = Target.CPU,
+    precision: str | Precision = Precision.FP32,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    calibration: Iterable[str | Path] | None = None,
+    *,
+    models: Iterable[str] | None = None,
+    build_engine: bool = True,
+    force: bool = False,
+    max_batch: int = MAX_BATCH,
+    max_frames: int | None = None,
+    max_height: int | None = None,
+    max_width: int | None = None,
+    calibration_clips: int = DEFAULT_CLIPS,
+    write_configs: bool = True,
+) -> dict[str, Any]:
+    """Export (or reuse) every submodel into `repo`; returns the report (also in <repo>/export_report.json).
+
+    Raises ThfmError subclasses for every user-caused problem (checkpoint, precision, target, shapes)
+    and ExportError for failed validation or a missing TensorRT (after everything before it ran).
+    write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end.
+    """
+    t_start = time.perf_counter()
+    target, precision = parse_target(target), parse_precision(precision)
+    check_target_precision(target, precision)
+    chosen = _choose_models(models)
+    repo = Path(repo)
+    if repo.name == "triton":
+        # torch._dynamo imports any `triton` folder on sys.path as the OpenAI Triton compiler.
+        raise ThfmError(f"model repository {repo} is named 'triton', which breaks torch when it is on sys.path; "
+                        "choose another name (e.g. model_repository)")
+    checkpoint = Path(checkpoint)
+    cfg = _load_config(checkpoint)
+    specs = build_specs(cfg, frames, height, width, precision=precision, max_batch=max_batch,
+                        max_frames=max_frames, max_height=max_height, max_width=max_width)
+    frames = frames or cfg.frames
+    height = height or cfg.height
+    width = width or cfg.width
+    calibration = [str(p) for p in calibration or []]
+    if calibration and precision != Precision.INT8:
+        logger.warning("--calibration is only used for int8; ignored for %s", precision.value)
+
+    repo.mkdir(parents=True, exist_ok=True)
+    ck_hash = mf.checkpoint_hash(checkpoint)
+    state = _State(checkpoint)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
+        "precision": precision.value, "export_shape": {"frames": frames, "height": height, "width": width},
+        "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
+    }
+    staging = Path(tempfile.mkdtemp(dir=repo, prefix=".export-"))
+    try:
+        for name in chosen:
+            spec = specs[name]
+            key = _model_key(name, spec, ck_hash, precision, calibration, calibration_clips)
+            vdir = repo / name / VERSION
+            previous = mf.read_manifest(vdir)
+            reason = "--force" if force else mf.stale_reason(previous, key, vdir)
+            if reason is None:
+                logger.info("%s: %s matches its manifest (checkpoint %s, %s); reused", name, vdir / MODEL_FILE,
+                            ck_hash[:12], spec.precision)
+                report["models"][name] = {**previous.get("report", {}), "status": "reused"}
+                continue
+            logger.info("%s: exporting (%s)", name, reason)
+            t0 = time.perf_counter()
+            stage = staging / name
+            stage.mkdir()
+            try:
+                entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips)
+            except ExportError as e:
+                report["models"][name] = {"status": "failed", "error": str(e)}
+                _write_report(repo, report)
+                raise
+            entry["seconds"] = round(time.perf_counter() - t0, 1)
+            files = _install(stage, vdir)
+            entry["files"] = {n: v["bytes"] for n, v in files.items()}
+            mf.write_json(vdir / mf.MANIFEST_NAME, {
+                "format": 1, "model": name, "key": mf.normalise(key), "files": files, "spec": spec.to_dict(),
+                "checkpoint": str(checkpoint.resolve()), "versions": report["versions"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report": entry,
+            })
+            report["models"][name] = {**entry, "status": "exported"}
+            logger.info("%s: exported and validated in %.1f s (%s)", name, entry["seconds"],
+                        ", ".join(f"{n} {b / 1e6:.1f} MB" for n, b in entry["files"].items()))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    if target == Target.GPU and CORE in chosen:
+        report["engine"] = _engine_stage(repo, specs[CORE], build_engine, force, report)
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    _write_report(repo, report)
+    if write_configs:
+        _repository_hook(repo, specs, target, precision, report)
+    return report
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+class _State:
+    """The checkpoint, loaded on first need (a fully reused repository never loads weights)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._ck = None
+
+    @property
+    def ck(self):
+        if self._ck is None:
+            from thfm_serve.checkpoint import load_checkpoint
+
+            logger.info("loading checkpoint %s", self.path)
+            self._ck = load_checkpoint(self.path, text_encoder=False)
+        return self._ck
+
+
+def _choose_models(models: Iterable[str] | None) -> list[str]:
+    if models is None:
+        return list(MODELS)
+    chosen = [m for m in MODELS if m in set(models)]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not chosen:
+        raise ThfmError(f"unknown model(s) {unknown or list(models)}; choose from {', '.join(MODELS)}")
+    return chosen
+
+
+def _load_config(checkpoint: Path) -> ThfmConfig:
+    from thfm_serve.checkpoint import missing_parts
+
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+    missing = missing_parts(checkpoint)
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint} is missing {', '.join(missing)}")
+    return ThfmConfig.load(checkpoint / "thfm" / "config.json")
+
+
+def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision, calibration: list[str],
+               clips: int) -> dict[str, Any]:
+    from .quantize import DEFAULT_EXCLUDE
+
+    key: dict[str, Any] = {"recipe": mf.RECIPE_VERSION, "checkpoint_sha256": ck_hash, "precision": spec.precision,
+                           "spec": spec.to_dict()}
+    if name == CORE and precision == Precision.INT8:
+        from .calibration import PROCEDURAL_RECIPE
+
+        key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
+                              "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
+                              "exclude": list(DEFAULT_EXCLUDE)}
+    return key
+
+
+def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
+                height: int, width: int, calibration: list[str], clips: int) -> dict[str, Any]:
+    ck = state.ck
+    t0 = time.perf_counter()
+    onnx_path = stage / MODEL_FILE
+    entry: dict[str, Any] = {"precision": spec.precision}
+    if name == CORE:
+        reference = lowered_core(ck.core(), Precision.FP32)
+        if precision == Precision.INT8:
+            fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
+            entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips)
+            shutil.rmtree(stage / "fp32")
+            module = reference
+        else:
+            module = lowered_core(ck.core(), precision)
+            export_onnx(module, spec, onnx_path)
+        entry["parameters"] = precision_summary(module)
+        _write_core_extras(ck, stage)
+    else:
+        module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
+        reference = module
+        export_onnx(module, spec, onnx_path)
+
+    entry["export_s"] = round(time.perf_counter() - t0, 1)
+    entry["structure"] = check_structure(onnx_path, spec)
+    entry["ops"] = op_counts(onnx_path)
+    entry["initializer_elements"] = initializer_dtypes(onnx_path)
+    num_params = sum(p.numel() for p in module.parameters())
+    runner = make_runner(onnx_path, precision if name == CORE else Precision.FP32, num_params)
+    ref_run = torch_runner(reference, spec)
+    extra = {}
+    if name == CORE and precision in (Precision.FP16, Precision.BF16):
+        extra[f"torch_{precision.value}"] = torch_runner(module, spec)
+    if runner is None:
+        # Large bf16 graph: no runtime here can execute it (see validate.py). The structure was
+        # checked above; the values are PyTorch bf16's (the exported module), which the report says.
+        entry["runner"] = f"none (bf16 graph not executable on CPU at {num_params / 1e6:.0f}M parameters); values from torch-bf16"
+        candidate = torch_runner(module, spec)
+        entry["validation"] = validate_values(spec, candidate, ref_run, trace_dims(spec), stage / "polygraphy",
+                                              runner_kind="torch-bf16 (proxy)")
+    else:
+        entry["runner"] = runner.kind
+        try:
+            entry["validation"] = validate_values(spec, runner, ref_run, trace_dims(spec), stage / "polygraphy", extra,
+                                                  runner_kind=runner.kind)
+            if name in (VAE_ENCODER, VAE_DECODER):
+                entry["window_check"] = _window_check(name, spec, runner, reference, frames)
+            if name == CORE and precision != Precision.FP32:
+                clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
+                entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch)
+                entry["drift_runner"] = runner.kind
+                logger.info("core %s task drift: %s", precision.value, _fmt_drift(entry["drift"]))
+        finally:
+            runner.close()
+    entry["validate_s"] = round(time.perf_counter() - t0 - entry["export_s"], 1)
+    if runner is None and name == CORE:
+        clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
+        entry["drift"] = task_drift(ck, ref_run, torch_runner(module, spec), clip, height, width,
+                                    max_batch=spec.max_batch)
+        entry["drift_runner"] = "torch-bf16 (proxy: the exported module in PyTorch)"
+    return entry
+
+
+def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
+              calibration: list[str], clips: int) -> dict[str, Any]:
+    import torch
+
+    from thfm_serve.processing import fit_clip
+
+    from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
+    from .quantize import quantize_core
+
+    calib = calibration_set(calibration or None, frames, height, width, count=clips)
+    text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)  # [tasks, L, D]
+    encoder = ck.vae_encoder()
+    samples = []
+    for clip in calib.clips:
+        with torch.no_grad():
+            latent = encoder(fit_clip(clip, frames, height, width)).numpy()
+        # One row per task, as served: the calibration ranges cover every task's prompt.
+        samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
+    size = sum(p.stat().st_size for p in onnx_files(fp32_path))
+    info = quantize_core(fp32_path, out_path, samples, external_data=size > PROTOBUF_LIMIT * 0.9)
+    finalize_onnx(out_path, spec)
+    info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
+    logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],
+                info["matmuls"], info["quantize_linear"], info["dequantize_linear"])
+    return info
+
+
+def _window_check(name: str, spec: SubmodelSpec, runner: Any, module: Any, window: int) -> dict[str, Any]:
+    """The fixed-window VAE graph on a shorter clip (padded, cropped) equals PyTorch on the short clip."""
+    import torch
+
+    short = 1 if window > 1 else None
+    if short is None:
+        return {"skipped": "the window is 1 frame"}
+    dims = spec.dims("opt")
+    run = lambda x: runner({spec.input_names[0]: x})[spec.output_names[0]]  # noqa: E731
+    rng = np.random.default_rng(7)
+    if name == VAE_ENCODER:
+        x = rng.uniform(-1, 1, size=(1, 3, short, 16 * dims["hp"], 16 * dims["wp"])).astype(np.float32)
+        got = encode_in_window(run, x, window)
+    else:
+        x = rng.standard_normal(size=(1, spec.tensor("latent").shape[1], short, 2 * dims["hp"], 2 * dims["wp"])).astype(np.float32)
+        got = decode_in_window(run, x, window)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    out_name = spec.output_names[0]
+    tol = spec.tolerances[out_name]
+    ok, max_abs, max_rel = tol.check(got, ref) if got.shape == ref.shape else (False, float("inf"), float("inf"))
+    if not ok:
+        raise ExportError(f"{name}: padding a {short}-frame clip to the {window}-frame window does not match PyTorch on "
+                          f"the short clip: shapes {list(got.shape)} vs {list(ref.shape)}, max abs diff {max_abs:.3g}")
+    return {"short_frames": short, "window": window, "max_abs": max_abs, "max_rel": max_rel, "ok": ok}
+
+
+def _write_core_extras(ck: Any, stage: Path) -> None:
+    """What serving needs from the checkpoint besides the graph: task embeddings and the THFM config."""
+    np.savez(stage / EMBEDDINGS_FILE, **{t: ck.task_embedding(t).numpy().astype(np.float32) for t in ck.tasks})
+    (stage / CONFIG_FILE).write_text(ck.config.to_json())
+
+
+def _install(stage: Path, vdir: Path) -> dict[str, dict[str, Any]]:
+    """Move the staged files into the version folder, replacing the previous export's files."""
+    vdir.mkdir(parents=True, exist_ok=True)
+    # The old plan goes too: it was built from the graph being replaced, and Triton must not serve it
+    # if the engine stage then fails. Timing caches stay (they depend on TensorRT and the GPU only).
+    for old in [MODEL_FILE, MODEL_FILE + ".data", EMBEDDINGS_FILE, CONFIG_FILE, mf.MANIFEST_NAME, "model.plan"]:
+        if (vdir / old).exists():
+            (vdir / old).unlink()
+    if (vdir / "polygraphy").exists():
+        shutil.rmtree(vdir / "polygraphy")
+    files = []
+    for item in sorted(stage.iterdir()):
+        dest = vdir / item.name
+        os.replace(item, dest)
+        if dest.is_file():
+            files.append(dest)
+    return mf.file_hashes(files)
+
+
+def _engine_stage(repo: Path, spec: SubmodelSpec, build: bool, force: bool, report: dict[str, Any]) -> dict[str, Any]:
+    from .engine import build_engine
+
+    vdir = repo / CORE / VERSION
+    if not build:
+        logger.info("core: --no-engine: TensorRT engine not built (ONNX ready for a TensorRT host)")
+        return {"status": "skipped (--no-engine)"}
+    manifest = mf.read_manifest(vdir) or {}
+    try:
+        engine = build_engine(vdir / MODEL_FILE, spec, vdir, previous=manifest.get("engine"), force=force)
+    except ExportError as e:
+        report["engine"] = {"status": "failed", "error": str(e)}
+        _write_report(repo, report)
+        raise
+    manifest["engine"] = engine
+    mf.write_json(vdir / mf.MANIFEST_NAME, manifest)
+    return {"status": "built", **engine}
+
+
+def _write_report(repo: Path, report: dict[str, Any]) -> None:
+    mf.write_json(repo / REPORT_FILE, report)
+
+
+def _repository_hook(repo: Path, specs: dict[str, SubmodelSpec], target: Target, precision: Precision,
+                     report: dict[str, Any]) -> None:
+    """Let thfm_serve.repository write the Triton configs, when that module exists."""
+    try:
+        from thfm_serve import repository  # type: ignore[attr-defined]
+    except ImportError:
+        logger.info("thfm_serve.repository not available: Triton configs not written")
+        return
+    write = getattr(repository, "write_repository", None)
+    if write is None:
+        return
+    write(repo, specs, target.value, precision.value, report=report)
+
+
+def _fmt_drift(drift: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{t} " + ", ".join(f"{k}={v:.3g}" for k, v in m.items()) for t, m in drift.items())

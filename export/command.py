@@ -1,0 +1,57 @@
+"""`thfm export`: checkpoint -> validated ONNX (+ TensorRT engine for --target gpu) in a model repository."""
+
+from __future__ import annotations
+
+import logging
+
+from .specs import MAX_BATCH, Precision, Target
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the core and the VAE to ONNX (and TensorRT for --target gpu) into a model repository",
+        description="Exports, validates against PyTorch (fatal on mismatch) and writes "
+        "<repo>/{core,vae_encoder,vae_decoder}/1/ with manifests and <repo>/export_report.json. "
+        "Artifacts whose manifest matches the checkpoint, precision and spec are reused.",
+    )
+    p.add_argument("--checkpoint", required=True, help="THFM checkpoint directory")
+    p.add_argument("--repo", required=True, help="model repository directory (created if missing)")
+    # Choices are checked by the exporter (ThfmError: one line, exit 2), not argparse, so every bad
+    # value is reported the same way.
+    p.add_argument("--target", default=Target.CPU.value, metavar="{" + ",".join(t.value for t in Target) + "}",
+                   help="cpu: ONNX for onnxruntime; gpu: also a TensorRT engine for the core (default cpu)")
+    p.add_argument("--precision", default=Precision.FP32.value, metavar="{" + ",".join(q.value for q in Precision) + "}",
+                   help="core precision; the VAE stays fp32 (default fp32)")
+    p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
+    p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
+    p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")
+    p.add_argument("--calibration", nargs="+", metavar="VIDEO",
+                   help="int8: calibration videos (default: procedurally generated clips of a walking figure)")
+    p.add_argument("--calibration-clips", type=int, default=4, help="int8: procedural clips when no video is given")
+    p.add_argument("--only", nargs="+", metavar="MODEL", help="export only these of core, vae_encoder, vae_decoder")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"profile max batch (default {MAX_BATCH}: one row per task)")
+    p.add_argument("--max-frames", type=int, help="profile max frames (default: the larger of the export and checkpoint clip)")
+    p.add_argument("--max-height", type=int, help="profile max height")
+    p.add_argument("--max-width", type=int, help="profile max width")
+    p.add_argument("--no-engine", action="store_true", help="--target gpu: write the ONNX only, build no TensorRT engine")
+    p.add_argument("--no-configs", action="store_true", help="write only the exported artifacts, no Triton configs")
+    p.add_argument("--force", action="store_true", help="re-export even when the manifests match")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .build import export_repository
+
+    report = export_repository(
+        args.checkpoint, args.repo, args.target, args.precision, args.frames, args.height, args.width, args.calibration,
+        models=args.only, build_engine=not args.no_engine, force=args.force, max_batch=args.max_batch,
+        max_frames=args.max_frames, max_height=args.max_height, max_width=args.max_width,
+        calibration_clips=args.calibration_clips, write_configs=not args.no_configs,
+    )
+    for name, entry in report["models"].items():
+        logger.info("%s: %s", name, entry.get("status"))
+    logger.info("export report: %s/export_report.json (%.1f s)", args.repo, report["seconds"])
+    return 0

@@ -1,0 +1,143 @@
+"""The PyTorch modules each precision exports, and which precision runs where.
+
+Every exported module takes and returns float32 (specs.py: interface dtypes never change), so a
+low-precision graph casts on the way in and out.
+
+fp16/bf16 keep fp32 islands:
+- diffusers' ``WanTransformer3DModel._keep_in_fp32_modules`` (rope, time_embedder, scale_shift_table,
+  norm1/2/3): Wan in plain fp16 is known to overflow in these; diffusers' own code already upcasts
+  around them (FP32LayerNorm, ``.float()`` before the modulation), so they only need fp32 weights;
+- the patch embedding (diffusers' ``_skip_layerwise_casting_patterns`` and TensorRT Model Optimizer's
+  quantisation skip list; it is one small Conv3d on the raw latent). Keeping it fp32 also keeps the
+  graph valid ONNX at opset 20, where Conv has no bfloat16 type;
+- THFM's keypoint heads (LayerNorm + 2-layer MLP on 1 token per frame: negligible cost, and they
+  produce the numbers users read directly).
+The rotary tables are built in float64 by diffusers; they are cast to float32 before export (the
+core applies ``.float()`` to them anyway, so values are unchanged) and export fails on any double.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+
+from thfm_serve.errors import ThfmError
+
+from .specs import Precision, Target
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16,
+                # int8 quantises the fp32 graph (Q/DQ in ONNX); the PyTorch module is the fp32 one.
+                Precision.INT8: torch.float32}
+
+# Measured here (onnxruntime 1.32 CPU): fp16 graphs run. bf16 graphs are valid ONNX but the CPU
+# provider has no bfloat16 kernels for them ("Could not find an implementation for Expand(13)";
+# with a bf16 patch embedding, for Conv(22)), so a bf16 model cannot be served on --target cpu.
+# TensorRT builds bf16 engines (Ampere and newer), so bf16 is a gpu precision.
+SUPPORTED = {
+    Target.CPU: (Precision.FP32, Precision.FP16, Precision.INT8),
+    Target.GPU: (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8),
+}
+
+
+def check_target_precision(target: Target, precision: Precision) -> None:
+    if precision not in SUPPORTED[target]:
+        raise ThfmError(
+            f"--precision {precision.value} cannot run on --target {target.value}: onnxruntime's CPU provider "
+            "has no bfloat16 kernels, so Triton could not serve it on CPU. Use fp32, fp16 or int8 "
+            "on cpu, or --target gpu (TensorRT builds bf16 engines; add --no-engine to only write the ONNX)"
+        )
+
+
+def wan_fp32_modules() -> tuple[str, ...]:
+    from diffusers import WanTransformer3DModel
+
+    return tuple(WanTransformer3DModel._keep_in_fp32_modules or ())
+
+
+def rope_to_float32(core: nn.Module) -> None:
+    """Cast Wan's float64 rotary tables to float32 in place.
+
+    Value-preserving: ThfmCore only slices/expands these tables and calls ``.float()`` on the result,
+    so rounding once up front gives the same float32 values, and no double reaches the graph.
+    """
+    rope = core.transformer.rope
+    for name in ("freqs_cos", "freqs_sin"):
+        buf = getattr(rope, name, None)
+        if buf is not None and buf.dtype == torch.float64:
+            setattr(rope, name, buf.float())
+
+
+class _Cast:
+    """Forward (pre-)hook that casts floating tensors to a dtype (picklable, unlike a lambda)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def _cast(self, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x.to(self.dtype)
+        if isinstance(x, tuple):
+            return tuple(self._cast(v) for v in x)
+        return x
+
+    def pre(self, module, args):
+        return self._cast(args)
+
+    def post(self, module, args, output):
+        return self._cast(output)
+
+
+def _keep_fp32(module: nn.Module, out_dtype: torch.dtype) -> None:
+    """Make `module` an fp32 island: fp32 weights, inputs cast up, outputs cast to `out_dtype`."""
+    module.float()
+    module.register_forward_pre_hook(_Cast(torch.float32).pre)
+    module.register_forward_hook(_Cast(out_dtype).post)
+
+
+class ExportCore(nn.Module):
+    """ThfmCore with the float32 interface: inputs cast to the compute dtype, outputs back to float32."""
+
+    def __init__(self, core: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.core = core
+        self.dtype = dtype
+
+    def forward(self, latent: torch.Tensor, text: torch.Tensor):
+        # latent stays float32: it enters through the fp32 patch embedding.
+        pred, kp2d, kp3d = self.core(latent, text.to(self.dtype))
+        return pred.float(), kp2d.float(), kp3d.float()
+
+
+def lowered_core(core: nn.Module, precision: Precision) -> nn.Module:
+    """The module exported for `precision`. fp32/int8: the core itself (float64 rope cast away);
+    fp16/bf16: a copy in that dtype with the fp32 islands above."""
+    rope_to_float32(core)
+    dtype = TORCH_DTYPES[precision]
+    if dtype == torch.float32:
+        return ExportCore(core, torch.float32).eval()
+    islands = set(wan_fp32_modules())
+    low = copy.deepcopy(core)
+    for name, tensor in list(low.named_parameters()) + list(low.named_buffers()):
+        if not tensor.is_floating_point():
+            continue
+        keep = bool(islands & set(name.split(".")))
+        tensor.data = tensor.data.to(torch.float32 if keep else dtype)
+    _keep_fp32(low.transformer.patch_embedding, dtype)
+    for head in (low.heads.head2d, low.heads.head3d):
+        _keep_fp32(head, torch.float32)
+    logger.info("core in %s with fp32 islands: %s, patch_embedding, keypoint heads", precision.value, ", ".join(sorted(islands)))
+    return ExportCore(low, dtype).eval()
+
+
+def precision_summary(module: nn.Module) -> dict[str, int]:
+    """Parameter count per dtype (for the report)."""
+    out: dict[str, int] = {}
+    for p in module.parameters():
+        key = str(p.dtype).replace("torch.", "")
+        out[key] = out.get(key, 0) + p.numel()
+    return out

@@ -1,0 +1,280 @@
+"""Fatal validation of an exported graph against the PyTorch modules, and task-level drift.
+
+Order (optimum's `_run_validation` structure): output names, symbolic axes and static sizes
+(onnx_export.check_structure), then at two or more shapes, one of them never used by the export
+(neither the opt shape nor the trace shape): output shapes, then values within the spec's
+per-output tolerance. Any failure raises ExportError with the numbers that failed.
+
+Runners: onnxruntime CPU through polygraphy's OnnxrtRunner. bfloat16 graphs have no onnxruntime CPU
+kernels (measured; precision.py), so they run in ``onnx.reference.ReferenceEvaluator`` (numpy with
+ml_dtypes bfloat16: the graph itself, op by op, slowly) when small enough; above that size only the
+structure is checked and the values come from PyTorch bf16 (the module that was exported), and the
+report says so.
+
+The PyTorch inputs/outputs of the export-shape check are saved as polygraphy JSON next to the
+model (``polygraphy/inputs.json``, ``polygraphy/pytorch_outputs.json``) so the comparison can be
+repeated with the polygraphy CLI on any runner, e.g. TensorRT on a GPU host:
+``polygraphy run model.onnx --trt --onnxrt --load-inputs inputs.json --load-outputs pytorch_outputs.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from thfm_serve.errors import ExportError
+
+from .specs import Precision, SubmodelSpec, Tolerance
+
+logger = logging.getLogger(__name__)
+
+# ReferenceEvaluator runs numpy op by op (bfloat16 matmuls without BLAS): fine for small models only.
+REFERENCE_EVALUATOR_MAX_PARAMS = 50_000_000
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+# --- runners ----------------------------------------------------------------------------------
+
+def _quiet_polygraphy() -> None:
+    # polygraphy prints every session creation and file save at INFO to stdout.
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+
+
+class OrtRunner:
+    """onnxruntime CPU session via polygraphy (one session, many feeds)."""
+
+    kind = "onnxruntime-cpu"
+
+    def __init__(self, path: Path):
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        _quiet_polygraphy()
+        try:
+            self._runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name="onnxrt")
+            self._runner.activate()
+        except Exception as e:  # polygraphy wraps onnxruntime's load errors in its own exception
+            raise ExportError(f"onnxruntime cannot load {Path(path).name}: {str(e).strip().splitlines()[-1][:400]}") from e
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self._runner.infer(feed).items()}
+
+    def close(self) -> None:
+        self._runner.deactivate()
+
+
+class ReferenceRunner:
+    """onnx.reference.ReferenceEvaluator: executes any ONNX type, bfloat16 included."""
+
+    kind = "onnx-reference-evaluator"
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        self._ev = ReferenceEvaluator(onnx.load(str(path)))
+        self._names = [o.name for o in self._ev.proto_.graph.output]
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self._names, self._ev.run(None, feed))}
+
+    def close(self) -> None:
+        pass
+
+
+def make_runner(path: Path, precision: Precision, num_params: int) -> OrtRunner | ReferenceRunner | None:
+    if precision != Precision.BF16:
+        return OrtRunner(path)
+    if num_params <= REFERENCE_EVALUATOR_MAX_PARAMS:
+        return ReferenceRunner(path)
+    return None
+
+
+def torch_runner(module: Any, spec: SubmodelSpec) -> Runner:
+    """PyTorch module (float32 interface) as a numpy runner."""
+    import torch
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in spec.input_names])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().float().numpy() for n, o in zip(spec.output_names, out)}
+
+    return run
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+def validation_dims(spec: SubmodelSpec, trace: Mapping[str, int]) -> list[tuple[str, dict[str, int]]]:
+    """[(label, base dims)]: the export (opt) shape, a shape the export never used, and the profile min.
+
+    "unseen" changes every dynamic dim to a value that is neither the opt nor the trace value where
+    the profile allows (preferring small values: validation runs full models on CPU).
+    """
+    opt = spec.dims("opt")
+    unseen = dict(opt)
+    for d in spec.dynamic_dims:
+        lo, _, hi = spec.profiles[d]
+        used = {opt[d], trace.get(d, opt[d])}
+        # Small values first (validation runs full models on CPU), but above the profile minimum,
+        # which the "min" shape below covers anyway.
+        candidates = sorted((v for v in range(lo, hi + 1) if v not in used), key=lambda v: (v == lo, v))
+        if d == "batch":  # prefer batch 3 (> trace 2) so batching itself is exercised
+            candidates.sort(key=lambda v: (v < 3, v))
+        if candidates:
+            unseen[d] = candidates[0]
+    out = [("export", opt)]
+    if unseen != opt:
+        out.append(("unseen", unseen))
+    mins = spec.dims("min")
+    if mins not in (opt, unseen):
+        out.append(("min", mins))
+    return out
+
+
+# --- comparison -------------------------------------------------------------------------------
+
+def compare_outputs(spec: SubmodelSpec, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+                    dims: Mapping[str, int], tolerances: Mapping[str, Tolerance] | None = None) -> tuple[dict, list[str]]:
+    tolerances = tolerances or spec.tolerances
+    rows: dict[str, Any] = {}
+    failures: list[str] = []
+    expected = {t.name: spec.shape(t.name, dims) for t in spec.outputs}
+    for name in spec.output_names:
+        if name not in got:
+            failures.append(f"{name}: missing from the ONNX outputs")
+            continue
+        if tuple(got[name].shape) != expected[name]:
+            failures.append(f"{name}: shape {list(got[name].shape)}, expected {list(expected[name])}")
+            continue
+        tol = tolerances[name]
+        ok, max_abs, max_rel = tol.check(got[name], ref[name])
+        mean_abs = float(np.mean(np.abs(got[name].astype(np.float64) - ref[name])))
+        rows[name] = {"max_abs": max_abs, "max_rel": max_rel, "mean_abs": mean_abs, "ref_max_abs": float(np.abs(ref[name]).max()),
+                      "atol": tol.atol, "rtol": tol.rtol, "ok": ok}
+        if not ok:
+            failures.append(f"{name}: max abs diff {max_abs:.3g} / max rel diff {max_rel:.3g} beyond atol {tol.atol:g} + "
+                            f"rtol {tol.rtol:g} (|ref| up to {rows[name]['ref_max_abs']:.3g})")
+    return rows, failures
+
+
+def validate_values(spec: SubmodelSpec, runner: Runner, reference: Runner, trace: Mapping[str, int],
+                    polygraphy_dir: Path | None = None, extra_references: Mapping[str, Runner] | None = None,
+                    runner_kind: str = "onnxruntime-cpu") -> list[dict[str, Any]]:
+    """Run graph and PyTorch at every validation shape; ExportError on any failure."""
+    results = []
+    failures: list[str] = []
+    for i, (label, dims) in enumerate(validation_dims(spec, trace)):
+        feed = spec.dummy_inputs(dims, seed=100 + i)
+        t0 = time.perf_counter()
+        ref = reference(feed)
+        t1 = time.perf_counter()
+        got = runner(feed)
+        t2 = time.perf_counter()
+        rows, fails = compare_outputs(spec, ref, got, dims)
+        entry: dict[str, Any] = {"label": label, "dims": dims, "input_shapes": {k: list(v.shape) for k, v in feed.items()},
+                                 "runner": runner_kind, "outputs": rows, "torch_s": round(t1 - t0, 3), "runner_s": round(t2 - t1, 3)}
+        for name, other in (extra_references or {}).items():
+            o = other(feed)
+            entry[f"vs_{name}"] = {k: float(np.abs(got[k].astype(np.float64) - o[k]).max()) for k in spec.output_names if k in got}
+        results.append(entry)
+        failures += [f"[{label} {_dims_str(dims)}] {f}" for f in fails]
+        logger.info("%s %s %s: %s", spec.name, label, _dims_str(dims),
+                    ", ".join(f"{k} max|d|={v['max_abs']:.2g}" for k, v in rows.items()) or "no outputs")
+        if polygraphy_dir is not None and i == 0:
+            save_polygraphy(polygraphy_dir, feed, ref, got, runner_kind)
+    if failures:
+        raise ExportError(f"{spec.name} ({spec.precision}) failed validation against PyTorch: " + "; ".join(failures))
+    return results
+
+
+def save_polygraphy(directory: Path, feed: dict, ref: dict, got: dict, runner_kind: str) -> None:
+    """Inputs and outputs as polygraphy JSON (data loader input list, RunResults)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    _quiet_polygraphy()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_json([feed], str(directory / "inputs.json"), description="validation inputs")
+    pt = RunResults()
+    pt.append(("pytorch", [IterationResult(dict(ref), runner_name="pytorch")]))
+    pt.save(str(directory / "pytorch_outputs.json"))
+    both = RunResults()
+    both.append(("pytorch", [IterationResult(dict(ref), runner_name="pytorch")]))
+    both.append((runner_kind, [IterationResult(dict(got), runner_name=runner_kind)]))
+    both.save(str(directory / "outputs.json"))
+
+
+def _dims_str(dims: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in dims.items())
+
+
+# --- task-level drift -------------------------------------------------------------------------
+
+def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, height: int, width: int,
+               tasks: list[str] | None = None, max_batch: int = 6) -> dict[str, dict[str, float]]:
+    """Per-task error of the candidate core against the fp32 PyTorch core on one clip.
+
+    The clip is encoded once (PyTorch VAE), every task runs as one batch row, dense latents of both
+    cores are decoded by the same PyTorch VAE decoder and mapped through processing.dense_output /
+    sparse_output, so the numbers are in the units users see: depth abs-rel, normals angle (deg),
+    alpha MSE, IUV mean abs error, 2D keypoints in pixels, 3D keypoints in mm.
+    """
+    import torch
+
+    from thfm_serve.config import DENSE_TASKS
+    from thfm_serve.processing import dense_output, fit_clip, sparse_output
+
+    cfg = ck.config
+    tasks = tasks or ck.tasks
+    with torch.no_grad():
+        latent = ck.vae_encoder()(fit_clip(clip, clip.shape[0], height, width))
+    text = np.stack([ck.task_embedding(t).numpy() for t in tasks]).astype(np.float32)
+    ref, got = _batched(reference, latent.numpy(), text, max_batch), _batched(candidate, latent.numpy(), text, max_batch)
+    decoder = ck.vae_decoder()
+    out: dict[str, dict[str, float]] = {}
+    for i, task in enumerate(tasks):
+        if task in DENSE_TASKS:
+            with torch.no_grad():
+                maps = [decoder(torch.from_numpy(r["pred_latent"][i : i + 1]))[0].permute(1, 0, 2, 3) for r in (ref, got)]
+            a, b = (dense_output(task, m, height, width, cfg.depth_log_scale) for m in maps)
+            out[task] = _dense_metric(task, a, b)
+        else:
+            key = "kp2d" if task == "keypoints2d" else "kp3d"
+            a, b = (sparse_output(task, r[key][i], height, width) for r in (ref, got))
+            err = np.linalg.norm(b.astype(np.float64) - a, axis=-1)
+            scale, unit = (1.0, "px") if task == "keypoints2d" else (1000.0, "mm")
+            out[task] = {f"mean_{unit}": float(err.mean() * scale), f"max_{unit}": float(err.max() * scale)}
+    return out
+
+
+def _batched(run: Runner, latent: np.ndarray, text: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
+    """One row per task, in chunks of at most max_batch rows (the profile's limit)."""
+    parts = []
+    for i in range(0, len(text), max_batch):
+        chunk = text[i : i + max_batch]
+        parts.append(run({"latent": np.repeat(latent, len(chunk), axis=0), "text": chunk}))
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+def _dense_metric(task: str, ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    if task == "depth":
+        # Benchmarks ignore invalid (zero) depth; random-weight maps reach 0, where abs-rel is undefined.
+        valid = ref64 > 1e-3
+        absrel = np.abs(got64 - ref64)[valid] / ref64[valid]
+        return {"abs_rel": float(absrel.mean()) if absrel.size else 0.0, "valid_fraction": float(valid.mean())}
+    if task == "normals":
+        cos = np.clip((ref64 * got64).sum(-1), -1.0, 1.0)
+        ang = np.degrees(np.arccos(cos))
+        return {"mean_angle_deg": float(ang.mean()), "max_angle_deg": float(ang.max())}
+    if task == "segmentation":
+        return {"alpha_mse": float(np.mean((got64 - ref64) ** 2))}
+    return {"iuv_mae": float(np.mean(np.abs(got64 - ref64)))}

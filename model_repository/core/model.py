@@ -1,0 +1,23 @@
+"""Triton model `core` on CPU: latent, text -> pred_latent, kp2d, kp3d (THFM transformer; one batch row per task).
+
+The exported ONNX graph (<version>/model.onnx) runs in onnxruntime inside the python backend (the
+CPU tritonserver has no onnxruntime backend); the logic lives in thfm_serve.serving.
+"""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from thfm_serve import serving
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.onnx = serving.OnnxModel.load(
+            args["model_repository"], args["model_version"], config["name"], serving.model_parameters(config)
+        )
+
+    def execute(self, requests):
+        # One onnxruntime run for all requests of a dynamic batch whose shapes agree.
+        return serving.execute_onnx(requests, self.onnx, pb_utils)

@@ -1,0 +1,253 @@
+"""`thfm export` end to end on the tiny checkpoint, on CPU: every precision, validation at shapes the
+export never used, manifests and reuse, int8 Q/DQ and drift, and the CLI's error cases.
+
+One module fixture runs the exports in sequence into one repository (the fp32 VAE graphs are exported
+once and reused by the later precisions, which also exercises reuse) and keeps a copy of each core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from thfm_serve.cli import main
+from thfm_serve.errors import ExportError
+from thfm_serve.export import build_specs, export_repository
+from thfm_serve.export.onnx_export import doubles_in_proto
+from thfm_serve.export.specs import Precision
+
+SHAPE = dict(frames=5, height=32, width=48)  # small export shape; the checkpoint's clip is 9 x 64 x 64
+# A shape none of the exports used (opt: batch 1, 2 latent frames, 2x3 patches; trace: batch 2).
+UNSEEN = {"batch": 2, "latent_frames": 3, "hp": 4, "wp": 1}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("export") / "model_repository"
+    cores = tmp_path_factory.mktemp("cores")
+    reports = {}
+
+    def run(tag, target, precision, **kw):
+        reports[tag] = export_repository(tiny_checkpoint, repo, target, precision, **SHAPE, write_configs=False, **kw)
+        shutil.copytree(repo / "core" / "1", cores / tag)
+
+    run("fp32", "cpu", "fp32")
+    run("fp32_again", "cpu", "fp32")
+    run("fp16", "cpu", "fp16")
+    run("int8", "cpu", "int8", calibration_clips=2)
+    # bf16 has no onnxruntime CPU kernels: it is a gpu precision; --no-engine stops before TensorRT.
+    run("bf16", "gpu", "bf16", build_engine=False)
+    return {"repo": repo, "cores": cores, "reports": reports, "checkpoint": tiny_checkpoint}
+
+
+def _reference_core(checkpoint):
+    from thfm_serve.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, text_encoder=False).core()
+
+
+def _run_onnx(path: Path, feed: dict, precision: str) -> dict:
+    if precision == "bf16":
+        from onnx.reference import ReferenceEvaluator
+
+        ev = ReferenceEvaluator(onnx.load(str(path)))
+        names = [o.name for o in ev.proto_.graph.output]
+        return dict(zip(names, ev.run(None, feed)))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def test_repository_layout_and_manifests(exports):
+    repo = exports["repo"]
+    for name in ("core", "vae_encoder", "vae_decoder"):
+        vdir = repo / name / "1"
+        assert (vdir / "model.onnx").is_file()
+        assert not (vdir / "model.onnx.data").exists()  # under 2 GB: one file
+        manifest = json.loads((vdir / "manifest.json").read_text())
+        assert manifest["key"]["checkpoint_sha256"] == exports["reports"]["fp32"]["checkpoint_sha256"]
+        assert manifest["spec"]["name"] == name
+        assert (vdir / "polygraphy" / "inputs.json").is_file()
+    emb = np.load(repo / "core" / "1" / "task_embeddings.npz")
+    assert sorted(emb.files) == sorted(json.loads((repo / "core" / "1" / "thfm_config.json").read_text())["tasks"])
+    assert emb["depth"].shape == (16, 32)
+    report = json.loads((repo / "export_report.json").read_text())
+    assert report["precision"] == "bf16" and report["engine"]["status"].startswith("skipped")
+    assert not list(repo.glob(".export-*"))  # staging removed
+
+
+@pytest.mark.parametrize("tag", ["fp32", "fp16", "int8", "bf16"])
+def test_core_runs_at_an_unseen_shape_within_tolerance(exports, tag):
+    spec = build_specs(_config(exports), **SHAPE, precision=tag)["core"]
+    report = exports["reports"][tag]["models"]["core"]
+    assert report["status"] == "exported"
+    labels = [v["label"] for v in report["validation"]]
+    assert labels[:2] == ["export", "unseen"] and all(all(o["ok"] for o in v["outputs"].values()) for v in report["validation"])
+
+    feed = spec.dummy_inputs(UNSEEN, seed=42)
+    got = _run_onnx(exports["cores"] / tag / "model.onnx", feed, tag)
+    with torch.no_grad():
+        ref = _reference_core(exports["checkpoint"])(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+    for name, r in zip(spec.output_names, ref):
+        assert got[name].shape == spec.shape(name, UNSEEN)
+        ok, max_abs, _ = spec.tolerances[name].check(got[name], r.numpy())
+        assert ok, f"{tag} {name}: max abs diff {max_abs}"
+
+
+def test_vae_graphs_run_at_unseen_batch_and_size(exports):
+    from thfm_serve.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(exports["checkpoint"], text_encoder=False)
+    specs = build_specs(ck.config, **SHAPE)
+    for name, module in (("vae_encoder", ck.vae_encoder()), ("vae_decoder", ck.vae_decoder())):
+        spec = specs[name]
+        dims = {"batch": 2, "latent_frames": 2, "hp": 1, "wp": 4}  # frames are the static window
+        feed = spec.dummy_inputs(dims, seed=5)
+        got = _run_onnx(exports["repo"] / name / "1" / "model.onnx", feed, "fp32")
+        with torch.no_grad():
+            ref = module(torch.from_numpy(feed[spec.input_names[0]])).numpy()
+        out = spec.output_names[0]
+        assert spec.tolerances[out].check(got[out], ref)[0]
+        entry = exports["reports"]["fp32"]["models"][name]
+        assert entry["window_check"]["ok"] and entry["window_check"]["short_frames"] == 1
+
+
+def test_graphs_are_clean(exports):
+    for tag in ("fp32", "fp16", "int8", "bf16"):
+        model = onnx.load(str(exports["cores"] / tag / "model.onnx"))
+        assert doubles_in_proto(model) == []
+        dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        assert dims == ["batch", 16, "latent_frames", "2*hp", "2*wp"]
+    fp16 = onnx.load(str(exports["cores"] / "fp16" / "model.onnx"))
+    types = {t.data_type for t in fp16.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT in types  # fp32 islands kept
+
+
+def test_second_export_reuses_matching_artifacts(exports):
+    again = exports["reports"]["fp32_again"]
+    assert {m["status"] for m in again["models"].values()} == {"reused"}
+    later = exports["reports"]["fp16"]["models"]
+    assert later["core"]["status"] == "exported"  # precision changed: stale
+    assert later["vae_encoder"]["status"] == "reused"  # the VAE stays fp32: still valid
+
+
+def test_int8_core_is_qdq_with_drift_reported(exports):
+    core = exports["reports"]["int8"]["models"]["core"]
+    q = core["quantization"]
+    assert q["quantized_matmuls"] > 0 and q["quantized_matmuls"] < q["matmuls"]  # some excluded
+    assert q["calibration_source"].startswith("procedural")
+    model = onnx.load(str(exports["cores"] / "int8" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    drift = core["drift"]
+    assert set(drift) == {"depth", "normals", "segmentation", "densepose", "keypoints2d", "keypoints3d"}
+    assert {"abs_rel"} <= set(drift["depth"]) and "mean_angle_deg" in drift["normals"]
+    assert "alpha_mse" in drift["segmentation"] and "mean_px" in drift["keypoints2d"] and "mean_mm" in drift["keypoints3d"]
+
+
+def test_low_precision_reports(exports):
+    fp16 = exports["reports"]["fp16"]["models"]["core"]
+    assert fp16["runner"] == "onnxruntime-cpu" and "drift" in fp16
+    assert "vs_torch_fp16" in fp16["validation"][0]
+    bf16 = exports["reports"]["bf16"]["models"]["core"]
+    # bf16 ONNX cannot run in onnxruntime CPU; the graph itself ran in onnx's reference evaluator.
+    assert bf16["runner"] == "onnx-reference-evaluator" and bf16["drift_runner"] == "onnx-reference-evaluator"
+
+
+def test_gpu_target_without_tensorrt_fails_after_the_onnx_stage(exports, tmp_path, caplog):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    repo = tmp_path / "repo"
+    shutil.copytree(exports["repo"], repo)  # core (bf16) and VAEs are current: only the engine is left
+    with caplog.at_level(logging.ERROR):
+        code = main(["export", "--checkpoint", str(exports["checkpoint"]), "--repo", str(repo), "--target", "gpu",
+                     "--precision", "bf16", "--frames", "5", "--height", "32", "--width", "48", "--no-configs"])
+    assert code == 2
+    assert "TensorRT is not installed" in caplog.text
+    report = json.loads((repo / "export_report.json").read_text())
+    assert report["engine"]["status"] == "failed" and not (repo / "core" / "1" / "model.plan").exists()
+    assert report["models"]["core"]["status"] == "reused"
+    with pytest.raises(ExportError, match="TensorRT"):
+        export_repository(exports["checkpoint"], repo, "gpu", "bf16", **SHAPE, write_configs=False)
+
+
+def _config(exports):
+    from thfm_serve.config import ThfmConfig
+
+    return ThfmConfig.load(exports["checkpoint"] / "thfm" / "config.json")
+
+
+# --- CLI errors: one line, exit 2, no traceback --------------------------------------------------
+
+def _cli(args, caplog):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        code = main(["export", *args])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    return code, errors
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--target", "tpu"], "unknown target 'tpu'"),
+    (["--precision", "bf16"], "cannot run on --target cpu"),
+    (["--frames", "6"], "not of the form 4n+1"),
+    (["--height", "40"], "not a multiple of 16"),
+    (["--frames", "9", "--max-frames", "5"], "outside the profile"),
+    (["--only", "text_encoder"], "unknown model"),
+])
+def test_cli_rejects_bad_options(tiny_checkpoint, tmp_path, caplog, args, message):
+    code, errors = _cli(["--checkpoint", str(tiny_checkpoint), "--repo", str(tmp_path / "r"), *args], caplog)
+    assert code == 2
+    assert len(errors) == 1 and message in errors[0].getMessage()
+    assert errors[0].exc_info is None  # no traceback
+    assert not (tmp_path / "r" / "core").exists()  # nothing exported
+
+
+def test_cli_rejects_bad_checkpoints(tiny_checkpoint, tmp_path, caplog):
+    code, errors = _cli(["--checkpoint", str(tmp_path / "nope"), "--repo", str(tmp_path / "r")], caplog)
+    assert code == 2 and "does not exist" in errors[0].getMessage()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0corrupt")
+    code, errors = _cli(["--checkpoint", str(broken), "--repo", str(tmp_path / "r2"), *_shape_args()], caplog)
+    assert code == 2 and "cannot load the Wan transformer" in errors[0].getMessage()
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tiny_checkpoint, mismatched)
+    cfg = json.loads((mismatched / "thfm" / "config.json").read_text())
+    cfg["text_dim"] = 64  # the transformer's text_dim is 32
+    (mismatched / "thfm" / "config.json").write_text(json.dumps(cfg))
+    code, errors = _cli(["--checkpoint", str(mismatched), "--repo", str(tmp_path / "r3"), *_shape_args()], caplog)
+    assert code == 2 and "text_dim" in errors[0].getMessage()
+
+    missing = tmp_path / "missing"
+    shutil.copytree(tiny_checkpoint, missing)
+    shutil.rmtree(missing / "vae")
+    code, errors = _cli(["--checkpoint", str(missing), "--repo", str(tmp_path / "r4")], caplog)
+    assert code == 2 and "missing vae" in errors[0].getMessage()
+
+
+def test_cli_refuses_a_repository_named_triton(tiny_checkpoint, tmp_path, caplog):
+    code, errors = _cli(["--checkpoint", str(tiny_checkpoint), "--repo", str(tmp_path / "triton")], caplog)
+    assert code == 2 and "named 'triton'" in errors[0].getMessage()
+
+
+def _shape_args():
+    return ["--frames", "5", "--height", "32", "--width", "48", "--only", "core", "--no-configs"]
+
+
+def test_precisions_enum_is_what_the_cli_offers():
+    assert [p.value for p in Precision] == ["fp32", "bf16", "fp16", "int8"]

@@ -1,0 +1,50 @@
+"""`thfm serve --repo DIR`: run the real tritonserver on a THFM model repository, in the foreground.
+
+Waits until every model is loaded, logs the endpoints, and stops the server cleanly on SIGINT or
+SIGTERM (thfm_serve.server.serve_forever). Binds loopback unless --host says otherwise: the server
+has no authentication.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ServerError
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a THFM model repository with tritonserver (foreground; Ctrl-C stops it)")
+    p.add_argument("--repo", required=True, help="model repository written by `thfm export`")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the unauthenticated server)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-control", choices=("none", "explicit"), default="none",
+                   help="'explicit' also enables the load/unload API (default: none)")
+    p.add_argument("--log", help="tritonserver log file (default: a temporary file, removed on a clean stop)")
+    p.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for every model to load")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..repository import check_repository
+    from ..server import ServerConfig, serve_forever
+
+    repo = Path(args.repo)
+    manifest = check_repository(repo)
+    if manifest.get("target") != "cpu":
+        # The tritonserver bundled here has only the python backend; a gpu repository's core is a
+        # TensorRT plan and its VAE runs in the onnxruntime backend.
+        raise ServerError(
+            f"{repo} is a {manifest.get('target')!r} repository (TensorRT core, onnxruntime VAE): serve it with "
+            "NVIDIA's Triton container (see model_repository/README.md), or export with --target cpu"
+        )
+    cfg = ServerConfig(repo=repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                       metrics_port=args.metrics_port, model_control=args.model_control)
+    logger.info("serving %s (%s, %s): %s", repo, manifest.get("target"), manifest.get("precision"),
+                ", ".join(manifest.get("models", [])))
+    return serve_forever(cfg, log_path=Path(args.log) if args.log else None, start_timeout_s=args.start_timeout)
