@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import ThfmError
@@ -39,20 +40,14 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if verbose < 2:
-        # Library chatter (weight-loading progress, accelerate hints) is noise for a CLI user.
+        # Library chatter (weight-loading progress bars, accelerate hints) is noise for a CLI user.
+        # Set through the libraries' own environment switches, read when they are first imported,
+        # so commands that never touch diffusers/transformers don't pay seconds to import them here.
+        for var, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
+                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+            os.environ.setdefault(var, value)
         for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        try:
-            from diffusers.utils import logging as dlog
-
-            dlog.disable_progress_bar()
-            dlog.set_verbosity_error()
-            from transformers.utils import logging as tlog
-
-            tlog.disable_progress_bar()
-            tlog.set_verbosity_error()
-        except ImportError:  # pragma: no cover - both are dependencies
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,15 @@ def run(args) -> int:
 
         return run_remote(args, tasks)
 
+    # Cheap checks first (prompts, the video itself), so a bad input fails before torch and
+    # diffusers are imported (seconds) and before weights load.
+    prompts = _parse_prompts(args.prompt)
+    unknown = set(prompts) - set(tasks)
+    if unknown:
+        raise ThfmError(f"--prompt given for tasks not requested: {sorted(unknown)}")
+    video = read_video(args.video, max_frames=args.max_frames)
+    logger.info("decoded %s: %d frames %dx%d at %.2f fps", args.video, *video.frames.shape[:3], video.fps)
+
     import torch
 
     from ..checkpoint import missing_parts
@@ -73,13 +82,7 @@ def run(args) -> int:
     missing = missing_parts(args.checkpoint)
     if missing:
         raise CheckpointError(f"checkpoint {args.checkpoint} is missing {', '.join(missing)}")
-    video = read_video(args.video, max_frames=args.max_frames)
-    logger.info("decoded %s: %d frames %dx%d at %.2f fps", args.video, *video.frames.shape[:3], video.fps)
     pipe = ThfmPipeline.from_checkpoint(args.checkpoint, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    prompts = _parse_prompts(args.prompt)
-    unknown = set(prompts) - set(tasks)
-    if unknown:
-        raise ThfmError(f"--prompt given for tasks not requested: {sorted(unknown)}")
     results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts)
     for path in write_results(results, args.out):
         logger.info("wrote %s", path)
