@@ -10,9 +10,8 @@ full checker on the saved file.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -241,6 +240,3 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:500]
 
-
-def file_sizes(paths: list[Path]) -> Mapping[str, int]:
-    return {p.name: os.path.getsize(p) for p in paths}

@@ -555,15 +555,21 @@ def _perf_analyzer_p50(url: str, job: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("throughput_infer_per_s", "p50_latency_ms", "p90_latency_ms", "p99_latency_ms", "error")}
 
 
-def quantize_u8_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """int8 Q/DQ for onnxruntime on x86: the exporter's recipe (same excluded scopes, same calibration
-    inputs, per-channel symmetric int8 weights) but asymmetric uint8 activations.
+def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """int8 Q/DQ core from the fp32 export, by one of two recipes:
 
-    The exporter quantises activations as symmetric int8 because TensorRT takes zero points of 0 only.
-    onnxruntime's x86 kernels multiply u8 x s8 natively (VNNI vpdpbusd) and fuse every
-    DQ -> MatMul -> Q into QLinearMatMul for u8 activations; with s8 activations part of the MatMuls
-    stay as DequantizeLinear(weight) -> fp32 MatMul (measured on the exported graph), which costs a
-    weight dequantisation per call. This variant measures what a CPU-specific recipe buys.
+    "exporter": export.quantize.quantize_core, the exporter's own recipe (symmetric int8 activations
+        and weights, for TensorRT, which takes zero points of 0 only);
+    "u8": the same excluded scopes, calibration inputs and per-channel symmetric int8 weights, but
+        asymmetric uint8 activations. onnxruntime's x86 kernels multiply u8 x s8 natively (VNNI
+        vpdpbusd) and fuse every DQ -> MatMul -> Q into QLinearMatMul for u8 activations; with s8
+        activations part of the MatMuls stay DequantizeLinear(weight) -> fp32 MatMul in the optimised
+        graph (checked with session.optimized_model_filepath), a weight dequantisation per call.
+
+    Calibration: the exporter's inputs (procedural clips VAE-encoded, every task's prompt), but one
+    task row per sample: export_repository's single 6-row sample made quantize_static peak above
+    23 GB RSS at 1.3B (killed by the OOM killer on this 24 GB machine). MinMax ranges over six 1-row
+    samples are the same ranges as over one 6-row sample.
     """
     import onnx
     import torch
@@ -572,7 +578,8 @@ def quantize_u8_worker(job: dict[str, Any]) -> dict[str, Any]:
     from thfm_serve.checkpoint import load_checkpoint
     from thfm_serve.export.calibration import procedural_clips
     from thfm_serve.export.onnx_export import PROTOBUF_LIMIT, onnx_files
-    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, _Reader, excluded_nodes, qdq_stats
+    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, _Reader, excluded_nodes, qdq_stats, quantize_core
+
     from thfm_serve.processing import fit_clip
 
     torch.set_num_threads(job["threads"])
@@ -585,22 +592,26 @@ def quantize_u8_worker(job: dict[str, Any]) -> dict[str, Any]:
     for clip in procedural_clips(job.get("clips", 1), frames, height, width, seed=0):
         with torch.no_grad():
             latent = encoder(fit_clip(clip, frames, height, width)).numpy()
-        samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
+        samples += [{"latent": latent, "text": text[i : i + 1]} for i in range(len(text))]
     del ck, encoder
-    skip = excluded_nodes(onnx.load(str(src), load_external_data=False), DEFAULT_EXCLUDE, ["MatMul"])
+    external = sum(p.stat().st_size for p in onnx_files(src)) > PROTOBUF_LIMIT * 0.9
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if job["recipe"] == "exporter":
+        info = quantize_core(src, dst, samples, external_data=external)
+        return {"seconds": time.perf_counter() - t0, "stats": info, "samples": len(samples)}
+    skip = excluded_nodes(onnx.load(str(src), load_external_data=False), DEFAULT_EXCLUDE, ["MatMul"])
     quantize_static(
         str(src), str(dst), _Reader(samples), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=skip,
-        calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=sum(p.stat().st_size for p in onnx_files(src)) > PROTOBUF_LIMIT * 0.9,
+        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
-    return {"seconds": time.perf_counter() - t0, "stats": qdq_stats(dst), "excluded_nodes": len(skip)}
+    return {"seconds": time.perf_counter() - t0, "stats": qdq_stats(dst), "excluded_nodes": len(skip),
+            "samples": len(samples)}
 
 
-WORKERS = {"quantize-u8": quantize_u8_worker, "peak": peak_worker, "flops": flop_counter_worker, "core": core_worker, "vae": vae_worker,
+WORKERS = {"quantize": quantize_worker, "peak": peak_worker, "flops": flop_counter_worker, "core": core_worker, "vae": vae_worker,
            "pipeline": pipeline_worker, "repo-inprocess": repo_inprocess_worker, "served": served_worker}
 
 
@@ -669,53 +680,51 @@ class Bench:
 
     # -- stages
     def export(self) -> None:
-        """fp32 repository (core + VAE + Triton configs) and the int8 core, via the exporter."""
+        """fp32 repository (core + VAE + Triton configs) via the exporter; int8 cores quantised from its
+        fp32 ONNX (quantize_worker)."""
         a = self.args
-        need_fp32 = any(e in a.core_engines for e in ("ort-fp32", "ort-int8-u8")) or "ort-fp32" in a.vae_engines or \
-            any(p in a.e2e for p in ("repo-inprocess-fp32", "served-fp32"))
-        need_int8 = "ort-int8" in a.core_engines
         self.repo_fp32 = self.workdir / f"repo_fp32_{self.shape_key}"
-        self.repo_int8 = self.workdir / f"repo_int8_{self.shape_key}"
-        for need, repo, precision, kwargs in (
-            (need_fp32, self.repo_fp32, "fp32", {}),
-            (need_int8, self.repo_int8, "int8", {"models": ["core"], "write_configs": False,
-                                                 "calibration_clips": a.calibration_clips}),
-        ):
-            if not need:
-                continue
+        self.int8 = {"ort-int8": ("exporter", self.workdir / f"int8_exporter_{self.shape_key}" / "model.onnx"),
+                     "ort-int8-u8": ("u8", self.workdir / f"int8_u8_{self.shape_key}" / "model.onnx")}
+        need_fp32 = any(e.startswith("ort") for e in a.core_engines) or "ort-fp32" in a.vae_engines or \
+            any(p in a.e2e for p in ("repo-inprocess-fp32", "served-fp32"))
+        if need_fp32:
             t0 = time.perf_counter()
-            log = self.workdir / f"export_{precision}_{self.shape_key}.log"
+            log = self.workdir / f"export_fp32_{self.shape_key}.log"
             code = (
                 "import json, logging, sys\n"
                 "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
                 "from thfm_serve.export import export_repository\n"
-                f"r = export_repository({str(self.ck)!r}, {str(repo)!r}, 'cpu', {precision!r}, {a.frames}, {a.height}, "
-                f"{a.width}, max_batch={max(a.batch, len(a.tasks))}, **{kwargs!r})\n"
+                f"r = export_repository({str(self.ck)!r}, {str(self.repo_fp32)!r}, 'cpu', 'fp32', {a.frames}, {a.height}, "
+                f"{a.width}, max_batch={max(a.batch, len(a.tasks))})\n"
                 "print(json.dumps({k: v for k, v in r.items() if k != 'specs'}, default=str))\n"
             )
-            logger.info("export %s repository %s (cached by manifest) ...", precision, repo)
+            logger.info("export fp32 repository %s (cached by manifest) ...", self.repo_fp32)
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
             with open(log, "w") as lf:
                 proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                                       stderr=lf, text=True, timeout=a.timeout_s * 4)
             if proc.returncode != 0:
-                raise SystemExit(f"export {precision} failed (see {log})")
+                raise SystemExit(f"export fp32 failed (see {log})")
             report = json.loads(proc.stdout.strip().splitlines()[-1])
-            self.results[f"export_{precision}"] = {
+            self.results["export_fp32"] = {
                 "seconds": round(time.perf_counter() - t0, 1),
-                "models": {m: {k: v for k, v in r.items() if k in ("status", "drift", "quantization", "validation", "runner")}
+                "models": {m: {k: v for k, v in r.items() if k in ("status", "validation", "runner")}
                            for m, r in report.get("models", {}).items()},
             }
-        self.int8_u8 = self.workdir / f"int8_u8_{self.shape_key}" / "model.onnx"
-        if "ort-int8-u8" in a.core_engines:
-            if self.int8_u8.is_file() and self.int8_u8.stat().st_mtime > (self.repo_fp32 / "core" / "1" / "model.onnx").stat().st_mtime:
-                logger.info("int8 (u8 activations) model %s is newer than the fp32 export: reused", self.int8_u8)
-            else:
-                res = self.run_worker({"worker": "quantize-u8", "onnx": str(self.repo_fp32 / "core" / "1" / "model.onnx"),
-                                       "out": str(self.int8_u8), "clips": a.calibration_clips}, "quantize int8 (u8 activations)")
-                self.results["quantize_u8"] = res
-                if res.get("status") != "ok":
-                    raise SystemExit(f"int8 u8 quantization failed: {res.get('error')}")
+        fp32_core = self.repo_fp32 / "core" / "1" / "model.onnx"
+        for eng, (recipe, path) in self.int8.items():
+            if eng not in a.core_engines:
+                continue
+            if path.is_file() and path.stat().st_mtime > fp32_core.stat().st_mtime:
+                logger.info("int8 (%s recipe) %s is newer than the fp32 export: reused", recipe, path)
+                continue
+            res = self.run_worker({"worker": "quantize", "recipe": recipe, "onnx": str(fp32_core), "out": str(path),
+                                   "clips": a.calibration_clips}, f"quantize int8 ({recipe} recipe)")
+            self.results[f"quantize_{recipe}"] = res
+            if res.get("status") != "ok":
+                path.unlink(missing_ok=True)
+                logger.error("int8 %s quantization failed: %s", recipe, res.get("error"))
 
     def run(self) -> dict[str, Any]:
         a = self.args
@@ -742,10 +751,8 @@ class Bench:
             job = {"worker": "core", "engine": eng}
             if eng == "ort-fp32":
                 job["onnx"] = str(self.repo_fp32 / "core" / "1" / "model.onnx")
-            elif eng == "ort-int8":
-                job["onnx"] = str(self.repo_int8 / "core" / "1" / "model.onnx")
-            elif eng == "ort-int8-u8":
-                job["onnx"] = str(self.int8_u8)
+            elif eng in self.int8:
+                job["onnx"] = str(self.int8[eng][1])
             r["core"][eng] = self.run_worker(job, f"core {eng}")
         for which in ("vae_encoder", "vae_decoder"):
             r["vae"][which] = {}
@@ -958,11 +965,15 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     for name, met, ev in targets(r):
         lines.append(f"| {name} | {'-' if met is None else ('yes' if met else 'NO')} | {ev} |")
     lines.append("")
-    for key in ("export_fp32", "export_int8"):
-        if key in r:
-            lines += [f"Export ({key[7:]}): {r[key]['seconds']} s (0 when reused from the cache); " +
-                      "; ".join(f"{m}: {v.get('status')}" + (f", drift {json.dumps(v['drift'])}" if v.get('drift') else "")
-                                for m, v in r[key]["models"].items()), ""]
+    if "export_fp32" in r:
+        lines += [f"Export (fp32, export_repository): {r['export_fp32']['seconds']} s; " +
+                  "; ".join(f"{m}: {v.get('status')}" for m, v in r["export_fp32"]["models"].items()), ""]
+    for recipe in ("exporter", "u8"):
+        q = r.get(f"quantize_{recipe}")
+        if q and q.get("status") == "ok":
+            st = q["stats"]
+            lines += [f"int8 ({recipe} recipe): {st.get('quantized_matmuls')} of {st.get('matmuls')} MatMuls quantized, "
+                      f"{q['samples']} calibration samples, {q['seconds']:.0f} s.", ""]
     if r["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in r["notes"]] + [""]
     lines += [f"Plot: {png_name}. Raw numbers: {Path(png_name).with_suffix('.json').name}.", ""]

@@ -38,3 +38,11 @@ def _quiet_libraries():
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the tables tests left for the end of the run (tests/serverfix.py: record), e.g. the
+    catalogue of bad inputs with each case's outcome."""
+    from serverfix import write_tables
+
+    write_tables(terminalreporter, config)

@@ -117,8 +117,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, text_e
         raise CheckpointError(f"checkpoint {ck} is missing {weights}")
 
     try:
-        transformer = WanTransformer3DModel.from_pretrained(ck, subfolder="transformer", torch_dtype=dtype)
-        vae = AutoencoderKLWan.from_pretrained(ck, subfolder="vae", torch_dtype=torch.float32)
+        # use_safetensors=True: without it diffusers falls back to torch.load (pickle) when a part
+        # has only a .bin file ("Defaulting to unsafe serialization"); a checkpoint must not run code.
+        transformer = WanTransformer3DModel.from_pretrained(ck, subfolder="transformer", torch_dtype=dtype,
+                                                            use_safetensors=True)
+        vae = AutoencoderKLWan.from_pretrained(ck, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as e:
         raise CheckpointError(f"checkpoint {ck}: cannot load the Wan transformer/VAE: {_first_line(e)}") from None
     _check_compatible(ck, cfg, transformer, vae)
@@ -150,7 +153,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, text_e
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         try:
-            te = UMT5EncoderModel.from_pretrained(ck, subfolder="text_encoder", dtype=torch.float32).eval()
+            te = UMT5EncoderModel.from_pretrained(ck, subfolder="text_encoder", dtype=torch.float32,
+                                                  use_safetensors=True).eval()
             tok = AutoTokenizer.from_pretrained(ck, subfolder="tokenizer")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ck}: cannot load text_encoder/tokenizer: {_first_line(e)}") from None

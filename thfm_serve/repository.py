@@ -154,6 +154,19 @@ def _instances(kind: str, count: int = 1) -> list[dict[str, Any]]:
     return [{"count": count, "kind": Ident(kind)}]
 
 
+def _front_queue(limits: serving.Limits) -> dict[str, Any]:
+    """Requests in flight at a front model (max_batch_size 0): a bounded wait queue.
+
+    Triton's queue lives in the dynamic batcher, the only scheduler with a queue policy; with
+    max_batch_size 0 it batches nothing (one request per execute, checked with tritonserver 2.51)
+    and only bounds the queue. A request that finds max_in_flight requests waiting is rejected by
+    tritonserver with UNAVAILABLE "Exceeds maximum queue size" (a client retries it later or on
+    another server); the one the instance is running comes on top. max_queue_size 0 would mean
+    unbounded, which Limits.validate rules out.
+    """
+    return {"default_queue_policy": {"max_queue_size": int(limits.max_in_flight)}}
+
+
 def _clip_inputs() -> list[dict[str, Any]]:
     # Exactly one of the two is sent; the models check that and name the problem otherwise.
     return [_tensor(protocol.INPUT_VIDEO, "bytes", [1], optional=True),
@@ -199,6 +212,8 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         "output": [_spec_tensor(enc, serving.ENCODER_IN, False, rename=serving.CLIP),
                    _tensor(serving.GEOMETRY, "int64", [3])]
                   + [_spec_tensor(core, serving.CORE_IN[1], False, rename=serving.TEXT_PREFIX + t) for t in tasks],
+        # The ensembles' front door: bounded like the entry model's (see _front_queue).
+        "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # The ensembles' batch axis is the clip's windows, so a request may take max_batch windows.
         "parameters": _params({**grid_params, **limits.to_params(), serving.PARAM_MAX_WINDOWS: enc.max_batch}),
@@ -251,6 +266,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         "name": protocol.ENTRY_MODEL, "backend": "python", "max_batch_size": 0,
         "input": _clip_inputs() + [_tensor(protocol.INPUT_TASKS, "bytes", [-1])],
         "output": outputs,
+        "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # protocol.PARAM_*: a client reads these (get_model_config) to plan its windows and sizes.
         "parameters": _params({**grid_params, **limits.to_params()}),
@@ -342,7 +358,9 @@ def write_repository(
 
     cfg/embeddings: the checkpoint's THFM config and task embeddings; when not given they must be
     in core/1/ already (the exporter writes thfm_config.json and task_embeddings.npz there).
-    grid: the model grid (default: the export shape, see default_grid); limits: request limits.
+    grid: the model grid (default: the export shape, see default_grid); limits: request limits
+    (default: those the repository already has, so that re-exporting keeps an operator's limits;
+    serving.Limits() for a new repository).
     Returns a summary: models written and artifacts still missing (e.g. a TensorRT plan to build).
     """
     target, precision = parse_target(target), parse_precision(precision)
@@ -358,7 +376,7 @@ def write_repository(
     # Everything is checked before the first file is written.
     grid = grid or default_grid(specs)
     check_grid(specs, grid)
-    limits = (limits or serving.Limits()).validate()
+    limits = (limits or current_limits(repo) or serving.Limits()).validate()
     cfg = ThfmConfig.load(core_dir / CONFIG_FILE) if cfg is None else cfg.validate()
     configs = model_configs(specs, target, precision, cfg, grid, limits, threads, queue_delay_us)
 
@@ -391,6 +409,8 @@ def write_repository(
         "target": target.value, "precision": precision.value,
         "models": list(configs), "python_models": python_models,
         "grid": asdict(grid), "limits": asdict(limits),
+        # Kept so that set_limits can rewrite the configs without changing anything else.
+        "threads": int(threads), "queue_delay_us": int(queue_delay_us),
         "specs": {n: specs[n].to_dict() for n in SUBMODELS},
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint": (report or {}).get("checkpoint"),
@@ -403,6 +423,50 @@ def write_repository(
     logger.info("wrote Triton configs for %s (%s, %s) in %s", ", ".join(configs), target.value, precision.value, repo)
     return {"repo": str(repo), "target": target.value, "precision": precision.value, "models": list(configs),
             "python_models": python_models, "missing": missing}
+
+
+def current_limits(repo: str | Path) -> serving.Limits | None:
+    """The limits written in a repository's manifest, or None when it has none (or no manifest)."""
+    try:
+        manifest = serving.read_manifest(repo)
+    except CheckpointError:
+        return None
+    stored = manifest.get("limits")
+    if not isinstance(stored, dict):
+        return None
+    try:
+        # Fields a newer Limits added take their defaults; unknown ones (from a newer writer) are dropped.
+        return serving.Limits(**{k: v for k, v in stored.items() if k in serving.Limits.__dataclass_fields__})
+    except TypeError:
+        return None
+
+
+def set_limits(repo: str | Path, limits: serving.Limits | None = None, **changes: int) -> serving.Limits:
+    """Rewrite an existing repository's configs with new request limits; returns the limits written.
+
+    `limits` replaces them all; keyword changes (max_frames=..., max_in_flight=...) start from the
+    limits the repository has now. Everything else (target, precision, grid, specs, the checkpoint
+    it came from) is kept from the manifest. A running tritonserver reads configs only at load, so
+    restart `thfm serve` afterwards.
+    """
+    repo = Path(repo)
+    manifest = serving.read_manifest(repo)
+    try:
+        specs = {n: SubmodelSpec.from_dict(d) for n, d in manifest["specs"].items()}
+        grid = serving.Grid(**manifest["grid"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{repo / serving.REPOSITORY_MANIFEST} lacks or garbles {e}") from None
+    unknown = sorted(set(changes) - set(serving.Limits.__dataclass_fields__))
+    if unknown:
+        raise ThfmError(f"unknown limits {unknown}; known: {', '.join(serving.Limits.__dataclass_fields__)}")
+    current = current_limits(repo) or serving.Limits()
+    new = limits if limits is not None else serving.Limits(**{**asdict(current), **changes})
+    write_repository(repo, specs, manifest["target"], manifest["precision"], grid=grid, limits=new,
+                     threads=int(manifest.get("threads", 0)),
+                     queue_delay_us=int(manifest.get("queue_delay_us", QUEUE_DELAY_US)),
+                     report={k: manifest.get(k) for k in ("checkpoint", "checkpoint_sha256")})
+    logger.info("limits of %s: %s", repo, ", ".join(f"{k}={v}" for k, v in asdict(new).items()))
+    return new
 
 
 def missing_artifacts(repo: Path, manifest: Mapping[str, Any]) -> list[str]:

@@ -301,6 +301,33 @@ def _shm_regions(pids: Iterable[int]) -> set[str]:
     return names
 
 
+_STUB_BINARY = "triton_python_backend_stub"
+
+
+def python_stubs(pgid: int) -> dict[int, str]:
+    """Live python-backend stubs of a server's process group: pid -> model instance name.
+
+    The stub's argv is (python backend 2.51): stub, <repo>/<model>/<version>/model.py, shm region,
+    shm sizes, parent pid, backend dir, ipc handle, instance name ("core_0_0"), ... The instance name
+    is taken from argv[8] when it looks like one, else from the model path.
+    """
+    out = {}
+    for pid in group_members(pgid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(_STUB_BINARY.encode()):
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        name = text[8] if len(text) > 8 and text[8].rsplit("_", 2)[-1].isdigit() else ""
+        if not name and len(text) > 1:
+            parts = Path(text[1]).parts
+            name = parts[-3] if len(parts) >= 3 else text[1]
+        out[pid] = name or f"pid {pid}"
+    return out
+
+
 def _is_error_line(line: str) -> bool:
     # tritonserver's log lines start with the severity and date: "E1124 06:52:09.821764 ...".
     return len(line) > 5 and line[0] == "E" and line[1:5].isdigit()
@@ -377,6 +404,9 @@ class TritonServer:
         self._client = None
         self._stopped = False  # set once stop() has reaped the process and swept its group
         self._lock = threading.Lock()
+        self._starts = 0
+        # The python-backend stubs seen when the server became ready (pid -> instance name).
+        self._stubs: dict[int, str] = {}
 
     # -- addresses
 
@@ -424,8 +454,12 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting tritonserver (repository %s, log %s)", repo, self.log_path)
         self._stopped = False
+        self._stubs = {}
         log.debug("argv: %s", argv)
-        with open(self.log_path, "wb") as log_file:
+        # A restart (same object, e.g. serve_forever after a stub died) appends, so the log of the
+        # run that went wrong is kept.
+        self._starts += 1
+        with open(self.log_path, "wb" if self._starts == 1 else "ab") as log_file:
             # The child keeps its own copy of the descriptor; ours is closed when the block ends.
             self._proc = subprocess.Popen(
                 argv,
@@ -461,6 +495,7 @@ class TritonServer:
                     f"--- {self.log_path} ---\n{_tail(self.log_path)}"
                 )
             if self.is_ready():
+                self._stubs = python_stubs(self._proc.pid)
                 log.info("tritonserver ready in %.1f s (pid %d)", time.monotonic() - t0, self._proc.pid)
                 return
             if cancel is not None and cancel.is_set():
@@ -501,6 +536,23 @@ class TritonServer:
             return bool(self._client.is_server_ready(client_timeout=2.0))
         except InferenceServerException:
             return False  # not listening yet, or shutting down
+
+    @property
+    def stubs(self) -> dict[int, str]:
+        """The python-backend stubs the server had when it became ready (pid -> instance name)."""
+        return dict(self._stubs)
+
+    def dead_stubs(self) -> list[str]:
+        """Instance names whose python-backend stub has died since the server became ready.
+
+        tritonserver 2.51 does not restart a dead stub (checked: after a `kill -9` of the core's stub
+        every later request to it fails with "Stub process 'core_0_0' is not healthy", while the
+        server and the model still report ready), so this is the only way to notice one.
+        """
+        if self._proc is None or self._proc.poll() is not None or not self._stubs:
+            return []
+        alive = python_stubs(self._proc.pid)
+        return sorted(name for pid, name in self._stubs.items() if pid not in alive)
 
     def stop(self, timeout_s: float = 30) -> int | None:
         """Stop the server and every process in its group; idempotent. Returns the exit code.
@@ -572,13 +624,35 @@ class TritonServer:
 # --- `thfm serve` ---------------------------------------------------------------------------------
 
 
-def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout_s: float = 300) -> int:
+STUB_DEATH_ACTIONS = ("restart", "exit")
+# Exit status of serve_forever when a stub died and on_stub_death="exit" (or restarts keep failing):
+# EX_SOFTWARE from sysexits.h, distinct from tritonserver's own codes and from 128+N.
+EXIT_STUB_DIED = 70
+
+
+def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout_s: float = 300,
+                  on_stub_death: str = "restart", max_restarts: int = 5, restart_window_s: float = 600,
+                  restart_grace_s: float = 0.0, poll_s: float = 0.5) -> int:
     """Run tritonserver until SIGINT/SIGTERM (then stop it cleanly and return 0) or until it dies
     (then return its exit code, 128+N if killed by signal N, as a shell would report it).
+
+    A python-backend stub that dies (OOM killer, a crash in a native library) is not restarted by
+    tritonserver 2.51: its model keeps reporting ready and fails every request. With
+    on_stub_death="restart" (the default) the whole server is restarted in place (requests in flight
+    fail; clients retry them), at most max_restarts times in restart_window_s, after which, or with
+    on_stub_death="exit", serve_forever stops the server and returns EXIT_STUB_DIED for a supervisor
+    to act on. The broken server is killed after restart_grace_s (default 0: at once): while a
+    tritonserver shuts down gracefully it answers NOT_FOUND "has no available versions", which
+    clients take for a wrong repository, whereas a closed port reads as UNAVAILABLE and is retried. The check runs only with model_control "none": in "explicit" mode an unload ends stubs
+    on purpose.
 
     A failed start raises ServerError (the CLI prints its message: the model's load error and the
     tail of the log). A signal during start stops the half-started server and returns 0.
     """
+    if on_stub_death not in STUB_DEATH_ACTIONS:
+        raise ServerError(f"on_stub_death must be one of {STUB_DEATH_ACTIONS}, got {on_stub_death!r}")
+    watch_stubs = cfg.model_control == "none"
+    restarts: list[float] = []
     stop_requested = threading.Event()
     received: list[int] = []
 
@@ -603,12 +677,32 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
                 "ready: grpc=%s http=%s metrics=%s (log %s)",
                 server.grpc_url, server.http_url, server.metrics_url, server.log_path,
             )
-        while not stop_requested.wait(0.5):
+        while not stop_requested.wait(poll_s):
             rc = server.returncode
             if rc is not None:
                 log.error("tritonserver exited with code %d:\n%s", rc, _tail(server.log_path))
                 server._own_log = False  # keep the log of a crash
                 return 128 - rc if rc < 0 else rc
+            dead = server.dead_stubs() if watch_stubs else []
+            if not dead:
+                continue
+            server._own_log = False  # keep the log of what went wrong
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < restart_window_s]
+            why = (f"python-backend stub of {', '.join(dead)} died; tritonserver does not restart it and "
+                   "every request to that model would fail")
+            if on_stub_death == "exit" or len(restarts) >= max_restarts:
+                if on_stub_death == "restart":
+                    why += f" ({len(restarts)} restarts in the last {restart_window_s:.0f} s already)"
+                log.error("%s: stopping (exit code %d; log %s)", why, EXIT_STUB_DIED, server.log_path)
+                server.stop(timeout_s=restart_grace_s)
+                return EXIT_STUB_DIED
+            restarts.append(now)
+            log.error("%s: restarting tritonserver (restart %d)", why, len(restarts))
+            server.stop(timeout_s=restart_grace_s)
+            server.start(timeout_s=start_timeout_s, cancel=stop_requested)
+            if not stop_requested.is_set():
+                log.info("ready again after restart %d: grpc=%s", len(restarts), server.grpc_url)
         log.info("received %s, stopping", signal.Signals(received[0]).name)
         return 0
     finally:

@@ -91,15 +91,34 @@ PARAM_MAX_WINDOWS = "max_windows"
 DEFAULT_MAX_FRAMES = 600
 DEFAULT_MAX_PIXELS = 1920 * 1080
 DEFAULT_MAX_REQUEST_BYTES = 256 << 20
+# Requests a front model (the entry model `thfm`, and `preprocess` for the ensembles) holds waiting
+# for its instance, on top of the one it is running. Each waiting request holds its payload (up to
+# max_request_bytes) in server memory, so this bounds what a flood of clients can pin: 8 x 256 MiB.
+# It also covers a client at concurrency 8 (perf_analyzer's usual sweep) without a rejection.
+DEFAULT_MAX_IN_FLIGHT = 8
+
+# Task list bounds: six tasks exist, so a longer list is a mistake or an attack. Unbounded, a 1 MB
+# task name came back inside the error message and broke the client's gRPC metadata limit (16 KiB).
+MAX_TASK_NAMES = 64
+MAX_TASK_NAME_BYTES = 64
+# The longest error message a model puts into a response (gRPC carries it as metadata).
+MAX_ERROR_CHARS = 2000
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits, checked before decoding (bytes) and while decoding (frames, pixels)."""
+    """Per-request limits, checked before decoding (bytes) and while decoding (frames, pixels).
+
+    max_in_flight is not checked by the models: write_repository turns it into the entry model's
+    (and preprocess's) Triton queue policy (`dynamic_batching { default_queue_policy { max_queue_size
+    } }`), so tritonserver itself rejects a request that finds that many already waiting, with
+    UNAVAILABLE "Exceeds maximum queue size", before a model spends any work on it.
+    """
 
     max_frames: int = DEFAULT_MAX_FRAMES
     max_pixels: int = DEFAULT_MAX_PIXELS  # per frame
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests waiting per front model (see above)
 
     def validate(self) -> "Limits":
         for name, value in asdict(self).items():
@@ -289,19 +308,29 @@ def _check_frames(frames: np.ndarray, limits: Limits) -> np.ndarray:
 
 
 def read_tasks(tasks: np.ndarray | None, available: Sequence[str]) -> list[str]:
-    """BYTES [N] task names -> ordered, de-duplicated task list (TaskError on an unknown one)."""
+    """BYTES [N] task names -> ordered, de-duplicated task list (TaskError on an unknown one).
+
+    At most MAX_TASK_NAMES names of at most MAX_TASK_NAME_BYTES bytes each: error messages quote a
+    bad name, and they travel back as gRPC metadata, which clients cap at 16 KiB.
+    """
     from .config import parse_tasks
 
     if tasks is None:
         raise TaskError(f"missing input {protocol.INPUT_TASKS!r}: name the tasks, from {', '.join(available)}")
+    items = np.asarray(tasks, dtype=np.object_).reshape(-1)
+    if items.size > MAX_TASK_NAMES:
+        raise TaskError(f"{protocol.INPUT_TASKS!r} has {items.size} task names, above the limit of "
+                        f"{MAX_TASK_NAMES}; choose from {', '.join(available)} (or 'all')")
     names = []
-    for item in np.asarray(tasks, dtype=np.object_).reshape(-1):
-        if isinstance(item, (bytes, bytearray)):
-            try:
-                item = bytes(item).decode("utf-8")
-            except UnicodeDecodeError:
-                raise TaskError(f"task name {bytes(item)[:40]!r} is not UTF-8") from None
-        names.append(str(item))
+    for item in items:
+        raw = bytes(item) if isinstance(item, (bytes, bytearray)) else str(item).encode("utf-8", "replace")
+        if len(raw) > MAX_TASK_NAME_BYTES:
+            raise TaskError(f"task name of {len(raw)} bytes ({raw[:24]!r}...) is longer than "
+                            f"{MAX_TASK_NAME_BYTES} bytes; choose from {', '.join(available)}")
+        try:
+            names.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TaskError(f"task name {raw[:40]!r} is not UTF-8") from None
     return parse_tasks(names, list(available))
 
 
@@ -392,6 +421,8 @@ class OnnxModel:
             if t.name in inputs and np.asarray(inputs[t.name]).dtype != np.dtype(t.dtype):
                 raise ShapeError(f"{self.spec.name}: input {t.name!r} must be {t.dtype}, got {inputs[t.name].dtype}")
         self.spec.check_inputs(inputs)
+        for t in self.spec.inputs:
+            check_finite(self.spec.name, t.name, inputs.get(t.name))
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check(inputs)
@@ -421,6 +452,25 @@ class OnnxModel:
                     results[i] = {k: v[start : start + rows] for k, v in outs.items()}
                     start += rows
         return results  # type: ignore[return-value]
+
+
+def check_finite(model: str, name: str, x: np.ndarray | None) -> None:
+    """ShapeError when a float input holds NaN or Inf (it would come back as NaN maps and keypoints,
+    or as garbage from a TensorRT engine, with no error).
+
+    One float64 sum decides: the sum of finite float32/float16 values cannot overflow float64, and
+    any NaN or Inf makes it non-finite. That is one pass without a boolean temporary, a few ms for a
+    Wan2.1 latent; the exact count is computed only for the error message.
+    """
+    if x is None:
+        return
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating) or np.isfinite(x.sum(dtype=np.float64)):
+        return
+    nan = int(np.count_nonzero(np.isnan(x)))
+    inf = int(np.count_nonzero(np.isinf(x)))
+    raise ShapeError(f"{model}: input {name!r} has {nan} NaN and {inf} Inf values of {x.size}; "
+                     "inputs must be finite")
 
 
 def _chunks(members: list[int], rows: list[int], limit: int) -> list[list[int]]:
@@ -588,7 +638,20 @@ def request_inputs(request, names: Iterable[str], pb_utils) -> dict[str, np.ndar
     return out
 
 
+def clip_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message short enough to travel as gRPC metadata (clients cap it at 16 KiB)."""
+    message = str(message)
+    return message if len(message) <= limit else message[: limit - 30] + f"... ({len(message)} chars)"
+
+
+def _prefixed(model: str, message: str) -> str:
+    # Spec and onnx errors already start with the model's name; say it once.
+    message = str(message)
+    return message if message.startswith(f"{model}: ") else f"{model}: {message}"
+
+
 def error_response(pb_utils, message: str):
+    message = clip_message(message)
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
     err = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(error=err)
@@ -605,11 +668,12 @@ def guarded(model: str, pb_utils, fn: Callable[[], Mapping[str, np.ndarray]]):
     try:
         return make_response(pb_utils, fn())
     except ThfmError as e:
-        logger.info("%s: rejected request: %s", model, e)
-        return error_response(pb_utils, f"{model}: {e}")
+        logger.info("%s: rejected request: %s", model, clip_message(e, 300))
+        return error_response(pb_utils, _prefixed(model, e))
     except Exception as e:  # a bug: report it in the response and keep serving
         logger.error("%s: internal error\n%s", model, traceback.format_exc())
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model}: internal error: {type(e).__name__}: {e}"))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+            clip_message(f"{model}: internal error: {type(e).__name__}: {e}")))
 
 
 def execute_each(requests, model: str, pb_utils, handle: Callable[[Any], Mapping[str, np.ndarray]]) -> list:
@@ -624,12 +688,12 @@ def execute_onnx(requests, onnx: OnnxModel, pb_utils) -> list:
         results = onnx.run_many(inputs)
     except Exception as e:  # a failure of the joined run: every request in it gets the message
         logger.error("%s: internal error\n%s", onnx.spec.name, traceback.format_exc())
-        msg = f"{onnx.spec.name}: internal error: {type(e).__name__}: {e}"
+        msg = clip_message(f"{onnx.spec.name}: internal error: {type(e).__name__}: {e}")
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)) for _ in requests]
     responses = []
     for r, res in zip(requests, results):
         if isinstance(res, ThfmError):
-            responses.append(error_response(pb_utils, f"{onnx.spec.name}: {res}"))
+            responses.append(error_response(pb_utils, _prefixed(onnx.spec.name, res)))
         else:
             wanted = set(r.requested_output_names())
             responses.append(make_response(pb_utils, {k: v for k, v in res.items() if k in wanted}))
@@ -665,12 +729,37 @@ class EntryModel:
         self.assets = load_assets(repository_root(model_dir))
         self.embeddings = self.assets.embeddings()
         self.call = call
+        self.output_names = frozenset(o["name"] for o in model_config.get("output", []))
 
-    def handle(self, inputs: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The outputs for one request; `wanted` is request.requested_output_names() (checked against
+        the tasks before any work, so that asking for an output of a task not in 'tasks' is an error
+        rather than a silently empty response)."""
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
+        check_requested_outputs(wanted, tasks, self.output_names)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
         results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call)
         return entry_outputs(results)
+
+
+def check_requested_outputs(wanted: Iterable[str] | None, tasks: Sequence[str], all_outputs: Iterable[str]) -> None:
+    """TaskError when a request names outputs its tasks do not produce.
+
+    Triton hands a model every output when the client names none, so "all of them" means no choice
+    was made; an explicit list must be covered by the tasks (Triton itself rejects unknown names).
+    """
+    if wanted is None:
+        return
+    wanted, all_outputs = set(wanted), set(all_outputs)
+    if not wanted or (all_outputs and wanted >= all_outputs):
+        return
+    produced = {protocol.OUTPUT_FOR_TASK[t] for t in tasks}
+    if any(t in SPARSE_TASKS for t in tasks):
+        produced.add(protocol.OUTPUT_JOINT_NAMES)
+    missing = sorted(wanted - produced)
+    if missing:
+        raise TaskError(f"outputs {missing} were requested but the request's tasks ({', '.join(tasks)}) do not "
+                        f"produce them: add their tasks to {protocol.INPUT_TASKS!r}")
 
 
 class PreprocessModel:

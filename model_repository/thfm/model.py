@@ -19,6 +19,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         def handle(request):
-            return self.model.handle(serving.request_inputs(request, self.model.input_names, pb_utils))
+            return self.model.handle(serving.request_inputs(request, self.model.input_names, pb_utils),
+                                     request.requested_output_names())
 
         return serving.execute_each(requests, "thfm", pb_utils, handle)

@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model-control", choices=("none", "explicit"), default="none",
                    help="'explicit' also enables the load/unload API (default: none)")
+    p.add_argument("--on-stub-death", choices=("restart", "exit"), default="restart",
+                   help="when a model's python-backend process dies (tritonserver 2.51 never restarts it, so "
+                   "that model would fail every request): restart the server in place (default), or stop and "
+                   "exit with status 70 for a supervisor to restart")
     p.add_argument("--log", help="tritonserver log file (default: a temporary file, removed on a clean stop)")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for every model to load")
     p.set_defaults(func=run)
@@ -47,4 +51,9 @@ def run(args) -> int:
                        metrics_port=args.metrics_port, model_control=args.model_control)
     logger.info("serving %s (%s, %s): %s", repo, manifest.get("target"), manifest.get("precision"),
                 ", ".join(manifest.get("models", [])))
-    return serve_forever(cfg, log_path=Path(args.log) if args.log else None, start_timeout_s=args.start_timeout)
+    limits = manifest.get("limits") or {}
+    if limits:
+        # Operators should see the caps in force (set them with `thfm export --max-request-*`).
+        logger.info("request limits: %s", ", ".join(f"{k}={v}" for k, v in limits.items()))
+    return serve_forever(cfg, log_path=Path(args.log) if args.log else None, start_timeout_s=args.start_timeout,
+                         on_stub_death=args.on_stub_death)
