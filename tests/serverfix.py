@@ -135,16 +135,28 @@ def outputs(result) -> dict:
 TABLES = pytest.StashKey[dict]()
 
 
-def record(config: pytest.Config, table: str, row: Sequence[Any]) -> None:
-    """Add a row to a named table that pytest_terminal_summary prints after the run."""
-    config.stash.setdefault(TABLES, {}).setdefault(table, []).append(tuple(str(c) for c in row))
+def record(config: pytest.Config, table: str, row: Sequence[Any], header: Sequence[str] = ()) -> None:
+    """Add a row to a named table that pytest_terminal_summary prints after the run; the table's
+    header is taken from its first row's call."""
+    tables = config.stash.setdefault(TABLES, {})
+    if table not in tables:
+        tables[table] = [tuple(header)] if header else []
+    tables[table].append(tuple(str(c) for c in row))
 
 
-def write_tables(terminalreporter, config: pytest.Config) -> None:
-    tables = config.stash.get(TABLES, {})
-    for title, rows in tables.items():
+def write_tables(terminalreporter, config: pytest.Config, max_cell: int = 50, max_last: int = 220) -> None:
+    """Each recorded table as aligned columns; long cells are cut (the last column at max_last)."""
+
+    def cut(text: str, n: int) -> str:
+        return text if len(text) <= n else text[: n - 3] + "..."
+
+    for title, rows in config.stash.get(TABLES, {}).items():
+        if not rows:
+            continue
         terminalreporter.section(title)
-        widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]) - 1)] if rows else []
+        ncols = max(len(r) for r in rows)
+        rows = [tuple(r) + ("",) * (ncols - len(r)) for r in rows]
+        widths = [min(max_cell, max(len(r[i]) for r in rows)) for i in range(ncols - 1)]
         for r in rows:
-            cells = [c.ljust(w)[: max(w, 1)] if len(c) <= 60 else c[:57] + "..." for c, w in zip(r, widths)]
-            terminalreporter.write_line("  ".join(cells + [r[-1]]).rstrip())
+            cells = [cut(c, w).ljust(w) for c, w in zip(r, widths)] + [cut(r[-1], max_last)]
+            terminalreporter.write_line("  ".join(cells).rstrip())

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # overflows the entry model's queue.
 LIMITS = Limits(max_frames=40, max_pixels=96 * 96, max_request_bytes=2 << 20, max_in_flight=2)
 TABLE = "catalogue of bad inputs (tests/test_bad_inputs.py)"
+HEADER = ("case", "input", "outcome")
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -377,14 +378,14 @@ def test_bad_input(case: Case, client, server, media, request):
         out = case.run(ctx)
     except CaseError as e:
         outcome = f"error {e.status}: {' '.join(e.message.split())}"
-        record(request.config, TABLE, (case.name, case.what, outcome))
+        record(request.config, TABLE, (case.name, case.what, outcome), HEADER)
         assert case.error is not None, f"{case.name}: expected a result, got {outcome}"
         assert e.status == case.status, outcome
         assert case.error in e.message, outcome
         # An error names the problem in a message a client can carry (gRPC metadata is capped at 16 KiB).
         assert len(e.message) < 4000, outcome[:300]
     else:
-        record(request.config, TABLE, (case.name, case.what, _outcome(out)))
+        record(request.config, TABLE, (case.name, case.what, _outcome(out)), HEADER)
         assert case.error is None, f"{case.name}: expected an error containing {case.error!r}, got {_outcome(out)}"
         if case.check is not None:
             case.check(out)
@@ -431,7 +432,7 @@ def test_requests_beyond_max_in_flight_are_rejected_and_the_rest_served(client, 
     ok = results.count("ok")
     rejected = [r for r in results if r != "ok"]
     record(request.config, TABLE, ("12 at once", f"12 concurrent requests, max_in_flight={LIMITS.max_in_flight}",
-                                   f"{ok} ok, {len(rejected)} rejected: {rejected[0] if rejected else '-'}"))
+                                   f"{ok} ok, {len(rejected)} rejected: {rejected[0] if rejected else '-'}"), HEADER)
     assert rejected, "no request was rejected: the queue is not bounded"
     assert all(r.startswith("UNAVAILABLE") and "Exceeds maximum queue size" in r for r in rejected), rejected
     assert ok >= LIMITS.max_in_flight  # those that found room were served
@@ -494,7 +495,8 @@ def test_cli_bad_inputs_exit_2_with_one_error_line(server, media, tmp_path, requ
     for name, (what, argv, expect) in cases.items():
         proc = done[name]
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")]
-        record(request.config, TABLE, (name, what, f"exit {proc.returncode}: {errors[0] if errors else proc.stderr[-200:]}"))
+        outcome = f"exit {proc.returncode}: {errors[0] if errors else proc.stderr[-200:]}"
+        record(request.config, TABLE, (name, what, outcome), HEADER)
         if proc.returncode != 2 or len(errors) != 1 or expect not in errors[0] or "Traceback" in proc.stderr:
             failures.append(f"{name}: exit {proc.returncode}\n{proc.stderr}")
     assert not failures, "\n\n".join(failures)

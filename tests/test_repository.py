@@ -604,3 +604,106 @@ def test_serve_refuses_a_gpu_repository(tmp_path, specs, caplog):
     write_repository(repo, specs, "gpu", "fp32", TINY, embeddings=tiny_embeddings())
     assert cli_main(["serve", "--repo", str(repo)]) == 2
     assert "NVIDIA's Triton container" in caplog.text
+
+
+# --- limits: requests in flight, set_limits, and what a bad request may cost ---------------------
+
+def test_front_models_bound_their_queue(specs):
+    """Requests in flight: the entry model and preprocess (the ensembles' first step) get a bounded
+    queue (dynamic batcher with max_batch_size 0: no batching, only the queue policy)."""
+    limits = serving.Limits(max_in_flight=3)
+    configs = {n: parse(t) for n, t in model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits).items()}
+    for name in (protocol.ENTRY_MODEL, protocol.PREPROCESS):
+        cfg = configs[name]
+        assert cfg.max_batch_size == 0
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 3, name
+    default = parse(model_configs(specs, "gpu", "fp32", TINY, default_grid(specs), serving.Limits())[protocol.ENTRY_MODEL])
+    assert default.dynamic_batching.default_queue_policy.max_queue_size == serving.DEFAULT_MAX_IN_FLIGHT
+    with pytest.raises(ThfmError, match="max_in_flight must be a positive integer"):
+        serving.Limits(max_in_flight=0).validate()  # Triton reads a queue size of 0 as unbounded
+
+
+def test_set_limits_rewrites_only_the_limits_and_rewrites_keep_them(tmp_path, specs):
+    from thfm_serve.repository import current_limits, set_limits
+
+    repo = tmp_path / "repo"
+    _fake_graphs(repo, "cpu")
+    write_repository(repo, specs, "cpu", "fp32", TINY, embeddings=tiny_embeddings(), threads=2)
+    assert current_limits(repo) == serving.Limits()
+    before = check_repository(repo)
+    new = set_limits(repo, max_frames=100, max_in_flight=4)
+    assert new == serving.Limits(max_frames=100, max_in_flight=4)
+    after = check_repository(repo)
+    assert after["limits"] == {**before["limits"], "max_frames": 100, "max_in_flight": 4}
+    assert {k: after[k] for k in ("grid", "specs", "threads", "target")} == {k: before[k] for k in ("grid", "specs", "threads", "target")}
+    entry = parse((repo / protocol.ENTRY_MODEL / "config.pbtxt").read_text())
+    assert entry.parameters[protocol.PARAM_MAX_FRAMES].string_value == "100"
+    assert entry.dynamic_batching.default_queue_policy.max_queue_size == 4
+    assert parse((repo / protocol.CORE / "config.pbtxt").read_text()).parameters[serving.PARAM_THREADS].string_value == "2"
+    # The exporter's hook rewrites the configs without limits: an operator's limits stay.
+    write_repository(repo, specs, "cpu", "fp32")
+    assert current_limits(repo) == new
+    with pytest.raises(ThfmError, match="unknown limits"):
+        set_limits(repo, max_fps=3)
+    with pytest.raises(CheckpointError, match="not a THFM model repository"):
+        set_limits(tmp_path)
+
+
+def test_export_command_takes_the_request_limits(tmp_path, specs, monkeypatch):
+    """`thfm export --max-request-frames/--max-request-pixels/--max-request-bytes/--max-in-flight`
+    end up in the repository; a bad value fails before the export runs."""
+    from thfm_serve.export import build
+    from thfm_serve.repository import current_limits
+
+    repo = tmp_path / "repo"
+    _fake_graphs(repo, "cpu")
+    calls = []
+
+    def fake_export(checkpoint, repo_, *args, **kwargs):
+        calls.append(repo_)
+        write_repository(repo_, specs, "cpu", "fp32", TINY, embeddings=tiny_embeddings())
+        return {"models": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(build, "export_repository", fake_export)
+    argv = ["export", "--checkpoint", str(tmp_path), "--repo", str(repo)]
+    assert cli_main(argv + ["--max-request-frames", "120", "--max-request-pixels", "640000",
+                            "--max-request-bytes", "1000000", "--max-in-flight", "3"]) == 0
+    assert current_limits(repo) == serving.Limits(max_frames=120, max_pixels=640000, max_request_bytes=1000000,
+                                                  max_in_flight=3)
+    assert cli_main(argv) == 0  # no flags: the repository keeps its limits
+    assert current_limits(repo).max_frames == 120
+    assert cli_main(argv + ["--max-in-flight", "0"]) == 2 and len(calls) == 2
+
+
+def test_task_lists_are_bounded():
+    with pytest.raises(TaskError, match="has 65 task names, above the limit of 64"):
+        serving.read_tasks(np.array([b"depth"] * 65, dtype=np.object_), TASKS)
+    assert serving.read_tasks(np.array([b"depth"] * 64, dtype=np.object_), TASKS) == ["depth"]
+    with pytest.raises(TaskError, match="task name of 1000 bytes") as info:
+        serving.read_tasks(np.array([b"y" * 1000], dtype=np.object_), TASKS)
+    assert len(str(info.value)) < 300
+
+
+def test_float_inputs_must_be_finite():
+    serving.check_finite("core", "latent", np.zeros((2, 3), np.float32))
+    serving.check_finite("core", "latent", np.full(3, 3e38, np.float32))  # huge but finite: the float64 sum holds
+    serving.check_finite("core", "ids", np.array([1, 2]))  # not a float: nothing to check
+    x = np.zeros((4, 4), np.float32)
+    x[0, 0], x[1, 1], x[2, 2] = np.nan, np.inf, -np.inf
+    with pytest.raises(ShapeError, match="core: input 'latent' has 1 NaN and 2 Inf values of 16"):
+        serving.check_finite("core", "latent", x)
+
+
+def test_requested_outputs_must_be_produced_by_the_tasks():
+    every = [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]
+    serving.check_requested_outputs(None, ["depth"], every)
+    serving.check_requested_outputs(every, ["depth"], every)  # Triton's "all outputs": no choice made
+    serving.check_requested_outputs(["keypoints2d", "joint_names"], ["keypoints2d"], every)
+    with pytest.raises(TaskError, match=r"outputs \['normals'\] were requested"):
+        serving.check_requested_outputs(["depth", "normals"], ["depth"], every)
+
+
+def test_error_messages_are_capped():
+    assert serving.clip_message("short") == "short"
+    long = serving.clip_message("x" * 100_000)
+    assert len(long) <= serving.MAX_ERROR_CHARS and long.endswith("(100000 chars)")

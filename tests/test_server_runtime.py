@@ -356,3 +356,89 @@ def test_stop_kills_group_after_timeout(tmp_path):
     assert server.stop(timeout_s=0) == -signal.SIGKILL
     assert_gone(members, pgid)
     assert not any((Path("/dev/shm") / n).exists() for n in shm)
+
+
+# --- restricted APIs and the stub watchdog ---------------------------------------------------------
+
+
+def test_restricted_apis(tmp_path):
+    from thfm_serve.server import DEFAULT_RESTRICTED_APIS, RESTRICTED_HEADER
+
+    argv, _ = server_command(ServerConfig(repo=tmp_path))
+    grpc = [a for a in argv if a.startswith("--grpc-restricted-protocol=")]
+    http = [a for a in argv if a.startswith("--http-restricted-api=")]
+    assert len(grpc) == len(http) == 1
+    apis, key = grpc[0].split("=", 1)[1].split(":", 1)
+    assert apis.split(",") == list(DEFAULT_RESTRICTED_APIS) and key.startswith(RESTRICTED_HEADER + "=")
+    assert len(key.split("=", 1)[1]) >= 24  # random per start
+    argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_key="s3cret-key"))
+    assert any(a.endswith(f":{RESTRICTED_HEADER}=s3cret-key") for a in argv)
+    argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_apis=()))
+    assert not any("restricted" in a for a in argv)
+    for kw in ({"restricted_apis": ("bogus",)}, {"restricted_apis": "trace"}, {"restricted_key": "a b"}):
+        with pytest.raises(ServerError):
+            server_command(ServerConfig(repo=tmp_path, **kw))
+
+
+def test_serve_forever_rejects_an_unknown_stub_policy(tmp_path):
+    from thfm_serve.server import serve_forever
+
+    with pytest.raises(ServerError, match="on_stub_death"):
+        serve_forever(ServerConfig(repo=tmp_path), on_stub_death="ignore")
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
+def test_dead_stubs_are_noticed(tmp_path):
+    from thfm_serve.server import python_stubs
+
+    write_model(tmp_path / "repo", "add_sub")
+    write_model(tmp_path / "repo", "add_sub_2")
+    with TritonServer(make_config(tmp_path / "repo")) as server:
+        assert sorted(server.stubs.values()) == ["add_sub_0_0", "add_sub_2_0_0"]
+        assert python_stubs(server.pid) == server.stubs and server.dead_stubs() == []
+        victim = next(pid for pid, name in server.stubs.items() if name == "add_sub_0_0")
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.dead_stubs() != ["add_sub_0_0"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.stop(timeout_s=0)
+    assert server.dead_stubs() == []  # nothing to report for a stopped server
+
+
+@pytest.mark.server
+@pytest.mark.timeout(120)
+def test_serve_forever_exits_70_when_told_and_stubs_die(tmp_path):
+    """--on-stub-death exit: the server is stopped and the exit status tells a supervisor why."""
+    from thfm_serve.server import EXIT_STUB_DIED
+
+    write_model(tmp_path / "repo", "add_sub")
+    cfg = make_config(tmp_path / "repo")
+    code = (
+        "import logging, sys; from pathlib import Path\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s')\n"
+        "from thfm_serve.server import ServerConfig, serve_forever\n"
+        f"sys.exit(serve_forever(ServerConfig(repo=Path({str(cfg.repo)!r}), http_port={cfg.http_port}, "
+        f"grpc_port={cfg.grpc_port}, metrics_port={cfg.metrics_port}), on_stub_death='exit', poll_s=0.1))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("ready: "):
+                break
+        pid_line = next(x for x in lines if "tritonserver ready in" in x)
+        server_pid = int(pid_line.rsplit("pid ", 1)[1].rstrip(")\n"))
+        stub = next(p for p in group_members(server_pid) if "triton_python_backend_stub" in cmdline(p))
+        os.kill(stub, signal.SIGKILL)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == EXIT_STUB_DIED, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "python-backend stub of add_sub_0_0 died" in rest
+    assert_gone([server_pid], server_pid)

@@ -16,6 +16,8 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -41,6 +43,14 @@ _SHM_PREFIX = "triton_python_backend_shm_region"
 _TAIL_LINES = 25
 
 MODEL_CONTROL_MODES = ("none", "explicit")
+# tritonserver APIs that clients of THFM never need and that are risky on a network: shared memory
+# (a client registers a /dev/shm region of the server's host by name and reads or writes it as a
+# tensor), trace and logging (change what the server records; verbose logging of every request can
+# fill a disk). Restricted by default to a header whose value is random per start, i.e. refused.
+RESTRICTABLE_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+                     "statistics", "trace", "logging")
+DEFAULT_RESTRICTED_APIS = ("shared-memory", "trace", "logging")
+RESTRICTED_HEADER = "thfm-admin-key"  # gRPC clients send it as "triton-grpc-protocol-thfm-admin-key"
 
 
 @dataclass
@@ -57,6 +67,11 @@ class ServerConfig:
     # model-control API. "poll" is not offered: it reloads models from disk while serving.
     model_control: str = "none"
     log_verbose: int = 0
+    # APIs answered only to requests carrying RESTRICTED_HEADER=restricted_key (tritonserver's
+    # --grpc-restricted-protocol / --http-restricted-api). With no key given, one is made up per
+    # start and never shown, so these APIs are simply refused (gRPC UNAVAILABLE, HTTP 403).
+    restricted_apis: tuple[str, ...] = DEFAULT_RESTRICTED_APIS
+    restricted_key: str | None = None
     # tritonserver 2.51 has no flag to cap request size (checked with `tritonserver --help` and by
     # trying --grpc-max-message-size / --http-max-input-size: both "unrecognized option"). Its gRPC
     # server accepts messages up to 2 GiB - 1 and its HTTP server has no body limit (a 160 MB request
@@ -86,6 +101,12 @@ class ServerConfig:
                 "(gRPC accepts up to 2 GiB - 1, HTTP has no body limit); enforce a limit in front of "
                 "the server or in the model instead"
             )
+        unknown = [a for a in self.restricted_apis if a not in RESTRICTABLE_APIS]
+        if isinstance(self.restricted_apis, str) or unknown:
+            raise ServerError(f"restricted_apis must be a sequence of {', '.join(RESTRICTABLE_APIS)}; "
+                              f"got {self.restricted_apis!r}")
+        if self.restricted_key is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,}", self.restricted_key):
+            raise ServerError("restricted_key must be at least 8 characters of letters, digits, '.', '_', '~', '-'")
         if isinstance(self.extra_args, str):
             # A bare string would be split into characters by tuple(); catch the mistake here.
             raise ServerError("extra_args must be a sequence of arguments, not one string")
@@ -245,6 +266,11 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
         "--cuda-memory-pool-byte-size=0:0",
         f"--log-verbose={cfg.log_verbose}",
     ]
+    if cfg.restricted_apis:
+        key = cfg.restricted_key or secrets.token_urlsafe(24)
+        apis = ",".join(cfg.restricted_apis)
+        argv += [f"--grpc-restricted-protocol={apis}:{RESTRICTED_HEADER}={key}",
+                 f"--http-restricted-api={apis}:{RESTRICTED_HEADER}={key}"]
     if cfg.model_control == "explicit" and not _has_flag(cfg.extra_args, "--load-model"):
         # In explicit mode tritonserver loads nothing at startup unless told; "*" loads the whole
         # repository like "none" does, and the load/unload API is available afterwards. Skipped when
@@ -672,7 +698,9 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
     server = TritonServer(cfg, log_path=log_path)
     try:
         server.start(timeout_s=start_timeout_s, cancel=stop_requested)
-        if not stop_requested.is_set():
+        # Say so whenever it did become ready, even if a signal came in meanwhile: a client may
+        # already have seen it ready.
+        if server.stubs or server.is_ready():
             log.info(
                 "ready: grpc=%s http=%s metrics=%s (log %s)",
                 server.grpc_url, server.http_url, server.metrics_url, server.log_path,
@@ -701,7 +729,7 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
             log.error("%s: restarting tritonserver (restart %d)", why, len(restarts))
             server.stop(timeout_s=restart_grace_s)
             server.start(timeout_s=start_timeout_s, cancel=stop_requested)
-            if not stop_requested.is_set():
+            if server.stubs or server.is_ready():
                 log.info("ready again after restart %d: grpc=%s", len(restarts), server.grpc_url)
         log.info("received %s, stopping", signal.Signals(received[0]).name)
         return 0
