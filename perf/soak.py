@@ -257,7 +257,8 @@ def write_readme(out: Path, summary: dict, command: str) -> None:
         f"Command (from the repository root): `{command}`",
         "",
         f"Run {summary['started']} on {summary['machine']}; perf_analyzer at concurrency {summary['concurrency']} "
-        f"for {summary['duration_s']} s on the entry model `thfm` (tasks {','.join(summary['tasks'])}, one "
+        f"for {summary['duration_s']} s of measurement windows ({r['sampled_s']} s of load in all, its warm-up "
+        f"included) on the entry model `thfm` (tasks {','.join(summary['tasks'])}, one "
         f"{summary['grid']} mp4 window per request); memory of tritonserver and its {r['processes'] - 1} python-backend "
         f"stubs sampled every {summary['sample_s']} s.",
         "",

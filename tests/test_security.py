@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import tomllib
 import urllib.error
 import urllib.request
