@@ -737,6 +737,7 @@ class Bench:
                 env[var] = str(self.args.threads)
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
             logger.info("%s ...", label)
+            load0 = loadavg()
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(jp), str(rp)],
                                   env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=self.args.timeout_s)
@@ -748,6 +749,8 @@ class Bench:
             if res.get("status") != "ok":
                 logger.error("%s failed: %s\n%s", label, res.get("error"), proc.stderr[-3000:])
             res["wall_s"] = round(wall, 1)
+            # Other processes on these 2 cores distort a timing: each row carries the load around it.
+            res["loadavg"] = [load0, loadavg()]
         if "median_s" in res:
             logger.info("%s: median %.3f s (peak RSS %.0f MB)", label, res["median_s"], res.get("peak_rss_mb", 0))
         return res
@@ -872,6 +875,11 @@ def _fmt_s(x: float | None) -> str:
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def _load(res: dict[str, Any]) -> str:
+    la = res.get("loadavg")
+    return "-" if not la else f"{la[0]:.2f} -> {la[1]:.2f}"
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -992,49 +1000,49 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
 
     # core
     lines += ["## Core (transformer + THFM tokens/heads), one forward", "",
-              "| engine | precision | median | frames/s | speedup vs peer | GFLOP/s | % of peak (prec) | peak RSS | load | accuracy vs torch fp32 (max abs) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| engine | precision | median | frames/s | speedup vs peer | GFLOP/s | % of peak (prec) | peak RSS | load time | 1-min load avg | accuracy vs torch fp32 (max abs) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, res in r["core"].items():
         if res.get("status") != "ok":
-            lines.append(f"| {name} | {PRECISION_OF[name]} | {res.get('status', 'failed')}: {res.get('error', '')} | | | | | | | |")
+            lines.append(f"| {name} | {PRECISION_OF[name]} | {res.get('status', 'failed')}: {res.get('error', '')} | | | | | | | | |")
             continue
         util = res.get("utilisation")
         lines.append(
             f"| {name}{' (peer)' if name == PEER else ''} | {PRECISION_OF[name]} | {_fmt_s(res['median_s'])} | "
             f"{res['frames_per_s']:.2f} | {_x(res.get('speedup_vs_peer'))} | {res['gflops_per_s']:.0f} | "
-            f"{'-' if util is None else f'{100 * util:.0f}%'} | {_gb(res['peak_rss_mb'])} | {res['load_s']:.1f} s | "
+            f"{'-' if util is None else f'{100 * util:.0f}%'} | {_gb(res['peak_rss_mb'])} | {res['load_s']:.1f} s | {_load(res)} | "
             f"{'n/a (no THFM tokens)' if name == PEER else _acc(res)} |")
     lines.append("")
 
     # vae
     lines += ["## VAE (one window, batch 1)", "",
-              "| part | engine | median | frames/s | peak RSS | accuracy vs torch fp32 (max abs) |", "|---|---|---:|---:|---:|---|"]
+              "| part | engine | median | frames/s | peak RSS | 1-min load avg | accuracy vs torch fp32 (max abs) |", "|---|---|---:|---:|---:|---:|---|"]
     for which, engines_ in r["vae"].items():
         for name, res in engines_.items():
             if res.get("status") != "ok":
-                lines.append(f"| {which} | {name} | {res.get('status')}: {res.get('error', '')} | | | |")
+                lines.append(f"| {which} | {name} | {res.get('status')}: {res.get('error', '')} | | | | |")
                 continue
             note = " (outside policy: VAE is fp32)" if name == "torch-bf16" else ""
             lines.append(f"| {which} | {name} | {_fmt_s(res['median_s'])} | {res['frames_per_s']:.2f} | "
-                         f"{_gb(res['peak_rss_mb'])} | {_acc(res)}{note} |")
+                         f"{_gb(res['peak_rss_mb'])} | {_load(res)} | {_acc(res)}{note} |")
     lines.append("")
 
     # e2e
     lines += [f"## End to end (one {s['frames']}-frame clip at {s['height']}x{s['width']}, tasks {','.join(r['tasks'])})", "",
-              "| path | precision | median | frames/s | peak RSS | vs pipeline-fp32 outputs (max abs) |", "|---|---|---:|---:|---:|---|"]
+              "| path | precision | median | frames/s | peak RSS | 1-min load avg | vs pipeline-fp32 outputs (max abs) |", "|---|---|---:|---:|---:|---:|---|"]
     for name, res in r["e2e"].items():
         if res.get("status") != "ok":
-            lines.append(f"| {name} | {PRECISION_OF[name]} | {res.get('status')}: {res.get('error', '')} | | | |")
+            lines.append(f"| {name} | {PRECISION_OF[name]} | {res.get('status')}: {res.get('error', '')} | | | | |")
             continue
         cmp_ = res.get("vs_pipeline_fp32") or {}
         diffs = ", ".join(f"{k} {v:.2g}" for k, v in (cmp_.get("max_abs") or {}).items() if v is not None) or \
             ("reference" if name == "pipeline-fp32" else "-")
         rss = _gb(res["peak_rss_mb"]) + (f" ({res['processes']} processes)" if "processes" in res else "")
-        lines.append(f"| {name} | {PRECISION_OF[name]} | {_fmt_s(res['median_s'])} | {res['frames_per_s']:.2f} | {rss} | {diffs} |")
+        lines.append(f"| {name} | {PRECISION_OF[name]} | {_fmt_s(res['median_s'])} | {res['frames_per_s']:.2f} | {rss} | {_load(res)} | {diffs} |")
         pa = res.get("perf_analyzer")
         if pa and pa.get("p50_latency_ms") is not None:
             lines.append(f"| {name} via perf_analyzer (mp4 input, c=1) | {PRECISION_OF[name]} | "
-                         f"{_fmt_s(pa['p50_latency_ms'] / 1e3)} (p50) | - | - | p99 {_fmt_s(pa['p99_latency_ms'] / 1e3)} |")
+                         f"{_fmt_s(pa['p50_latency_ms'] / 1e3)} (p50) | - | - | | p99 {_fmt_s(pa['p99_latency_ms'] / 1e3)} |")
     lines.append("")
 
     # targets
