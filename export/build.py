@@ -110,7 +110,7 @@ def export_repository(
     try:
         for name in chosen:
             spec = specs[name]
-            key = _model_key(name, spec, ck_hash, precision, calibration, calibration_clips)
+            key = _model_key(name, spec, ck_hash, precision, calibration, calibration_clips, target)
             vdir = repo / name / VERSION
             previous = mf.read_manifest(vdir)
             reason = "--force" if force else mf.stale_reason(previous, key, vdir)
@@ -124,7 +124,8 @@ def export_repository(
             stage = staging / name
             stage.mkdir()
             try:
-                entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips)
+                entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
+                                     target)
             except ExportError as e:
                 report["models"][name] = {"status": "failed", "error": str(e)}
                 _write_report(repo, report)
@@ -193,8 +194,8 @@ def _load_config(checkpoint: Path) -> ThfmConfig:
 
 
 def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision, calibration: list[str],
-               clips: int) -> dict[str, Any]:
-    from .quantize import DEFAULT_EXCLUDE
+               clips: int, target: Target) -> dict[str, Any]:
+    from .quantize import DEFAULT_EXCLUDE, recipe_for
 
     key: dict[str, Any] = {"recipe": mf.RECIPE_VERSION, "checkpoint_sha256": ck_hash, "precision": spec.precision,
                            "spec": spec.to_dict()}
@@ -203,12 +204,12 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
 
         key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
-                              "exclude": list(DEFAULT_EXCLUDE)}
+                              "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe_for(target).name}
     return key
 
 
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
-                height: int, width: int, calibration: list[str], clips: int) -> dict[str, Any]:
+                height: int, width: int, calibration: list[str], clips: int, target: Target) -> dict[str, Any]:
     ck = state.ck
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
@@ -217,7 +218,8 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         reference = lowered_core(ck.core(), Precision.FP32)
         if precision == Precision.INT8:
             fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
-            entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips)
+            entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
+                                                target)
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -271,7 +273,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
 
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
-              calibration: list[str], clips: int) -> dict[str, Any]:
+              calibration: list[str], clips: int, target: Target) -> dict[str, Any]:
     import torch
 
     from thfm_serve.processing import fit_clip
@@ -289,7 +291,7 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))
-    info = quantize_core(fp32_path, out_path, samples, external_data=size > PROTOBUF_LIMIT * 0.9)
+    info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9)
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],

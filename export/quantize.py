@@ -1,13 +1,19 @@
 """INT8 core: explicit Q/DQ ONNX (QuantizeLinear/DequantizeLinear) from the fp32 ONNX.
 
 onnxruntime.quantization.quantize_static in QDQ format, calibrated on Wan latents of calibration
-clips (calibration.py) with every task's prompt embedding. The format is chosen for TensorRT, which
-consumes explicitly quantised ONNX: int8 symmetric activations and weights (TensorRT supports zero
-points of 0 only), per-channel weights along the output axis. The same file runs in onnxruntime on
-CPU (VNNI/AMX int8 kernels), which is how it is validated here.
+clips (calibration.py) with every task's prompt embedding. Weights are int8, symmetric, one scale
+per output channel. Activations follow the target's kernels (RECIPES):
+- gpu (TensorRT, which consumes explicitly quantised ONNX): int8 symmetric activations (TensorRT
+  takes zero points of 0 only); the linears and attention's QK^T/PV products are quantised;
+- cpu (onnxruntime on x86): uint8 asymmetric activations, the operand order VNNI's vpdpbusd
+  multiplies natively; onnxruntime then fuses every DQ -> MatMul -> Q into QLinearMatMul. With int8
+  activations part of the MatMuls stay DequantizeLinear(weight) -> float MatMul after optimisation,
+  a weight dequantisation per call. Only the linears are quantised: quantised attention products
+  add a QLinearSoftmax that costs more than the int8 products save (perf/README.md has the numbers).
+Both files run in onnxruntime on CPU, which is how they are validated here.
 
-Only MatMuls are quantised (the transformer's linears and attention products); everything else
-stays fp32. Excluded by module (ONNX nodes carry the torch module path in their metadata):
+Only MatMuls are quantised; everything else stays fp32. Excluded by module (ONNX nodes carry the
+torch module path in their metadata):
 - ``transformer.patch_embedding`` and ``transformer.condition_embedder``: TensorRT Model Optimizer's
   diffusers recipe skips both (input-facing; the condition path feeds every block's modulation);
 - ``transformer.proj_out`` and THFM's ``heads``: the last projections produce the outputs users
@@ -18,6 +24,7 @@ stays fp32. Excluded by module (ONNX nodes carry the torch module path in their 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +42,59 @@ DEFAULT_EXCLUDE = (
     "heads",
 )
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class QdqRecipe:
+    """How the int8 core is quantised for one export target (see the module docstring for why)."""
+
+    name: str
+    activations: str  # "uint8" or "int8"
+    activation_symmetric: bool
+    attention_products: bool  # also quantise MatMuls between two activations (QK^T, PV)
+
+    def quantize_static_kwargs(self) -> dict[str, Any]:
+        """The onnxruntime quantize_static options of this recipe (calibration and nodes aside)."""
+        from onnxruntime.quantization import QuantFormat, QuantType
+
+        return {
+            "quant_format": QuantFormat.QDQ, "op_types_to_quantize": ["MatMul"], "per_channel": True,
+            "activation_type": QuantType.QUInt8 if self.activations == "uint8" else QuantType.QInt8,
+            "weight_type": QuantType.QInt8,
+            "extra_options": {
+                "ActivationSymmetric": self.activation_symmetric,
+                "WeightSymmetric": True,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weights [K, N]: one scale per output
+            },
+        }
+
+    def describe(self) -> str:
+        act = f"{self.activations} {'symmetric' if self.activation_symmetric else 'asymmetric'} activations"
+        what = "linears and attention products" if self.attention_products else "linears only"
+        return f"onnxruntime quantize_static QDQ, MinMax, {act}, int8 per-channel weights, {what} ({self.name})"
+
+
+RECIPES = {
+    "gpu": QdqRecipe("tensorrt", activations="int8", activation_symmetric=True, attention_products=True),
+    "cpu": QdqRecipe("onnxruntime-x86", activations="uint8", activation_symmetric=False, attention_products=False),
+}
+
+
+def recipe_for(target: Any) -> QdqRecipe:
+    key = getattr(target, "value", target)
+    if key not in RECIPES:
+        raise ExportError(f"int8: no quantisation recipe for target {key!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[key]
+
+
+def matmuls_to_quantize(model: onnx.ModelProto, recipe: QdqRecipe, exclude: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(MatMul nodes to quantise, MatMul nodes excluded by module) for `recipe`. Without attention
+    products only MatMuls by a weight initializer (the linears) are quantised."""
+    skip = set(excluded_nodes(model, exclude, ["MatMul"]))
+    inits = {i.name for i in model.graph.initializer}
+    chosen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in skip
+              and (recipe.attention_products or (len(n.input) > 1 and n.input[1] in inits))]
+    return chosen, sorted(skip)
 
 
 def node_scopes(node: onnx.NodeProto) -> list[str]:
@@ -91,17 +151,19 @@ class _Reader:
         pass
 
 
-def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]],
+def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]], target: Any,
                   exclude: Iterable[str] = DEFAULT_EXCLUDE, external_data: bool = False) -> dict[str, Any]:
-    """Write the Q/DQ model to out_path; return what was done (for the report)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Write the Q/DQ model for `target` ("cpu" or "gpu") to out_path; return what was done (for the report)."""
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
 
+    recipe = recipe_for(target)
     if not samples:
         raise ExportError("int8: no calibration samples")
     model = onnx.load(str(fp32_path), load_external_data=False)
-    op_types = ["MatMul"]
-    skip = excluded_nodes(model, exclude, op_types)
-    logger.info("int8: calibrating on %d samples; %d MatMul nodes excluded (%s)", len(samples), len(skip), ", ".join(exclude))
+    nodes, skip = matmuls_to_quantize(model, recipe, exclude)
+    del model
+    logger.info("int8 (%s): calibrating on %d samples; %d MatMul nodes excluded (%s)", recipe.name, len(samples),
+                len(skip), ", ".join(exclude))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     hint_filter = _DropPreprocessHint()
     root = logging.getLogger()
@@ -110,15 +172,9 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         handler.addFilter(hint_filter)
     try:
         quantize_static(
-            str(fp32_path), str(out_path), _Reader(samples),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=skip,
+            str(fp32_path), str(out_path), _Reader(samples), nodes_to_quantize=nodes, nodes_to_exclude=skip,
             use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={
-                "ActivationSymmetric": True,  # TensorRT: zero point 0 only
-                "WeightSymmetric": True,
-                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # weights [K, N]: one scale per output
-            },
+            **recipe.quantize_static_kwargs(),
         )
     except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
         raise ExportError(f"int8: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
@@ -130,7 +186,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
     if stats["quantized_matmuls"] == 0:
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")
     stats.update({"excluded_scopes": list(exclude), "excluded_nodes": len(skip), "calibration_samples": len(samples),
-                  "method": "onnxruntime quantize_static QDQ, MinMax, int8 symmetric, per-channel weights"})
+                  "recipe": recipe.name, "method": recipe.describe()})
     return stats
 
 

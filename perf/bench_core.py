@@ -46,16 +46,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench_core")
 
-CORE_ENGINES = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-bf16-compile", "ort-fp32", "ort-int8", "ort-int8-u8",
+CORE_ENGINES = ("diffusers-fp32", "torch-fp32", "torch-bf16", "torch-bf16-compile", "ort-fp32", "ort-int8", "ort-int8-trt",
                 "tensorrt")
-DEFAULT_CORE_ENGINES = ("diffusers-fp32", "torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-int8-u8", "tensorrt")
+DEFAULT_CORE_ENGINES = ("diffusers-fp32", "torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-int8-trt", "tensorrt")
 VAE_ENGINES = ("torch-fp32", "torch-bf16", "ort-fp32")
 E2E_PATHS = ("pipeline-fp32", "pipeline-bf16", "repo-inprocess-fp32", "served-fp32")
 PEER = "diffusers-fp32"
 REFERENCE = "torch-fp32"  # accuracy reference for the core and the VAE
 DEFAULT_TASKS = ("depth", "keypoints2d")  # one dense, one sparse task (as `thfm perf`)
 PRECISION_OF = {"diffusers-fp32": "fp32", "torch-fp32": "fp32", "torch-bf16": "bf16", "torch-bf16-compile": "bf16",
-                "ort-fp32": "fp32", "ort-int8": "int8", "ort-int8-u8": "int8", "tensorrt": "-", "pipeline-fp32": "fp32",
+                "ort-fp32": "fp32", "ort-int8": "int8", "ort-int8-trt": "int8", "tensorrt": "-", "pipeline-fp32": "fp32",
                 "pipeline-bf16": "bf16", "repo-inprocess-fp32": "fp32", "served-fp32": "fp32"}
 
 
@@ -254,6 +254,18 @@ def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
     s = ort_matmul("MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, (n, n)).astype(np.int8), TensorProto.INT32)
     xq = rng.integers(0, 255, (n, n)).astype(np.uint8)
     res["int8"]["onnxruntime MatMulInteger"] = gflops(lambda: s.run(None, {"A": xq}))
+    # QLinearMatMul u8 x s8 -> u8: the kernel the int8 core's linears run on after onnxruntime fuses
+    # their Q/DQ pairs; with its requantised 8-bit output it moves less memory than MatMulInteger.
+    scalar = lambda name, v, dt: numpy_helper.from_array(np.array(v, dtype=dt), name)  # noqa: E731
+    q_inits = [numpy_helper.from_array(rng.integers(-127, 127, (n, n)).astype(np.int8), "B"),
+               scalar("sa", 0.02, np.float32), scalar("za", 128, np.uint8), scalar("sb", 0.01, np.float32),
+               scalar("zb", 0, np.int8), scalar("sy", 0.5, np.float32), scalar("zy", 128, np.uint8)]
+    graph = helper.make_graph([helper.make_node("QLinearMatMul", ["A", "sa", "za", "B", "sb", "zb", "sy", "zy"], ["Y"])],
+                              "peak", [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.UINT8, [n, n])], q_inits)
+    s = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                             ort_session_options(threads), providers=["CPUExecutionProvider"])
+    res["int8"]["onnxruntime QLinearMatMul"] = gflops(lambda: s.run(None, {"A": xq}))
     return {"size": n, "threads": threads, "gflops": res,
             "peak": {p: max(v.values()) if v else None for p, v in res.items()}}
 
@@ -514,7 +526,11 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {}
     with TritonServer(cfg) as server:
         load_s = time.perf_counter() - t0
-        client = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[("grpc.enable_http_proxy", 0)])
+        # Given channel_args, tritonclient drops its own defaults, among them the unlimited message
+        # sizes: without these a dense task's output (17x256x256 float32 = 4.5 MB) exceeds gRPC's 4 MB.
+        client = grpcclient.InferenceServerClient(server.grpc_url, channel_args=[
+            ("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1)])
         tasks = list(job["tasks"])
         inputs = [grpcclient.InferInput(protocol.INPUT_FRAMES, list(clip.shape), "UINT8"),
                   grpcclient.InferInput(protocol.INPUT_TASKS, [len(tasks)], "BYTES")]
@@ -612,32 +628,30 @@ def linear_matmuls(model) -> dict[str, tuple[str, str, str]]:
 
 
 def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """int8 Q/DQ core from the fp32 export, by one of two recipes:
+    """int8 Q/DQ core from the fp32 export with the exporter's recipe for one target
+    (export.quantize.RECIPES):
 
-    "exporter": the options of export.quantize.quantize_core (symmetric int8 activations and
-        weights, per-channel weights along the output axis, the same excluded module scopes), the
-        exporter's recipe for TensorRT, which takes zero points of 0 only;
-    "u8": the same, but asymmetric uint8 activations. onnxruntime's x86 kernels multiply u8 x s8
-        natively (VNNI vpdpbusd) and fuse every DQ -> MatMul -> Q into QLinearMatMul for u8
-        activations; with s8 activations part of the MatMuls stay DequantizeLinear(weight) -> fp32
-        MatMul in the optimised graph (checked with session.optimized_model_filepath on a 4-block
-        1.3B core), a weight dequantisation per call.
+    "cpu" (engine ort-int8): what `thfm export --target cpu --precision int8` writes, uint8
+        asymmetric activations, linears only;
+    "gpu" (engine ort-int8-trt): the TensorRT recipe (int8 symmetric activations) run in
+        onnxruntime, for comparison; here with the linears only, like "cpu" (see below).
 
-    Both quantise the Linear layers' MatMuls only; unlike export.quantize, attention's QK^T and PV
-    products stay float, because the calibration ranges come from PyTorch hooks on the Linears
-    (linear_ranges says why). On a 4-block 1.3B core, leaving the attention products in float changed
-    the onnxruntime u8 latency by 2% (0.742 s vs 0.758 s). Calibration inputs are the exporter's:
-    procedural clips, VAE-encoded, one row per task prompt.
+    The calibration differs from the exporter's in how ranges are collected, not in what they are:
+    min/max of every Linear's input and output from PyTorch forward hooks (linear_ranges) instead of
+    onnxruntime's calibrator, which adds every tensor of the graph as an output and, on the 1.3B core,
+    holds them all in memory at once. Hooks see the Linears only, so attention's QK^T and PV products
+    stay float in both variants. Calibration inputs are the exporter's: procedural clips,
+    VAE-encoded, one row per task prompt.
     """
     import onnx
     import torch
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     from thfm_serve.checkpoint import load_checkpoint
     from thfm_serve.export.calibration import procedural_clips
     from thfm_serve.export.onnx_export import PROTOBUF_LIMIT, onnx_files
-    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, excluded_nodes, qdq_stats
+    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, excluded_nodes, qdq_stats, recipe_for
     from thfm_serve.processing import fit_clip
 
     torch.set_num_threads(job["threads"])
@@ -668,19 +682,16 @@ def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
                 tensors[y] = (np.float32(lo_y), np.float32(hi_y))
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensors), cache)
     calib_s = time.perf_counter() - t0
+    recipe = recipe_for(job["recipe"])
     nodes = [n for n, (path, _, _) in matmuls.items() if n not in skip]
-    u8 = job["recipe"] == "u8"
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in onnx_files(dst):
         stale.unlink()
     quantize_static(
-        str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-        per_channel=True, activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_quantize=nodes, nodes_to_exclude=sorted(skip), calibrate_method=CalibrationMethod.MinMax,
+        str(src), str(dst), None, nodes_to_quantize=nodes, nodes_to_exclude=sorted(skip),
+        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
         use_external_data_format=sum(p.stat().st_size for p in onnx_files(src)) > PROTOBUF_LIMIT * 0.9,
-        calibration_cache_path=str(cache),
-        extra_options={"ActivationSymmetric": not u8, "WeightSymmetric": True,
-                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+        **recipe.quantize_static_kwargs())
     return {"seconds": time.perf_counter() - t0, "calibration_s": calib_s, "stats": qdq_stats(dst),
             "excluded_nodes": len(skip), "samples": 6 * job.get("clips", 1), "peak_rss_mb": peak_rss_mb()}
 
@@ -761,8 +772,9 @@ class Bench:
         fp32 ONNX (quantize_worker)."""
         a = self.args
         self.repo_fp32 = self.workdir / f"repo_fp32_{self.shape_key}"
-        self.int8 = {"ort-int8": ("exporter", self.workdir / f"int8_exporter_{self.shape_key}" / "model.onnx"),
-                     "ort-int8-u8": ("u8", self.workdir / f"int8_u8_{self.shape_key}" / "model.onnx")}
+        # engine -> (export target whose int8 recipe it uses, file)
+        self.int8 = {"ort-int8": ("cpu", self.workdir / f"int8_cpu_{self.shape_key}" / "model.onnx"),
+                     "ort-int8-trt": ("gpu", self.workdir / f"int8_gpu_{self.shape_key}" / "model.onnx")}
         need_fp32 = any(e.startswith("ort") for e in a.core_engines) or "ort-fp32" in a.vae_engines or \
             any(p in a.e2e for p in ("repo-inprocess-fp32", "served-fp32"))
         if need_fp32:
@@ -1053,7 +1065,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     if "export_fp32" in r:
         lines += [f"Export (fp32, export_repository): {r['export_fp32']['seconds']} s; " +
                   "; ".join(f"{m}: {v.get('status')}" for m, v in r["export_fp32"]["models"].items()), ""]
-    for recipe in ("exporter", "u8"):
+    for recipe in ("cpu", "gpu"):
         q = r.get(f"quantize_{recipe}")
         if q and q.get("status") == "ok":
             st = q["stats"]

@@ -42,6 +42,7 @@ def exports(tiny_checkpoint, tmp_path_factory):
     run("fp32_again", "cpu", "fp32")
     run("fp16", "cpu", "fp16")
     run("int8", "cpu", "int8", calibration_clips=2)
+    run("int8_gpu", "gpu", "int8", calibration_clips=1, build_engine=False)
     # bf16 has no onnxruntime CPU kernels: it is a gpu precision; --no-engine stops before TensorRT.
     run("bf16", "gpu", "bf16", build_engine=False)
     return {"repo": repo, "cores": cores, "reports": reports, "checkpoint": tiny_checkpoint}
@@ -151,6 +152,36 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     assert set(drift) == {"depth", "normals", "segmentation", "densepose", "keypoints2d", "keypoints3d"}
     assert {"abs_rel"} <= set(drift["depth"]) and "mean_angle_deg" in drift["normals"]
     assert "alpha_mse" in drift["segmentation"] and "mean_px" in drift["keypoints2d"] and "mean_mm" in drift["keypoints3d"]
+
+
+def _qdq_roles(path: Path) -> dict:
+    """Activation zero-point dtypes/values and which quantised MatMuls multiply two activations."""
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+    def from_activation(name):  # DequantizeLinear of a QuantizeLinear output, not of a stored weight
+        dq = producer.get(name)
+        return dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits
+
+    products = [n.name for n in model.graph.node if n.op_type == "MatMul" and all(from_activation(i) for i in n.input)]
+    return {"zero_points": zero_points, "activation_products": products}
+
+
+def test_int8_recipe_follows_the_target(exports):
+    """cpu: uint8 asymmetric activations (onnxruntime's x86 u8 x s8 kernels), linears only;
+    gpu: int8 activations with zero points of 0 (TensorRT), attention products quantised too."""
+    cpu = _qdq_roles(exports["cores"] / "int8" / "model.onnx")
+    gpu = _qdq_roles(exports["cores"] / "int8_gpu" / "model.onnx")
+    assert cpu["zero_points"] and all(z.dtype == np.uint8 for z in cpu["zero_points"])
+    assert any(z.item() != 0 for z in cpu["zero_points"])  # asymmetric: calibrated, not fixed at 0/128
+    assert cpu["activation_products"] == []
+    assert gpu["zero_points"] and all(z.dtype == np.int8 and z.item() == 0 for z in gpu["zero_points"])
+    assert len(gpu["activation_products"]) >= 2 * 2  # QK^T and PV in every block's two attentions
+    reports = exports["reports"]
+    assert reports["int8"]["models"]["core"]["quantization"]["recipe"] == "onnxruntime-x86"
+    assert reports["int8_gpu"]["models"]["core"]["quantization"]["recipe"] == "tensorrt"
 
 
 def test_low_precision_reports(exports):

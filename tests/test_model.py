@@ -6,7 +6,7 @@ import torch
 
 from thfm_serve.checkpoint import load_checkpoint
 from thfm_serve.config import VAE_TEMPORAL
-from thfm_serve.model import rotary_at
+from thfm_serve.model import ThfmAttnProcessor, rotary_at
 
 
 def _inputs(ck, batch=1, lat_frames=3, lat_hw=(8, 6), seed=0):
@@ -18,13 +18,21 @@ def _inputs(ck, batch=1, lat_frames=3, lat_hw=(8, 6), seed=0):
 
 @torch.no_grad()
 def test_core_without_tokens_equals_diffusers_forward(tiny_checkpoint):
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
     ck = load_checkpoint(tiny_checkpoint)
     core = ck.core()
+    # The reference is a separate diffusers model with diffusers' own attention processor (the core
+    # sets THFM's processor on its transformer).
+    peer = WanTransformer3DModel.from_pretrained(tiny_checkpoint, subfolder="transformer").eval()
+    assert all(isinstance(b.attn1.processor, WanAttnProcessor) for b in peer.blocks)
+    assert all(isinstance(b.attn1.processor, ThfmAttnProcessor) for b in ck.transformer.blocks)
     for batch, lat_frames, hw in [(1, 3, (8, 8)), (2, 1, (4, 6)), (3, 2, (6, 10))]:
         latent, text = _inputs(ck, batch, lat_frames, hw, seed=batch)
         pred, tokens = core.run_transformer(latent, text, with_tokens=False)
         # diffusers: WanTransformer3DModel at timestep 0 predicts velocity; THFM's latent is -v.
-        ref = ck.transformer(latent, torch.zeros(batch), text, return_dict=False)[0]
+        ref = peer(latent, torch.zeros(batch), text, return_dict=False)[0]
         assert tokens is None
         assert pred.shape == ref.shape
         assert (pred + ref).abs().max().item() <= 1e-5
@@ -99,3 +107,27 @@ def test_vae_wrappers_apply_wan_latent_normalisation(tiny_checkpoint):
     ref = ck.vae.decode(raw).sample
     assert maps.shape == (1, 3, 5, 32, 48)
     assert torch.allclose(maps, ((ref + 1) / 2).clamp(0, 1), atol=1e-5)
+
+
+@torch.no_grad()
+def test_attention_processor_matches_diffusers_processor(tiny_checkpoint):
+    """Self-attention with rotary tables and cross-attention to text, in fp32 and bf16."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    ck = load_checkpoint(tiny_checkpoint)
+    block = ck.transformer.blocks[0]
+    latent, text = _inputs(ck, batch=2, lat_frames=2, lat_hw=(4, 6), seed=3)
+    cos, sin = ck.transformer.rope(latent)
+    seq = cos.shape[1]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, seq, ck.transformer.config.num_attention_heads * ck.transformer.config.attention_head_dim, generator=g)
+    context = ck.transformer.condition_embedder(torch.zeros(2), text, None)[2]
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 0.0)):
+        b = block.to(dtype)
+        for attn, args in ((b.attn1, (x.to(dtype), None, None, (cos.float(), sin.float()))),
+                           (b.attn2, (x.to(dtype), context.to(dtype), None, None))):
+            ours = ThfmAttnProcessor()(attn, *args)
+            ref = WanAttnProcessor()(attn, *args)
+            assert ours.dtype == ref.dtype == dtype
+            assert (ours.float() - ref.float()).abs().max().item() <= tol, (attn, dtype)
+    block.float()
