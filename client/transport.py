@@ -57,6 +57,10 @@ def classify(url: str, exc: BaseException, what: str = "request") -> RequestErro
     if isinstance(exc, InferenceServerException):
         status = (exc.status() or "").replace("StatusCode.", "")
         msg = (exc.message() or str(exc)).strip().splitlines()[0] if (exc.message() or str(exc)).strip() else status
+        if status == "UNAVAILABLE" and "queue" in msg.lower():
+            # The server is up but its scheduler queue is full (max_queue_size): later, or another
+            # server, will take the request.
+            return RequestError(f"{url}: server busy, its request queue is full ({_short(msg)})", True, status)
         if status == "UNAVAILABLE":
             return RequestError(f"cannot reach Triton at {url} ({_short(msg)})", True, status)
         if status == "DEADLINE_EXCEEDED":
@@ -65,6 +69,11 @@ def classify(url: str, exc: BaseException, what: str = "request") -> RequestErro
             # Our own channel limit: sized from the request, so this is a bug or a liar of a server;
             # another server would answer the same.
             return RequestError(f"{url}: {what} exceeds a gRPC message limit ({_short(msg)})", False, status)
+        if "has no available versions" in msg or "is not ready" in msg:
+            # The model exists but no version is loaded right now: the server is loading it or
+            # unloading it on a graceful shutdown. Another server (or a later try) can answer.
+            return RequestError(f"{url}: model not available right now, loading or unloading ({_short(msg)})", True,
+                                status)
         if status == "NOT_FOUND" or "unknown model" in msg.lower():
             return RequestError(f"{url}: {_short(msg)} (is this the THFM model repository?)", False, status)
         retriable = status in _RETRIABLE or not status

@@ -231,6 +231,16 @@ def test_urls_and_error_classification():
         "StatusCode.INVALID_ARGUMENT"))
     assert not e.retriable and str(e).endswith("unknown task 'x'")
     assert classify("h:1", InferenceServerException("boom", "StatusCode.INTERNAL")).retriable
+    # A full scheduler queue is a busy server, not an unreachable one; both are retried.
+    e = classify("h:1", InferenceServerException("Exceeds maximum queue size", "StatusCode.UNAVAILABLE"))
+    assert e.retriable and "busy" in str(e) and "cannot reach" not in str(e)
+    # During a graceful shutdown (or a load) the model is known but has no ready version: retried;
+    # a model the repository does not have at all is not.
+    e = classify("h:1", InferenceServerException("Request for unknown model: 'thfm' has no available versions",
+                                                 "StatusCode.NOT_FOUND"))
+    assert e.retriable and "loading or unloading" in str(e)
+    e = classify("h:1", InferenceServerException("Request for unknown model: 'thfm' is not found", "StatusCode.NOT_FOUND"))
+    assert not e.retriable and "THFM model repository" in str(e)
 
 
 # --- the clients over a fake transport ------------------------------------------------------------

@@ -40,8 +40,18 @@ from .export.specs import Precision, SubmodelSpec, Target, parse_precision, pars
 
 logger = logging.getLogger(__name__)
 
-# model_repository/ at the project root holds the model.py sources (committed with the code).
-SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+# model_repository/ at the project root holds the model.py sources (committed with the code); an
+# installed wheel carries them as package data of thfm_serve.model_repository.
+def _sources() -> Path:
+    tree = Path(__file__).resolve().parents[1] / "model_repository"
+    if tree.is_dir():
+        return tree
+    from importlib.resources import files
+
+    return Path(str(files("thfm_serve.model_repository")))
+
+
+SOURCES = _sources()
 VERSION = "1"
 # The exporter writes the checkpoint's THFM config next to the core graph (export/build.py CONFIG_FILE).
 CONFIG_FILE = serving.THFM_CONFIG
