@@ -9,7 +9,8 @@ per output channel. Activations follow the target's kernels (RECIPES):
   multiplies natively; onnxruntime then fuses every DQ -> MatMul -> Q into QLinearMatMul. With int8
   activations part of the MatMuls stay DequantizeLinear(weight) -> float MatMul after optimisation,
   a weight dequantisation per call. Only the linears are quantised: quantised attention products
-  add a QLinearSoftmax that costs more than the int8 products save (perf/README.md has the numbers).
+  add a QLinearSoftmax that costs more than the int8 products save (measured by perf/int8_recipes.py;
+  perf/README.md has the numbers).
 Both files run in onnxruntime on CPU, which is how they are validated here.
 
 Only MatMuls are quantised; everything else stays fp32. Excluded by module (ONNX nodes carry the
@@ -153,10 +154,11 @@ class _Reader:
 
 def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]], target: Any,
                   exclude: Iterable[str] = DEFAULT_EXCLUDE, external_data: bool = False) -> dict[str, Any]:
-    """Write the Q/DQ model for `target` ("cpu" or "gpu") to out_path; return what was done (for the report)."""
+    """Write the Q/DQ model for `target` ("cpu", "gpu" or a QdqRecipe) to out_path; return what was
+    done (for the report)."""
     from onnxruntime.quantization import CalibrationMethod, quantize_static
 
-    recipe = recipe_for(target)
+    recipe = target if isinstance(target, QdqRecipe) else recipe_for(target)
     if not samples:
         raise ExportError("int8: no calibration samples")
     model = onnx.load(str(fp32_path), load_external_data=False)

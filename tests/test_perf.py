@@ -510,3 +510,65 @@ def test_live_cli(perf_server, tmp_path):
     rc = main(["-q", "perf", "--url", perf_server.grpc_url, "--out", str(tmp_path), "--request-count", "3"])
     assert rc == 0
     assert json.loads((tmp_path / "summary.json").read_text())["results"][0]["concurrency"] == 1
+
+
+def test_int8_recipes_slice(tiny_checkpoint, tmp_path):
+    """perf/int8_recipes.py on a one-block slice: every recipe quantises what it says, the CPU recipe's
+    linears run as fused QLinearMatMul, and the report files carry the command."""
+    spec = importlib.util.spec_from_file_location("int8_recipes", ROOT / "perf" / "int8_recipes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    rc = mod.main(["--checkpoint", str(tiny_checkpoint), "--layers", "1", "--frames", "9", "--height", "64", "--width", "64",
+                   "--runs", "1", "--warmup", "0", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    assert rc == 0
+    (js,) = out.glob("int8_recipes_*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert set(rows) == {"fp32", "cpu", "cpu+attention", "gpu"}
+    assert rows["fp32"]["ops"].get("QLinearMatMul", 0) == 0
+    assert rows["cpu"]["ops"].get("QLinearMatMul", 0) > 0
+    # Attention products add two quantised MatMuls per attention (self and cross) of the one block.
+    assert rows["cpu+attention"]["qdq"]["quantized_matmuls"] == rows["cpu"]["qdq"]["quantized_matmuls"] + 4
+    assert rows["gpu"]["qdq"]["quantized_matmuls"] == rows["cpu+attention"]["qdq"]["quantized_matmuls"]
+    for name in ("cpu", "cpu+attention", "gpu"):
+        assert all(np.isfinite(v) for v in rows[name]["max_abs_vs_fp32"].values())
+    md = js.with_suffix(".md").read_text()
+    assert "perf/int8_recipes.py" in md and "| cpu+attention |" in md
+
+
+def test_bench_mixed_roofline_and_report(tmp_path):
+    """int8 engines get a second utilisation against int8 linears + fp32 attention; --report re-renders
+    a saved run's JSON into the same files."""
+    bench = _bench()
+    tcfg = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30, "text_dim": 4096,
+            "in_channels": 16, "out_channels": 16}
+    flops = bench.core_flops(tcfg, 512, 17, 256, 256)
+    peer_flops = bench.core_flops(tcfg, 512, 17, 256, 256, with_tokens=False)
+    ok = {"status": "ok", "accuracy": {"ok": True, "outputs": {"pred_latent": {"max_abs": 0.01}}}, "peak_rss_mb": 1.0, "load_s": 1.0, "loadavg": [0, 0]}
+    r = {"shape": {"frames": 17, "batch": 1, "height": 256, "width": 256, "latent": [1, 16, 5, 32, 32],
+                   "video_tokens": 1280, "tokens": 1297},
+         "flops": flops, "flops_peer": peer_flops,
+         "peak": {"status": "ok", "size": 64, "threads": 2, "peak": {"fp32": 500.0, "bf16": 900.0, "int8": 1500.0},
+                  "gflops": {"fp32": {"x": 500.0}, "bf16": {"y": 900.0}, "int8": {"z": 1500.0}}},
+         "core": {"diffusers-fp32": {**ok, "median_s": 20.0}, "torch-fp32": {**ok, "median_s": 19.0},
+                  "ort-int8": {**ok, "median_s": 4.0}},
+         "vae": {}, "e2e": {}, "notes": [], "command": "cmd", "name": "x", "checkpoint_name": "ck", "threads": 2,
+         "runs": 3, "warmup": 1, "tasks": ["depth"], "text_len": 512, "transformer_config": tcfg, "started": "now",
+         "loadavg_start": 0.0, "machine": {"model": "cpu", "cores": 2, "isa": {}, "mem_gb": 1}}
+    bench.annotate(r)
+    attn = flops["self_attn_qk_av"] + flops["cross_attn_qk_av"]
+    small = flops["patch_embed"] + flops["text_embed"] + flops["proj_out"]
+    ideal = (flops["total"] - attn - small) / 1500e9 + (attn + small) / 500e9
+    got = r["core"]["ort-int8"]
+    assert got["utilisation_mixed"] == pytest.approx(ideal / 4.0)
+    assert got["utilisation"] == pytest.approx(flops["total"] / 4.0 / 1500e9)
+    assert got["utilisation_mixed"] > got["utilisation"]
+    assert "utilisation_mixed" not in r["core"]["torch-fp32"]
+    names = [t[0] for t in bench.targets(r)]
+    assert any("mixed int8/fp32 roofline" in n for n in names)
+
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps(r))
+    assert bench.main(["--report", str(js)]) == 0
+    md = (tmp_path / "run.md").read_text()
+    assert "% of mixed roofline" in md and "| ort-int8 | int8 | 4.00 s |" in md and (tmp_path / "run.png").is_file()
