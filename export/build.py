@@ -219,7 +219,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         if precision == Precision.INT8:
             fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
             entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
-                                                target)
+                                                target, reference)
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -273,7 +273,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
 
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
-              calibration: list[str], clips: int, target: Target) -> dict[str, Any]:
+              calibration: list[str], clips: int, target: Target, reference: Any) -> dict[str, Any]:
     import torch
 
     from thfm_serve.processing import fit_clip
@@ -291,7 +291,9 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))
-    info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9)
+    del encoder
+    info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9,
+                         module=reference)
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],

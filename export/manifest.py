@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 # Bump when the export recipe changes in a way that changes the ONNX (islands, quantisation,
 # cleanup passes): every existing artifact then counts as stale.
-RECIPE_VERSION = 2  # 2: attention through ThfmAttnProcessor (no ScatterND rotary); int8 recipe per target
+RECIPE_VERSION = 3  # 2: attention through ThfmAttnProcessor (no ScatterND rotary); int8 recipe per target; 3: hook calibration
 # The parts of a checkpoint the exported graphs are made from (text_encoder/ is not: prompts are cached).
 HASHED_PARTS = ("transformer", "vae", "thfm")
 

@@ -13,6 +13,14 @@ per output channel. Activations follow the target's kernels (RECIPES):
   perf/README.md has the numbers).
 Both files run in onnxruntime on CPU, which is how they are validated here.
 
+Calibration (MinMax ranges of every quantised MatMul's input and output): for a recipe on the
+linears only, from PyTorch forward hooks on the fp32 core's nn.Linear modules, matched to the ONNX
+MatMuls through the exporter's name scopes (a Linear exports as MatMul(x, W^T) + Add(bias), so the
+output range is taken before the bias). onnxruntime's own calibrator holds the fp32 model several
+times over (loaded model, augmented copy, its session, the quantizer's copy): on the 1.3B-shaped core
+it was killed by the OOM killer at 24 GB. A recipe with attention products (QK^T, PV have no module
+to hook) uses onnxruntime's calibrator, which needs more memory than this machine has at 1.3B.
+
 Only MatMuls are quantised; everything else stays fp32. Excluded by module (ONNX nodes carry the
 torch module path in their metadata):
 - ``transformer.patch_embedding`` and ``transformer.condition_embedder``: TensorRT Model Optimizer's
@@ -152,10 +160,82 @@ class _Reader:
         pass
 
 
+def linear_matmuls(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
+    """ONNX MatMul node -> (torch module path, input tensor, output tensor) for every MatMul by a
+    weight initializer whose innermost traced scope names its module (as in ExportCore.named_modules)."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        scopes = [s for s in node_scopes(n) if "." in s]
+        if scopes:
+            out[n.name] = (scopes[-1], n.input[0], n.output[0])
+    return out
+
+
+def torch_linear_ranges(module: Any, samples: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float, float, float]]:
+    """Per nn.Linear of `module` (the fp32 module the ONNX was exported from): (input min, input max,
+    pre-bias output min, pre-bias output max) over the samples, from forward hooks."""
+    import torch
+
+    stats: dict[str, list[float]] = {}
+
+    def hook(name: str):
+        def fn(mod, args, out):
+            x = args[0]
+            y = out - mod.bias if mod.bias is not None else out
+            vals = [float(x.min()), float(x.max()), float(y.min()), float(y.max())]
+            old = stats.get(name)
+            stats[name] = vals if old is None else [min(old[0], vals[0]), max(old[1], vals[1]),
+                                                   min(old[2], vals[2]), max(old[3], vals[3])]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for feed in samples:
+                module(*(torch.from_numpy(np.ascontiguousarray(feed[k])) for k in ("latent", "text")))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: tuple(v) for k, v in stats.items()}
+
+
+def hook_calibration_cache(model: onnx.ModelProto, nodes: list[str], module: Any, samples: list[dict[str, np.ndarray]],
+                           path: Path) -> int:
+    """Write an onnxruntime MinMax calibration cache (TensorsData JSON) for the input and output of
+    every MatMul in `nodes`, measured by torch_linear_ranges; return how many tensors it covers.
+    Fails when a MatMul to quantise has no Linear to measure (its range would be missing)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+    matmuls = linear_matmuls(model)
+    ranges = torch_linear_ranges(module, samples)
+    missing = [n for n in nodes if n not in matmuls or matmuls[n][0] not in ranges]
+    if missing:
+        raise ExportError(f"int8: no nn.Linear range for {len(missing)} MatMul(s) to quantise, e.g. {missing[:3]} "
+                          "(scopes do not match the module paths)")
+    tensors: dict[str, tuple[np.float32, np.float32]] = {}
+    for n in nodes:
+        path_, x, y = matmuls[n]
+        lo_x, hi_x, lo_y, hi_y = ranges[path_]
+        if x in tensors:  # one activation feeding several linears (q, k, v): the union of their views
+            lo_x, hi_x = min(lo_x, float(tensors[x][0])), max(hi_x, float(tensors[x][1]))
+        tensors[x] = (np.float32(lo_x), np.float32(hi_x))
+        tensors[y] = (np.float32(lo_y), np.float32(hi_y))
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensors), path)
+    return len(tensors)
+
+
 def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]], target: Any,
-                  exclude: Iterable[str] = DEFAULT_EXCLUDE, external_data: bool = False) -> dict[str, Any]:
+                  exclude: Iterable[str] = DEFAULT_EXCLUDE, external_data: bool = False,
+                  module: Any = None) -> dict[str, Any]:
     """Write the Q/DQ model for `target` ("cpu", "gpu" or a QdqRecipe) to out_path; return what was
-    done (for the report)."""
+    done (for the report). `module`: the fp32 torch module fp32_path was exported from; given, a
+    recipe on the linears only is calibrated by forward hooks (see the module docstring)."""
+    import tempfile
+
     from onnxruntime.quantization import CalibrationMethod, quantize_static
 
     recipe = target if isinstance(target, QdqRecipe) else recipe_for(target)
@@ -163,10 +243,18 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         raise ExportError("int8: no calibration samples")
     model = onnx.load(str(fp32_path), load_external_data=False)
     nodes, skip = matmuls_to_quantize(model, recipe, exclude)
-    del model
-    logger.info("int8 (%s): calibrating on %d samples; %d MatMul nodes excluded (%s)", recipe.name, len(samples),
-                len(skip), ", ".join(exclude))
+    use_hooks = module is not None and not recipe.attention_products
+    calibration = "torch forward hooks on the nn.Linear modules (MinMax)" if use_hooks else "onnxruntime MinMax calibrator"
+    logger.info("int8 (%s): calibrating on %d samples by %s; %d MatMul nodes excluded (%s)", recipe.name, len(samples),
+                calibration, len(skip), ", ".join(exclude))
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="thfm-calib-")
+    calib_kwargs: dict[str, Any] = {"calibration_data_reader": _Reader(samples)}
+    if use_hooks:
+        cache = Path(tmp.name) / "ranges.json"
+        hook_calibration_cache(model, nodes, module, samples, cache)
+        calib_kwargs = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
+    del model
     hint_filter = _DropPreprocessHint()
     root = logging.getLogger()
     root.addFilter(hint_filter)
@@ -174,13 +262,14 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         handler.addFilter(hint_filter)
     try:
         quantize_static(
-            str(fp32_path), str(out_path), _Reader(samples), nodes_to_quantize=nodes, nodes_to_exclude=skip,
+            str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
             use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
-            **recipe.quantize_static_kwargs(),
+            **calib_kwargs, **recipe.quantize_static_kwargs(),
         )
     except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
         raise ExportError(f"int8: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
     finally:
+        tmp.cleanup()
         root.removeFilter(hint_filter)
         for handler in root.handlers:
             handler.removeFilter(hint_filter)
@@ -188,7 +277,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
     if stats["quantized_matmuls"] == 0:
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")
     stats.update({"excluded_scopes": list(exclude), "excluded_nodes": len(skip), "calibration_samples": len(samples),
-                  "recipe": recipe.name, "method": recipe.describe()})
+                  "recipe": recipe.name, "method": recipe.describe(), "calibration": calibration})
     return stats
 
 

@@ -575,62 +575,6 @@ def _perf_analyzer_p50(url: str, job: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("throughput_infer_per_s", "p50_latency_ms", "p90_latency_ms", "p99_latency_ms", "error")}
 
 
-def linear_ranges(ck_path: Path, samples: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float, float, float]]:
-    """Per nn.Linear of the fp32 core (module path as the exporter traces it, "core.transformer..."):
-    (input min, input max, pre-bias output min, pre-bias output max) over the calibration samples.
-
-    These are the MinMax ranges of the exported MatMul's input and output (a Linear exports as
-    MatMul(x, W^T) + Add(bias)), measured in PyTorch. onnxruntime.quantization's own calibration
-    holds the 5.7 GB fp32 1.3B core in memory several times over (loaded model, augmented copy, its
-    session, the quantizer's copy) and was killed by the OOM killer on this 24 GB machine (above 23 GB
-    RSS) for export_repository's 6-row sample, for 1-row samples, and for a weightless augmented graph
-    whose onnxruntime session alone reached 20 GB.
-    """
-    import torch
-
-    from thfm_serve.checkpoint import load_checkpoint
-    from thfm_serve.export.precision import lowered_core
-    from thfm_serve.export.specs import Precision
-
-    ck = load_checkpoint(ck_path, text_encoder=False)
-    module = lowered_core(ck.core(), Precision.FP32)  # the module the fp32 ONNX was exported from
-    stats: dict[str, list[float]] = {}
-
-    def hook(name):
-        def fn(mod, args, out):
-            x = args[0]
-            y = out - mod.bias if mod.bias is not None else out
-            vals = [float(x.min()), float(x.max()), float(y.min()), float(y.max())]
-            old = stats.get(name)
-            stats[name] = vals if old is None else [min(old[0], vals[0]), max(old[1], vals[1]),
-                                                   min(old[2], vals[2]), max(old[3], vals[3])]
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.inference_mode():
-        for feed in samples:
-            module(torch.from_numpy(feed["latent"]), torch.from_numpy(feed["text"]))
-    for h in handles:
-        h.remove()
-    return {k: tuple(v) for k, v in stats.items()}
-
-
-def linear_matmuls(model) -> dict[str, tuple[str, str, str]]:
-    """ONNX MatMul node name -> (Linear module path, input tensor, output tensor) for MatMuls that
-    multiply by a weight initializer, matched to their module through the exporter's name scopes."""
-    from thfm_serve.export.quantize import node_scopes
-
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for n in model.graph.node:
-        if n.op_type != "MatMul" or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        scopes = [s for s in node_scopes(n) if "." in s or s == "core"]
-        if scopes:
-            out[n.name] = (scopes[-1], n.input[0], n.output[0])
-    return out
-
-
 def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
     """int8 Q/DQ core from the fp32 export with the exporter's recipe for one target
     (export.quantize.RECIPES):
@@ -640,31 +584,29 @@ def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
     "gpu" (engine ort-int8-trt): the TensorRT recipe (int8 symmetric activations) run in
         onnxruntime, for comparison; here with the linears only, like "cpu" (see below).
 
-    The calibration differs from the exporter's in how ranges are collected, not in what they are:
-    min/max of every Linear's input and output from PyTorch forward hooks (linear_ranges) instead of
-    onnxruntime's calibrator, which adds every tensor of the graph as an output and, on the 1.3B core,
-    holds them all in memory at once. Hooks see the Linears only, so attention's QK^T and PV products
-    stay float in both variants. Calibration inputs are the exporter's: procedural clips,
-    VAE-encoded, one row per task prompt.
+    Calibration is the exporter's (export.quantize.hook_calibration_cache: MinMax ranges of every
+    Linear's input and output from PyTorch forward hooks), cached under --workdir and shared by both
+    recipes; hooks see the Linears only, so attention's QK^T and PV products stay float in both.
+    Calibration inputs are the exporter's: procedural clips, VAE-encoded, one row per task prompt.
     """
     import onnx
     import torch
     from onnxruntime.quantization import CalibrationMethod, quantize_static
-    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     from thfm_serve.checkpoint import load_checkpoint
     from thfm_serve.export.calibration import procedural_clips
     from thfm_serve.export.onnx_export import PROTOBUF_LIMIT, onnx_files
-    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, excluded_nodes, qdq_stats, recipe_for
+    from thfm_serve.export.precision import lowered_core
+    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, excluded_nodes, hook_calibration_cache, linear_matmuls, qdq_stats, recipe_for
+    from thfm_serve.export.specs import Precision
     from thfm_serve.processing import fit_clip
 
     torch.set_num_threads(job["threads"])
     src, dst = Path(job["onnx"]), Path(job["out"])
     frames, height, width = job["frames"], job["height"], job["width"]
     model = onnx.load(str(src), load_external_data=False)
-    matmuls = linear_matmuls(model)
     skip = set(excluded_nodes(model, DEFAULT_EXCLUDE, ["MatMul"]))
-    del model
+    nodes = [n for n in linear_matmuls(model) if n not in skip]
     cache = Path(job["cache"])  # shared by both recipes: the raw min/max ranges are the same
     t0 = time.perf_counter()
     if not cache.is_file():
@@ -676,18 +618,12 @@ def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
             with torch.no_grad():
                 latent = encoder(fit_clip(clip, frames, height, width)).numpy()
             samples += [{"latent": latent, "text": text[i : i + 1]} for i in range(len(text))]
-        del ck, encoder
-        ranges = linear_ranges(Path(job["checkpoint"]), samples)
-        tensors = {}
-        for node, (path, x, y) in matmuls.items():
-            if path in ranges:
-                lo_x, hi_x, lo_y, hi_y = ranges[path]
-                tensors[x] = (np.float32(min(lo_x, tensors.get(x, (np.inf,))[0])), np.float32(max(hi_x, tensors.get(x, (0, -np.inf))[1])))
-                tensors[y] = (np.float32(lo_y), np.float32(hi_y))
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensors), cache)
+        del encoder
+        hook_calibration_cache(model, nodes, lowered_core(ck.core(), Precision.FP32), samples, cache)
+        del ck
+    del model
     calib_s = time.perf_counter() - t0
     recipe = recipe_for(job["recipe"])
-    nodes = [n for n, (path, _, _) in matmuls.items() if n not in skip]
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in onnx_files(dst):
         stale.unlink()

@@ -282,3 +282,43 @@ def _shape_args():
 
 def test_precisions_enum_is_what_the_cli_offers():
     assert [p.value for p in Precision] == ["fp32", "bf16", "fp16", "int8"]
+
+
+def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):
+    """The CPU recipe's ranges come from torch forward hooks on the Linears; onnxruntime's own MinMax
+    calibrator on the exported fp32 graph, fed the same samples, measures the same tensors."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+
+    from thfm_serve.export.precision import lowered_core
+    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, RECIPES, _Reader, hook_calibration_cache, matmuls_to_quantize
+
+    fp32 = exports["cores"] / "fp32" / "model.onnx"
+    model = onnx.load(str(fp32), load_external_data=False)
+    nodes, _ = matmuls_to_quantize(model, RECIPES["cpu"], DEFAULT_EXCLUDE)
+    rng = np.random.default_rng(3)
+    text_len = model.graph.input[1].type.tensor_type.shape.dim[1].dim_value or 16
+    text_dim = model.graph.input[1].type.tensor_type.shape.dim[2].dim_value
+    samples = [{"latent": rng.standard_normal((2, 16, 2, 4, 6)).astype(np.float32),
+                "text": rng.standard_normal((2, text_len, text_dim)).astype(np.float32)} for _ in range(2)]
+    cache = tmp_path / "ranges.json"
+    count = hook_calibration_cache(model, nodes, lowered_core(_reference_core(exports["checkpoint"]), Precision.FP32),
+                                   samples, cache)
+    ours = load_tensors_data(cache)
+    assert count == len(ours.data) >= len(nodes) + 1  # inputs shared by q/k/v count once
+
+    calibrator = create_calibrator(fp32, ["MatMul"], augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    calibrator.collect_data(_Reader(samples))
+    theirs = calibrator.compute_data()
+    for name, rv in ours.data.items():
+        lo, hi = (float(v) for v in rv.range_value)
+        t_lo, t_hi = (float(np.asarray(v).reshape(-1)[0]) for v in theirs[name].range_value)
+        scale = max(abs(t_lo), abs(t_hi), 1e-6)
+        assert abs(lo - t_lo) <= 1e-4 * scale and abs(hi - t_hi) <= 1e-4 * scale, (name, (lo, hi), (t_lo, t_hi))
+
+
+def test_int8_calibration_method_per_recipe(exports):
+    q = {tag: exports["reports"][tag]["models"]["core"]["quantization"] for tag in ("int8", "int8_gpu")}
+    assert q["int8"]["calibration"].startswith("torch forward hooks")  # linears only: hooks see them all
+    assert q["int8_gpu"]["calibration"] == "onnxruntime MinMax calibrator"  # QK^T/PV have no module to hook
