@@ -252,8 +252,13 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     else:
         entry["runner"] = runner.kind
         try:
+            inputs = None
+            if name == CORE and precision == Precision.INT8:
+                inputs = _clip_inputs(ck)
+                entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
+                                              "encoder, the checkpoint's task embeddings")
             entry["validation"] = validate_values(spec, runner, ref_run, trace_dims(spec), stage / "polygraphy", extra,
-                                                  runner_kind=runner.kind)
+                                                  runner_kind=runner.kind, inputs=inputs)
             if name in (VAE_ENCODER, VAE_DECODER):
                 entry["window_check"] = _window_check(name, spec, runner, reference, frames)
             if name == CORE and precision != Precision.FP32:
@@ -270,6 +275,28 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
                                     max_batch=spec.max_batch)
         entry["drift_runner"] = "torch-bf16 (proxy: the exported module in PyTorch)"
     return entry
+
+
+def _clip_inputs(ck: Any):
+    """Core inputs from the distribution an int8 core is calibrated on, at any base dims: a procedural
+    clip of the matching frames and size through the VAE encoder (repeated over the batch) and the
+    task embeddings (cycled over the batch)."""
+    import torch
+
+    from thfm_serve.processing import fit_clip
+
+    text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)
+    encoder = ck.vae_encoder()
+
+    def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+        frames, height, width = 4 * (dims["latent_frames"] - 1) + 1, 16 * dims["hp"], 16 * dims["wp"]
+        clip = procedural_clips(1, frames, height, width, seed=seed)[0]
+        with torch.no_grad():
+            latent = encoder(fit_clip(clip, frames, height, width)).numpy()
+        batch = dims["batch"]
+        return {"latent": np.repeat(latent, batch, axis=0), "text": text[np.arange(batch) % len(text)]}
+
+    return make
 
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,

@@ -166,12 +166,18 @@ def compare_outputs(spec: SubmodelSpec, ref: Mapping[str, np.ndarray], got: Mapp
 
 def validate_values(spec: SubmodelSpec, runner: Runner, reference: Runner, trace: Mapping[str, int],
                     polygraphy_dir: Path | None = None, extra_references: Mapping[str, Runner] | None = None,
-                    runner_kind: str = "onnxruntime-cpu") -> list[dict[str, Any]]:
-    """Run graph and PyTorch at every validation shape; ExportError on any failure."""
+                    runner_kind: str = "onnxruntime-cpu",
+                    inputs: Callable[[Mapping[str, int], int], dict[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """Run graph and PyTorch at every validation shape; ExportError on any failure.
+
+    inputs(dims, seed) makes the feed; default the spec's random inputs. A calibrated (int8) graph is
+    validated on inputs from the distribution it was calibrated on instead: random inputs fall
+    outside its activation ranges, which measures clipping, not the export."""
+    make = inputs or (lambda dims, seed: spec.dummy_inputs(dims, seed=seed))
     results = []
     failures: list[str] = []
     for i, (label, dims) in enumerate(validation_dims(spec, trace)):
-        feed = spec.dummy_inputs(dims, seed=100 + i)
+        feed = make(dims, 100 + i)
         t0 = time.perf_counter()
         ref = reference(feed)
         t1 = time.perf_counter()

@@ -322,3 +322,6 @@ def test_int8_calibration_method_per_recipe(exports):
     q = {tag: exports["reports"][tag]["models"]["core"]["quantization"] for tag in ("int8", "int8_gpu")}
     assert q["int8"]["calibration"].startswith("torch forward hooks")  # linears only: hooks see them all
     assert q["int8_gpu"]["calibration"] == "onnxruntime MinMax calibrator"  # QK^T/PV have no module to hook
+    # A calibrated graph is validated on inputs like its calibration data, every other one on random inputs.
+    assert "through the VAE encoder" in exports["reports"]["int8"]["models"]["core"]["validation_inputs"]
+    assert "validation_inputs" not in exports["reports"]["fp32"]["models"]["core"]
