@@ -273,6 +273,12 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         root.removeFilter(hint_filter)
         for handler in root.handlers:
             handler.removeFilter(hint_filter)
+    from .onnx_export import onnx_files
+
+    for f in onnx_files(out_path):
+        # The quantizer writes external data through a private temporary file (mode 0600); a server
+        # running as another user than the exporter must be able to read the weights.
+        f.chmod(f.stat().st_mode | 0o444)
     stats = qdq_stats(out_path)
     if stats["quantized_matmuls"] == 0:
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")

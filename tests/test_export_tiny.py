@@ -325,3 +325,21 @@ def test_int8_calibration_method_per_recipe(exports):
     # A calibrated graph is validated on inputs like its calibration data, every other one on random inputs.
     assert "through the VAE encoder" in exports["reports"]["int8"]["models"]["core"]["validation_inputs"]
     assert "validation_inputs" not in exports["reports"]["fp32"]["models"]["core"]
+
+
+def test_quantized_external_data_is_readable(exports, tmp_path):
+    """onnxruntime's quantizer writes external data as 0600; the export makes it readable for a server
+    running as another user."""
+    from thfm_serve.export.precision import lowered_core
+    from thfm_serve.export.quantize import quantize_core
+
+    rng = np.random.default_rng(5)
+    fp32 = exports["cores"] / "fp32" / "model.onnx"
+    text_dim = onnx.load(str(fp32), load_external_data=False).graph.input[1].type.tensor_type.shape.dim[2].dim_value
+    samples = [{"latent": rng.standard_normal((1, 16, 2, 4, 6)).astype(np.float32),
+                "text": rng.standard_normal((1, 16, text_dim)).astype(np.float32)}]
+    out = tmp_path / "q" / "model.onnx"
+    quantize_core(fp32, out, samples, "cpu", external_data=True,
+                  module=lowered_core(_reference_core(exports["checkpoint"]), Precision.FP32))
+    data = out.with_name("model.onnx.data")
+    assert data.is_file() and data.stat().st_mode & 0o444 == 0o444
