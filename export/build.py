@@ -34,7 +34,7 @@ from thfm_serve.errors import CheckpointError, ExportError, ThfmError
 from thfm_serve.protocol import CORE, VAE_DECODER, VAE_ENCODER
 
 from . import manifest as mf
-from .calibration import DEFAULT_CLIPS, calibration_set, procedural_clips
+from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import check_target_precision, lowered_core, precision_summary
 from .specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
@@ -281,18 +281,12 @@ def _clip_inputs(ck: Any):
     """Core inputs from the distribution an int8 core is calibrated on, at any base dims: a procedural
     clip of the matching frames and size through the VAE encoder (repeated over the batch) and the
     task embeddings (cycled over the batch)."""
-    import torch
-
-    from thfm_serve.processing import fit_clip
-
-    text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)
+    text = task_texts(ck)
     encoder = ck.vae_encoder()
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         frames, height, width = 4 * (dims["latent_frames"] - 1) + 1, 16 * dims["hp"], 16 * dims["wp"]
-        clip = procedural_clips(1, frames, height, width, seed=seed)[0]
-        with torch.no_grad():
-            latent = encoder(fit_clip(clip, frames, height, width)).numpy()
+        latent = clip_latent(encoder, procedural_clips(1, frames, height, width, seed=seed)[0], frames, height, width)
         batch = dims["batch"]
         return {"latent": np.repeat(latent, batch, axis=0), "text": text[np.arange(batch) % len(text)]}
 
@@ -301,20 +295,15 @@ def _clip_inputs(ck: Any):
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
               calibration: list[str], clips: int, target: Target, reference: Any) -> dict[str, Any]:
-    import torch
-
-    from thfm_serve.processing import fit_clip
-
     from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
     from .quantize import quantize_core
 
     calib = calibration_set(calibration or None, frames, height, width, count=clips)
-    text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)  # [tasks, L, D]
+    text = task_texts(ck)
     encoder = ck.vae_encoder()
     samples = []
     for clip in calib.clips:
-        with torch.no_grad():
-            latent = encoder(fit_clip(clip, frames, height, width)).numpy()
+        latent = clip_latent(encoder, clip, frames, height, width)
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))

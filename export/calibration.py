@@ -16,6 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,3 +178,19 @@ def calibration_set(paths: list[str | Path] | None, frames: int, height: int, wi
     logger.info("calibration: no --calibration videos; using %d procedural clips (%s)", count, PROCEDURAL_RECIPE)
     clips = procedural_clips(count, frames, height, width, seed)
     return CalibrationSet(clips, PROCEDURAL_RECIPE, f"{PROCEDURAL_RECIPE}:n{count}:s{seed}", [])
+
+
+def task_texts(ck: Any, tasks: list[str] | None = None) -> np.ndarray:
+    """The checkpoint's task prompt embeddings [tasks, L, D] float32: one core row per task, as served."""
+    return np.stack([ck.task_embedding(t).numpy() for t in (tasks or ck.tasks)]).astype(np.float32)
+
+
+def clip_latent(encoder: Any, clip: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+    """A uint8 clip [F, H, W, 3] fitted to frames x height x width and encoded by the Wan VAE encoder
+    (thfm_serve.model.VaeEncoder): the core's latent input [1, 16, T', H/8, W/8]."""
+    import torch
+
+    from thfm_serve.processing import fit_clip
+
+    with torch.no_grad():
+        return encoder(fit_clip(clip, frames, height, width)).numpy()

@@ -100,10 +100,14 @@ def matmuls_to_quantize(model: onnx.ModelProto, recipe: QdqRecipe, exclude: Iter
     """(MatMul nodes to quantise, MatMul nodes excluded by module) for `recipe`. Without attention
     products only MatMuls by a weight initializer (the linears) are quantised."""
     skip = set(excluded_nodes(model, exclude, ["MatMul"]))
+    candidates = [n for n in model.graph.node if n.op_type == "MatMul"] if recipe.attention_products else weight_matmuls(model)
+    return [n.name for n in candidates if n.name not in skip], sorted(skip)
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MatMuls by a weight initializer: the traced nn.Linear layers."""
     inits = {i.name for i in model.graph.initializer}
-    chosen = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in skip
-              and (recipe.attention_products or (len(n.input) > 1 and n.input[1] in inits))]
-    return chosen, sorted(skip)
+    return [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
 
 
 def node_scopes(node: onnx.NodeProto) -> list[str]:
@@ -163,11 +167,8 @@ class _Reader:
 def linear_matmuls(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
     """ONNX MatMul node -> (torch module path, input tensor, output tensor) for every MatMul by a
     weight initializer whose innermost traced scope names its module (as in ExportCore.named_modules)."""
-    inits = {i.name for i in model.graph.initializer}
     out = {}
-    for n in model.graph.node:
-        if n.op_type != "MatMul" or len(n.input) < 2 or n.input[1] not in inits:
-            continue
+    for n in weight_matmuls(model):
         scopes = [s for s in node_scopes(n) if "." in s]
         if scopes:
             out[n.name] = (scopes[-1], n.input[0], n.output[0])
@@ -248,31 +249,30 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
     logger.info("int8 (%s): calibrating on %d samples by %s; %d MatMul nodes excluded (%s)", recipe.name, len(samples),
                 calibration, len(skip), ", ".join(exclude))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.TemporaryDirectory(prefix="thfm-calib-")
-    calib_kwargs: dict[str, Any] = {"calibration_data_reader": _Reader(samples)}
-    if use_hooks:
-        cache = Path(tmp.name) / "ranges.json"
-        hook_calibration_cache(model, nodes, module, samples, cache)
-        calib_kwargs = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
-    del model
-    hint_filter = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(hint_filter)
-    for handler in root.handlers:
-        handler.addFilter(hint_filter)
-    try:
-        quantize_static(
-            str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
-            use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
-            **calib_kwargs, **recipe.quantize_static_kwargs(),
-        )
-    except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
-        raise ExportError(f"int8: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
-    finally:
-        tmp.cleanup()
-        root.removeFilter(hint_filter)
+    with tempfile.TemporaryDirectory(prefix="thfm-calib-") as tmp:
+        calib_kwargs: dict[str, Any] = {"calibration_data_reader": _Reader(samples)}
+        if use_hooks:
+            cache = Path(tmp) / "ranges.json"
+            hook_calibration_cache(model, nodes, module, samples, cache)
+            calib_kwargs = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
+        del model
+        hint_filter = _DropPreprocessHint()
+        root = logging.getLogger()
+        root.addFilter(hint_filter)
         for handler in root.handlers:
-            handler.removeFilter(hint_filter)
+            handler.addFilter(hint_filter)
+        try:
+            quantize_static(
+                str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
+                use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
+                **calib_kwargs, **recipe.quantize_static_kwargs(),
+            )
+        except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
+            raise ExportError(f"int8: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
+        finally:
+            root.removeFilter(hint_filter)
+            for handler in root.handlers:
+                handler.removeFilter(hint_filter)
     from .onnx_export import onnx_files
 
     for f in onnx_files(out_path):

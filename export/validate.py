@@ -236,14 +236,15 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
     import torch
 
     from thfm_serve.config import DENSE_TASKS
-    from thfm_serve.processing import dense_output, fit_clip, sparse_output
+    from thfm_serve.processing import dense_output, sparse_output
+
+    from .calibration import clip_latent, task_texts
 
     cfg = ck.config
     tasks = tasks or ck.tasks
-    with torch.no_grad():
-        latent = ck.vae_encoder()(fit_clip(clip, clip.shape[0], height, width))
-    text = np.stack([ck.task_embedding(t).numpy() for t in tasks]).astype(np.float32)
-    ref, got = _batched(reference, latent.numpy(), text, max_batch), _batched(candidate, latent.numpy(), text, max_batch)
+    latent = clip_latent(ck.vae_encoder(), clip, clip.shape[0], height, width)
+    text = task_texts(ck, tasks)
+    ref, got = _batched(reference, latent, text, max_batch), _batched(candidate, latent, text, max_batch)
     decoder = ck.vae_decoder()
     out: dict[str, dict[str, float]] = {}
     for i, task in enumerate(tasks):

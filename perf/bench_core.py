@@ -576,64 +576,49 @@ def _perf_analyzer_p50(url: str, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
-    """int8 Q/DQ core from the fp32 export with the exporter's recipe for one target
-    (export.quantize.RECIPES):
+    """int8 Q/DQ core from the fp32 export by the exporter's quantize_core, with the recipe of one
+    target (export.quantize.RECIPES):
 
     "cpu" (engine ort-int8): what `thfm export --target cpu --precision int8` writes, uint8
         asymmetric activations, linears only;
     "gpu" (engine ort-int8-trt): the TensorRT recipe (int8 symmetric activations) run in
-        onnxruntime, for comparison; here with the linears only, like "cpu" (see below).
+        onnxruntime, for comparison; here with the linears only, like "cpu".
 
-    Calibration is the exporter's (export.quantize.hook_calibration_cache: MinMax ranges of every
-    Linear's input and output from PyTorch forward hooks), cached under --workdir and shared by both
-    recipes; hooks see the Linears only, so attention's QK^T and PV products stay float in both.
-    Calibration inputs are the exporter's: procedural clips, VAE-encoded, one row per task prompt.
+    Both are calibrated as the exporter calibrates the linears-only recipe (PyTorch forward hooks on
+    the Linears): the TensorRT recipe's attention products need onnxruntime's calibrator, which runs
+    out of memory on the 1.3B core on this machine. Calibration inputs are the exporter's:
+    procedural clips, VAE-encoded, one row per task prompt.
     """
-    import onnx
+    import dataclasses
+
     import torch
-    from onnxruntime.quantization import CalibrationMethod, quantize_static
 
     from thfm_serve.checkpoint import load_checkpoint
-    from thfm_serve.export.calibration import procedural_clips
+    from thfm_serve.export.calibration import clip_latent, procedural_clips, task_texts
     from thfm_serve.export.onnx_export import PROTOBUF_LIMIT, onnx_files
     from thfm_serve.export.precision import lowered_core
-    from thfm_serve.export.quantize import DEFAULT_EXCLUDE, excluded_nodes, hook_calibration_cache, linear_matmuls, qdq_stats, recipe_for
+    from thfm_serve.export.quantize import quantize_core, recipe_for
     from thfm_serve.export.specs import Precision
-    from thfm_serve.processing import fit_clip
 
     torch.set_num_threads(job["threads"])
     src, dst = Path(job["onnx"]), Path(job["out"])
     frames, height, width = job["frames"], job["height"], job["width"]
-    model = onnx.load(str(src), load_external_data=False)
-    skip = set(excluded_nodes(model, DEFAULT_EXCLUDE, ["MatMul"]))
-    nodes = [n for n in linear_matmuls(model) if n not in skip]
-    cache = Path(job["cache"])  # shared by both recipes: the raw min/max ranges are the same
     t0 = time.perf_counter()
-    if not cache.is_file():
-        ck = load_checkpoint(job["checkpoint"], text_encoder=False)
-        text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)
-        encoder = ck.vae_encoder()
-        samples = []
-        for clip in procedural_clips(job.get("clips", 1), frames, height, width, seed=0):
-            with torch.no_grad():
-                latent = encoder(fit_clip(clip, frames, height, width)).numpy()
-            samples += [{"latent": latent, "text": text[i : i + 1]} for i in range(len(text))]
-        del encoder
-        hook_calibration_cache(model, nodes, lowered_core(ck.core(), Precision.FP32), samples, cache)
-        del ck
-    del model
-    calib_s = time.perf_counter() - t0
-    recipe = recipe_for(job["recipe"])
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(job["checkpoint"], text_encoder=False)
+    text = task_texts(ck)
+    encoder = ck.vae_encoder()
+    samples = []
+    for clip in procedural_clips(job.get("clips", 1), frames, height, width, seed=0):
+        latent = clip_latent(encoder, clip, frames, height, width)
+        samples += [{"latent": latent, "text": text[i : i + 1]} for i in range(len(text))]
+    del encoder
+    recipe = dataclasses.replace(recipe_for(job["recipe"]), attention_products=False)
     for stale in onnx_files(dst):
         stale.unlink()
-    quantize_static(
-        str(src), str(dst), None, nodes_to_quantize=nodes, nodes_to_exclude=sorted(skip),
-        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
-        use_external_data_format=sum(p.stat().st_size for p in onnx_files(src)) > PROTOBUF_LIMIT * 0.9,
-        **recipe.quantize_static_kwargs())
-    return {"seconds": time.perf_counter() - t0, "calibration_s": calib_s, "stats": qdq_stats(dst),
-            "excluded_nodes": len(skip), "samples": 6 * job.get("clips", 1), "peak_rss_mb": peak_rss_mb()}
+    info = quantize_core(src, dst, samples, recipe, module=lowered_core(ck.core(), Precision.FP32),
+                         external_data=sum(p.stat().st_size for p in onnx_files(src)) > PROTOBUF_LIMIT * 0.9)
+    return {"seconds": time.perf_counter() - t0, "stats": info, "excluded_nodes": info["excluded_nodes"],
+            "samples": len(samples), "peak_rss_mb": peak_rss_mb()}
 
 
 WORKERS = {"quantize": quantize_worker, "peak": peak_worker, "flops": flop_counter_worker, "core": core_worker, "vae": vae_worker,
@@ -748,11 +733,8 @@ class Bench:
             if path.is_file() and path.stat().st_mtime > fp32_core.stat().st_mtime:
                 logger.info("int8 (%s recipe) %s is newer than the fp32 export: reused", recipe, path)
                 continue
-            cache = self.workdir / f"calibration_{self.shape_key}_{a.calibration_clips}clips.json"
-            if cache.is_file() and cache.stat().st_mtime < fp32_core.stat().st_mtime:
-                cache.unlink()  # ranges of an older fp32 export
             res = self.run_worker({"worker": "quantize", "recipe": recipe, "onnx": str(fp32_core), "out": str(path),
-                                   "clips": a.calibration_clips, "cache": str(cache)}, f"quantize int8 ({recipe} recipe)")
+                                   "clips": a.calibration_clips}, f"quantize int8 ({recipe} recipe)")
             self.results[f"quantize_{recipe}"] = res
             if res.get("status") != "ok":
                 path.unlink(missing_ok=True)

@@ -97,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from thfm_serve.checkpoint import load_checkpoint
-    from thfm_serve.export.calibration import procedural_clips
+    from thfm_serve.export.calibration import clip_latent, procedural_clips, task_texts
     from thfm_serve.export.onnx_export import export_onnx
     from thfm_serve.export.precision import lowered_core
     from thfm_serve.export.quantize import qdq_stats, quantize_core
     from thfm_serve.export.specs import Precision, build_specs
-    from thfm_serve.processing import fit_clip
     from thfm_serve.protocol import CORE
 
     torch.set_num_threads(args.threads)
@@ -118,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Calibration and timing inputs as the exporter makes them: a procedural clip through the VAE,
     # one row per task prompt for calibration; one task row for timing (batch 1, as the benchmark).
-    text = np.stack([ck.task_embedding(t).numpy() for t in ck.tasks]).astype(np.float32)
+    text = task_texts(ck)
     clip = procedural_clips(1, args.frames, args.height, args.width, seed=0)[0]
-    with torch.no_grad():
-        latent = ck.vae_encoder()(fit_clip(clip, args.frames, args.height, args.width)).numpy()
+    latent = clip_latent(ck.vae_encoder(), clip, args.frames, args.height, args.width)
     samples = [{"latent": latent, "text": text[i : i + 1]} for i in range(len(text))]
     feed = {"latent": latent, "text": text[:1]}
 
