@@ -4,7 +4,7 @@
     from thfm_serve.client import AsyncThfmClient     # asyncio (tritonclient.grpc.aio)
 
 Both take one or more "HOST:PORT" gRPC endpoints, read the entry model's window size from its config,
-cut long clips into overlapping windows, spread them over the servers (retrying a failed window on
+cut long clips into overlapping windows (the server's windowing policy, thfm_serve.contract.windows), spread them over the servers (retrying a failed window on
 another server), and stitch the answers into the arrays the in-process pipeline produces.
 The `thfm predict VIDEO --url HOST:PORT` command is command.run_remote.
 """
@@ -12,8 +12,8 @@ The `thfm predict VIDEO --url HOST:PORT` command is command.run_remote.
 from .aio import AsyncThfmClient
 from .core import Prediction
 from .sync import ThfmClient
-from .windows import ClipWindow, default_overlap, plan_overlapping
+from thfm_serve.contract.windows import ClipWindow, default_overlap, plan_windows
 from .wire import ServerInfo
 
 __all__ = ["AsyncThfmClient", "ClipWindow", "Prediction", "ServerInfo", "ThfmClient", "default_overlap",
-           "plan_overlapping"]
+           "plan_windows"]

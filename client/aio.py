@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.errors import ServerError, ThfmError
 
 from . import wire

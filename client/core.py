@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from thfm_serve.config import SPARSE_TASKS, parse_tasks
+from thfm_serve.contract.geometry import validate_frames
+from thfm_serve.contract.tasks import SPARSE_TASKS, parse_tasks, task_result
 from thfm_serve.errors import ServerError, ShapeError, ThfmError
 
 from . import wire
-from .windows import ClipWindow, Stitcher, default_overlap, plan_overlapping
+from thfm_serve.contract.windows import ClipWindow, Stitcher, check_overlap, default_overlap, plan_windows, stitched
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class Prediction:
 
 def load_clip(video, max_frames: int | None = None, max_pixels: int | None = None) -> Clip:
     """A path (decoded like the in-process path), a thfm_serve.video.Video, or frames [F, H, W, 3]."""
-    from thfm_serve.processing import validate_frames
     from thfm_serve.video import Video, read_video
 
     if isinstance(video, Clip):
@@ -109,8 +109,11 @@ class Run:
         n, h, w = clip.frames.shape[:3]
         self.num_frames, self.height, self.width = n, h, w
         window = info.window_frames
-        self.overlap = default_overlap(window) if overlap is None else int(overlap)
-        self.plan = plan_overlapping(n, window, self.overlap)
+        # The server's overlap unless told otherwise: the same plan the server and the in-process
+        # pipeline use, so the stitched result equals theirs.
+        chosen = info.overlap if overlap is None else overlap
+        self.overlap = check_overlap(window, default_overlap(window) if chosen is None else chosen)
+        self.plan = plan_windows(n, window, self.overlap)
         longest = max(win.frames for win in self.plan)
         if info.max_frames and longest > info.max_frames:
             raise ShapeError(f"a window of {longest} frames is above the server's max_frames={info.max_frames}")
@@ -208,20 +211,8 @@ class Run:
                 self._payloads.pop(index, None)  # every group of this window is done: free its bytes
 
     def results(self) -> dict[str, dict[str, np.ndarray]]:
-        from thfm_serve.processing import task_result
-
-        out = {}
-        for t in self.tasks:
-            arr = self.stitchers[t].result()
-            if t == "normals":
-                # A blend of two unit vectors is shorter than one: make the cross-faded frames unit
-                # normals again, as the task promises. Other frames are left exactly as served.
-                idx = self.stitchers[t].blended_frames()
-                if idx.size:
-                    n = arr[idx]
-                    arr[idx] = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), np.float32(1e-6))
-            out[t] = task_result(t, arr, self.joint_names if t in SPARSE_TASKS else None)
-        return out
+        return {t: task_result(t, stitched(t, self.stitchers[t]), self.joint_names if t in SPARSE_TASKS else None)
+                for t in self.tasks}
 
 
 class Progress:

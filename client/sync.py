@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.errors import ServerError, ThfmError
 
 from . import wire

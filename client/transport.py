@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.errors import ServerError, TaskError, ThfmError
 
 from . import wire

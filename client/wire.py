@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from thfm_serve import protocol
-from thfm_serve.config import DENSE_TASKS, SPARSE_TASKS, TASKS
-from thfm_serve.errors import ServerError, ShapeError
+from thfm_serve.contract import protocol
+from thfm_serve.contract.params import model_parameters, read_params
+from thfm_serve.contract.tasks import SPARSE_TASKS, TASKS, frame_shape
+from thfm_serve.errors import ServerError, ShapeError, ThfmError
 
 # Lossless window encoding (see the module docstring for the measurements).
 WINDOW_CODEC = "libx264rgb"
@@ -52,47 +53,42 @@ class ServerInfo:
     max_pixels: int | None
     max_request_bytes: int | None
     tasks: tuple[str, ...] = field(default=TASKS)
+    overlap: int | None = None  # frames neighbouring windows share (None: the policy's default)
 
     def same_model(self, other: "ServerInfo") -> list[str]:
         """The fields on which two servers disagree (they must serve the same export)."""
-        keys = ("window_frames", "height", "width", "tasks")
+        keys = ("window_frames", "height", "width", "overlap", "tasks")
         return [f"{k}: {getattr(self, k)} ({self.url}) vs {getattr(other, k)} ({other.url})"
                 for k in keys if getattr(self, k) != getattr(other, k)]
 
 
 def parse_model_config(url: str, model: str, config: dict) -> ServerInfo:
-    """ServerInfo from get_model_config(as_json=True); ServerError when a needed parameter is absent."""
+    """ServerInfo from get_model_config(as_json=True) through the contract's one parser
+    (contract.params.read_params); ServerError when a needed parameter is absent or bad. A limit
+    that is absent or not positive is None (not known to the client)."""
     cfg = config.get("config", config)
-    params = cfg.get("parameters") or {}
-
-    def param(name: str, required: bool) -> int | None:
-        raw = (params.get(name) or {}).get("string_value")
-        if raw is None or str(raw).strip() == "":
-            if required:
-                raise ServerError(
-                    f"{url}: model {model!r} has no {name!r} parameter in its config; is this a THFM "
-                    "model repository (written by `thfm export`)?"
-                )
-            return None
-        try:
-            value = int(str(raw).strip())
-        except ValueError:
-            raise ServerError(f"{url}: model {model!r} parameter {name!r} is {raw!r}, not an integer") from None
-        return value if value > 0 else None
-
+    try:
+        p = read_params(model_parameters(cfg))
+    except ThfmError as e:
+        raise ServerError(f"{url}: model {model!r}: {e}; is this a THFM model repository (written by "
+                          "`thfm export`)?") from None
     outputs = {o.get("name") for o in cfg.get("output", [])}
     served = tuple(t for t in TASKS if protocol.OUTPUT_FOR_TASK[t] in outputs) or TASKS
-    window = param(protocol.PARAM_WINDOW_FRAMES, True)
+
+    def known(value: int | None) -> int | None:
+        return value if value is not None and value > 0 else None
+
     return ServerInfo(
         url=url,
         model=model,
-        window_frames=window,
-        height=param(protocol.PARAM_HEIGHT, True),
-        width=param(protocol.PARAM_WIDTH, True),
-        max_frames=param(protocol.PARAM_MAX_FRAMES, False),
-        max_pixels=param(protocol.PARAM_MAX_PIXELS, False),
-        max_request_bytes=param(protocol.PARAM_MAX_REQUEST_BYTES, False),
+        window_frames=p.window,
+        height=p.height,
+        width=p.width,
+        max_frames=known(p.max_frames),
+        max_pixels=known(p.max_pixels),
+        max_request_bytes=known(p.max_request_bytes),
         tasks=served,
+        overlap=p.overlap,
     )
 
 
@@ -128,16 +124,8 @@ def encode_window(frames: np.ndarray, fps: float = 24.0) -> bytes:
 
 
 def output_elements(task: str, height: int, width: int, joints: int = _JOINTS_BUDGET) -> int:
-    """float32 elements per frame in a task's output (processing.OUTPUT_KEYS layouts)."""
-    if task in ("depth", "segmentation"):
-        return height * width
-    if task in ("normals", "densepose"):
-        return height * width * 3
-    if task == "keypoints2d":
-        return joints * 2
-    if task == "keypoints3d":
-        return joints * 3
-    raise ValueError(f"unknown task {task!r}")
+    """float32 elements per frame in a task's output (contract.tasks layouts)."""
+    return int(np.prod(frame_shape(task, height, width, joints)))
 
 
 def response_bytes(tasks, frames: int, height: int, width: int) -> int:
@@ -202,19 +190,13 @@ def decode_names(arr) -> list[str]:
 def check_output(task: str, arr: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
     """The task's array as the protocol promises it (float32, [frames, ...layout]); ServerError if not."""
     arr = np.asarray(arr)
-    if task in DENSE_TASKS:
-        trailing = (height, width) if task in ("depth", "segmentation") else (height, width, 3)
-    else:
-        trailing = None  # [K, 2|3]; K is checked against joint_names by the caller
-    ok = arr.ndim >= 1 and arr.shape[0] == frames
-    if trailing is not None:
-        ok = ok and arr.shape[1:] == trailing
-    else:
-        ok = ok and arr.ndim == 3 and arr.shape[2] == (2 if task == "keypoints2d" else 3)
-    if not ok:
-        want = [frames, *trailing] if trailing else [frames, "K", 2 if task == "keypoints2d" else 3]
+    # K (the joints) is checked against joint_names by the caller: take it from the answer.
+    joints = arr.shape[1] if arr.ndim >= 2 else 0
+    want = [frames, *frame_shape(task, height, width, joints)]
+    if list(arr.shape) != want:
+        if task in SPARSE_TASKS:
+            want[1] = "K"
         raise ServerError(f"the server returned {task} with shape {list(arr.shape)}, expected {want}")
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     return arr
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .specs import SubmodelSpec, TensorSpec, Tolerance, build_specs
+from thfm_serve.contract.specs import SubmodelSpec, TensorSpec, Tolerance, build_specs
 
 __all__ = ["SubmodelSpec", "TensorSpec", "Tolerance", "build_specs", "export_repository"]
 

@@ -31,15 +31,15 @@ import numpy as np
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import CheckpointError, ExportError, ThfmError
-from thfm_serve.protocol import CORE, VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 
 from . import manifest as mf
 from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import check_target_precision, lowered_core, precision_summary
-from .specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
+from thfm_serve.contract.specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
 from .validate import make_runner, task_drift, torch_runner, validate_values
-from .vae_window import decode_in_window, encode_in_window
+from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 
 logger = logging.getLogger(__name__)
 

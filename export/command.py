@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .specs import MAX_BATCH, Precision, Target
+from thfm_serve.contract.specs import MAX_BATCH, Precision, Target
 
 logger = logging.getLogger(__name__)
 

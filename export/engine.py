@@ -27,7 +27,7 @@ from typing import Any
 
 from thfm_serve.errors import ExportError
 
-from .specs import SubmodelSpec
+from thfm_serve.contract.specs import SubmodelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import onnx
 
 from thfm_serve.errors import ExportError
 
-from .specs import SubmodelSpec
+from thfm_serve.contract.specs import SubmodelSpec
 
 logger = logging.getLogger(__name__)
 

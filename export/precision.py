@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from thfm_serve.errors import ThfmError
 
-from .specs import Precision, Target
+from thfm_serve.contract.specs import Precision, Target
 
 logger = logging.getLogger(__name__)
 

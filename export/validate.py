@@ -28,7 +28,7 @@ import numpy as np
 
 from thfm_serve.errors import ExportError
 
-from .specs import Precision, SubmodelSpec, Tolerance
+from thfm_serve.contract.specs import Precision, SubmodelSpec, Tolerance
 
 logger = logging.getLogger(__name__)
 

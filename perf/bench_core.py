@@ -301,7 +301,7 @@ def clip_frames(frames: int, height: int, width: int) -> np.ndarray:
 
 def compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str, kinds: dict[str, str]) -> dict[str, Any]:
     """max |diff| per output and whether it is inside the export tolerance at that precision."""
-    from thfm_serve.export.specs import tolerance_for
+    from thfm_serve.contract.specs import tolerance_for
 
     out: dict[str, Any] = {"ok": True, "outputs": {}}
     for name, r in ref.items():
@@ -384,7 +384,7 @@ def vae_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     from thfm_serve import engines
     from thfm_serve.processing import fit_clip
-    from thfm_serve.protocol import VAE_ENCODER
+    from thfm_serve.contract.protocol import VAE_ENCODER
 
     name, which = job["engine"], job["which"]
     ck = Path(job["checkpoint"])
@@ -473,7 +473,7 @@ def repo_inprocess_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The served code path (serving.run_entry over the repository's onnxruntime models) without a server."""
     from thfm_serve import serving
     from thfm_serve.engines import set_torch_threads
-    from thfm_serve.protocol import CORE, VAE_DECODER, VAE_ENCODER
+    from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 
     threads = set_torch_threads(job["threads"])
     repo = Path(job["repo"])
@@ -517,7 +517,7 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
     """tritonserver on the exported repository; the entry model over gRPC with the same clip/tasks."""
     import tritonclient.grpc as grpcclient
 
-    from thfm_serve import protocol
+    from thfm_serve.contract import protocol
     from thfm_serve.server import ServerConfig, TritonServer, free_port
 
     frames, height, width = job["frames"], job["height"], job["width"]
@@ -553,7 +553,7 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
                     "peak_rss_mb": sum(hwm.values()), "processes": len(hwm), "threads": job["threads"]})
         if job.get("perf_analyzer"):
             res["perf_analyzer"] = _perf_analyzer_p50(server.grpc_url, job)
-    from thfm_serve.processing import OUTPUT_KEYS
+    from thfm_serve.contract.tasks import OUTPUT_KEYS
 
     flat = {f"{t}/{OUTPUT_KEYS[t]}": v for t, v in out.items()}
     res["vs_pipeline_fp32"] = e2e_compare(flat, Path(job["workdir"]) / f"ref_e2e_{job['shape_key']}.npz")
@@ -598,7 +598,7 @@ def quantize_worker(job: dict[str, Any]) -> dict[str, Any]:
     from thfm_serve.export.onnx_export import PROTOBUF_LIMIT, onnx_files
     from thfm_serve.export.precision import lowered_core
     from thfm_serve.export.quantize import quantize_core, recipe_for
-    from thfm_serve.export.specs import Precision
+    from thfm_serve.contract.specs import Precision
 
     torch.set_num_threads(job["threads"])
     src, dst = Path(job["onnx"]), Path(job["out"])

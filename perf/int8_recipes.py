@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from thfm_serve.export.onnx_export import export_onnx
     from thfm_serve.export.precision import lowered_core
     from thfm_serve.export.quantize import qdq_stats, quantize_core
-    from thfm_serve.export.specs import Precision, build_specs
-    from thfm_serve.protocol import CORE
+    from thfm_serve.contract.specs import Precision, build_specs
+    from thfm_serve.contract.protocol import CORE
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir) / f"{Path(args.checkpoint).name}_{args.layers}l_{args.frames}x{args.height}x{args.width}"

@@ -113,7 +113,7 @@ def grpc_inputs(frames=None, video: bytes | None = None, tasks: Sequence[str | b
     """Entry-contract inputs (protocol names); tasks may be str or raw bytes."""
     import numpy as np
 
-    from thfm_serve import protocol
+    from thfm_serve.contract import protocol
 
     out = []
     if frames is not None:

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from serverfix import grpc_client, grpc_inputs, outputs, record, served_repo, start_server, tensor
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.serving import Limits
 
 pytestmark = pytest.mark.server

@@ -20,10 +20,10 @@ from thfm_serve.client import sync as client_sync
 from thfm_serve.client import wire
 from thfm_serve.client.scheduler import Assignment, WindowScheduler
 from thfm_serve.client.transport import RequestError, classify, normalize_url
-from thfm_serve.client.windows import Stitcher, default_overlap, fade_weights, max_overlap, plan_overlapping
+from thfm_serve.contract.windows import Stitcher, default_overlap, fade_weights, max_overlap, plan_windows
 from thfm_serve.config import SMPL_JOINTS
 from thfm_serve.errors import ServerError, ShapeError, TaskError, ThfmError
-from thfm_serve.processing import OUTPUT_KEYS, plan_windows
+from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.server import free_port
 from thfm_serve.video import decode_video_bytes, read_video
 from videogen import make_clip
@@ -51,7 +51,7 @@ def test_plan_covers_every_frame_with_weights_summing_to_one(n, window):
     for overlap in sorted({0, 1, default_overlap(window), max_overlap(window)}):
         if overlap > max_overlap(window):
             continue
-        plan = plan_overlapping(n, window, overlap)
+        plan = plan_windows(n, window, overlap)
         cover = _coverage(plan, n)
         for t, parts in enumerate(cover):
             assert 1 <= len(parts) <= 2, (n, window, overlap, t, parts)
@@ -65,23 +65,27 @@ def test_plan_covers_every_frame_with_weights_summing_to_one(n, window):
 
 
 @pytest.mark.parametrize("n,window", [(1, 9), (4, 9), (9, 9), (10, 9), (23, 9), (27, 9), (81, 81), (200, 81)])
-def test_overlap_zero_keeps_the_in_process_frames(n, window):
-    ours = plan_overlapping(n, window, 0)
-    theirs = plan_windows(n, window)
-    assert [(w.start, w.stop, w.use_start, w.use_stop) for w in ours] == \
-        [(w.start, w.stop, w.keep_from, w.stop) for w in theirs]
+def test_overlap_zero_is_back_to_back_windows(n, window):
+    """Overlap 0: windows one after another, the last aligned to the end and only its new frames used."""
+    ours = plan_windows(n, window, 0)
+    if n <= window:
+        expected = [(0, n, 0, n)]
+    else:
+        starts = list(range(0, n - window, window))  # each ends before n
+        expected = [(s, s + window, s, s + window) for s in starts] + [(n - window, n, starts[-1] + window, n)]
+    assert [(w.start, w.stop, w.use_start, w.use_stop) for w in ours] == expected
 
 
 def test_overlap_out_of_range_is_a_clear_error():
     with pytest.raises(ShapeError, match="overlap 5 is outside 0..4"):
-        plan_overlapping(30, 9, 5)
+        plan_windows(30, 9, 5)
     with pytest.raises(ShapeError, match="overlap"):
-        plan_overlapping(30, 9, -1)
+        plan_windows(30, 9, -1)
 
 
 def test_stitching_is_a_linear_cross_fade():
     n, window, overlap = 12, 9, 3
-    plan = plan_overlapping(n, window, overlap)
+    plan = plan_windows(n, window, overlap)
     assert [(w.start, w.stop) for w in plan] == [(0, 9), (3, 12)]
     s = Stitcher(plan, n)
     s.add(plan[0], np.zeros((9, 2), np.float32))
@@ -94,7 +98,7 @@ def test_stitching_is_a_linear_cross_fade():
 def test_stitching_does_not_depend_on_arrival_order():
     rng = np.random.default_rng(0)
     n, window = 47, 9
-    plan = plan_overlapping(n, window, 4)
+    plan = plan_windows(n, window, 4)
     parts = [rng.standard_normal((window, 5, 3)).astype(np.float32) for _ in plan]
     results = []
     for order in (range(len(plan)), reversed(range(len(plan))), rng.permutation(len(plan))):
@@ -107,7 +111,7 @@ def test_stitching_does_not_depend_on_arrival_order():
 
 
 def test_stitching_rejects_a_wrong_answer():
-    plan = plan_overlapping(20, 9, 2)
+    plan = plan_windows(20, 9, 2)
     s = Stitcher(plan, 20)
     with pytest.raises(ShapeError, match="returned 8 frames"):
         s.add(plan[0], np.zeros((8, 4), np.float32))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from thfm_serve.client import AsyncThfmClient, ThfmClient
-from thfm_serve.processing import OUTPUT_KEYS
+from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.server import ServerConfig, TritonServer, free_port
 from thfm_serve.video import read_video
 from videogen import encoder_available, make_clip

@@ -15,7 +15,7 @@ import torch
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import ExportError, ShapeError, ThfmError
 from thfm_serve.export import build_specs
-from thfm_serve.export.specs import Axis, Precision, SubmodelSpec, Target, parse_axis, parse_precision, parse_target
+from thfm_serve.contract.specs import Axis, Precision, SubmodelSpec, Target, parse_axis, parse_precision, parse_target
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_parse_precision_and_target():
 def test_vae_window_matches_in_process_vae(tiny_checkpoint):
     """Pad-to-window then crop equals the VAE run on the short clip (the Wan VAE is causal in time)."""
     from thfm_serve.checkpoint import load_checkpoint
-    from thfm_serve.export.vae_window import decode_in_window, encode_in_window, pad_time
+    from thfm_serve.contract.vae_window import decode_in_window, encode_in_window, pad_time
 
     ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
     enc, dec = ck.vae_encoder(), ck.vae_decoder()
@@ -296,7 +296,7 @@ def test_engine_without_tensorrt_says_so(cfg, tmp_path, monkeypatch):
 # --- export checks are fatal --------------------------------------------------------------------
 
 def _toy_spec() -> SubmodelSpec:
-    from thfm_serve.export.specs import TensorSpec, Tolerance
+    from thfm_serve.contract.specs import TensorSpec, Tolerance
 
     return SubmodelSpec(
         name="toy", inputs=[TensorSpec("x", "float32", ("batch", 4))], outputs=[TensorSpec("y", "float32", ("batch", 4))],

@@ -21,7 +21,7 @@ from thfm_serve.cli import main
 from thfm_serve.errors import ExportError
 from thfm_serve.export import build_specs, export_repository
 from thfm_serve.export.onnx_export import doubles_in_proto
-from thfm_serve.export.specs import Precision
+from thfm_serve.contract.specs import Precision
 
 SHAPE = dict(frames=5, height=32, width=48)  # small export shape; the checkpoint's clip is 9 x 64 x 64
 # A shape none of the exports used (opt: batch 1, 2 latent frames, 2x3 patches; trace: batch 2).

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from serverfix import grpc_client, grpc_inputs, outputs, served_repo, start_server
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.client import ThfmClient
 from thfm_serve.server import free_port, python_stubs
 

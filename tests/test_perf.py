@@ -23,7 +23,7 @@ import pytest
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import ThfmError
-from thfm_serve.export.specs import build_specs
+from thfm_serve.contract.specs import build_specs
 from thfm_serve.perf import (
     PerfAnalyzer,
     PerfOptions,
@@ -270,7 +270,7 @@ def test_torch_engines_match_the_core(tiny_checkpoint):
 
     from thfm_serve import engines, serving
     from thfm_serve.checkpoint import load_checkpoint
-    from thfm_serve.export.specs import tolerance_for
+    from thfm_serve.contract.specs import tolerance_for
 
     ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
     spec = build_specs(ck.config, 5, 32, 32, batch=2)["core"]

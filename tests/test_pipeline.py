@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from thfm_serve.cli import main
-from thfm_serve.processing import fit_clip, plan_windows, snap_frames, snap_size
+from thfm_serve.contract.geometry import snap_frames, snap_size
+from thfm_serve.contract.windows import plan_windows
+from thfm_serve.processing import fit_clip
 from videogen import make_clip
 
 EXPECTED = {  # task -> (key, trailing shape after [F, ...] given H, W, K)
@@ -41,12 +43,12 @@ def check_outputs(out_dir, frames, height, width, tasks=tuple(EXPECTED), joints=
 
 @pytest.mark.parametrize("n,window", [(1, 9), (4, 9), (9, 9), (10, 9), (23, 9), (27, 9), (81, 81), (200, 81)])
 def test_windows_cover_every_frame_once(n, window):
-    wins = plan_windows(n, window)
-    kept = [f for w in wins for f in range(w.keep_from, w.stop)]
+    wins = plan_windows(n, window, 0)
+    kept = [f for w in wins for f in range(w.use_start, w.use_stop)]
     assert kept == list(range(n))
     for w in wins:
         assert (w.length - 1) % 4 == 0 and w.stop - w.start <= w.length <= window
-        assert w.start <= w.keep_from < w.stop
+        assert w.start <= w.use_start < w.stop
 
 
 def test_snap_helpers():

@@ -20,12 +20,13 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from thfm_serve import protocol, serving
+from thfm_serve import serving
+from thfm_serve.contract import protocol
 from thfm_serve.cli import main as cli_main
 from thfm_serve.config import DENSE_TASKS, PRESETS, SPARSE_TASKS, TASKS, ThfmConfig
 from thfm_serve.errors import CheckpointError, ShapeError, TaskError, ThfmError, VideoError
-from thfm_serve.export.specs import SubmodelSpec, TensorSpec, Tolerance, build_specs, tolerance_for
-from thfm_serve.processing import OUTPUT_KEYS
+from thfm_serve.contract.specs import SubmodelSpec, TensorSpec, Tolerance, build_specs, tolerance_for
+from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.repository import (
     ALL_MODELS, SOURCES, check_repository, default_grid, model_configs, write_repository,
 )
@@ -104,8 +105,9 @@ def test_entry_config_carries_the_protocol_parameters(specs):
     limits = serving.Limits(max_frames=100, max_pixels=640 * 480, max_request_bytes=1 << 20)
     cfg = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits)[protocol.ENTRY_MODEL])
     params = {k: v.string_value for k, v in cfg.parameters.items()}
+    # The overlap is the windowing policy's default for a 9-frame window (an eighth of it, at least 1).
     assert params == {protocol.PARAM_WINDOW_FRAMES: "9", protocol.PARAM_HEIGHT: "64", protocol.PARAM_WIDTH: "64",
-                      protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
+                      protocol.PARAM_OVERLAP: "1", protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
                       protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20)}
     assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS]
     assert [t.optional for t in cfg.input] == [True, True, False]
@@ -168,7 +170,7 @@ def test_write_repository_writes_a_servable_layout(tmp_path, specs):
         assert (repo / name / "1" / "model.py").read_text() == (SOURCES / name / "model.py").read_text()
     assert set(summary["python_models"]) == set(ALL_MODELS) - {protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE}
     manifest = check_repository(repo)
-    assert manifest["target"] == "cpu" and manifest["grid"] == {"window": 9, "height": 64, "width": 64}
+    assert manifest["target"] == "cpu" and manifest["grid"] == {"window": 9, "height": 64, "width": 64, "overlap": 1}
     assets = serving.load_assets(repo)
     assert assets.config == TINY
     assert {n: s.to_dict() for n, s in assets.specs.items()} == {n: s.to_dict() for n, s in specs.items()}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from serverfix import grpc_client, served_repo, start_server
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.server import ServerConfig, server_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thfm_serve import protocol
+from thfm_serve.contract import protocol
 from thfm_serve.config import DENSE_TASKS, SPARSE_TASKS, TASKS
-from thfm_serve.export.specs import SubmodelSpec, tolerance_for
-from thfm_serve.processing import OUTPUT_KEYS
+from thfm_serve.contract.specs import SubmodelSpec, tolerance_for
+from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.repository import check_repository, write_repository
 from thfm_serve.serving import Limits
 from thfm_serve.server import ServerConfig, TritonServer, free_port

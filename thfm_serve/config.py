@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ShapeError, TaskError
-
-# Task names, in the order the engine reports them. Dense tasks are decoded by the Wan VAE;
-# sparse tasks come from the learnable per-frame tokens.
-DENSE_TASKS = ("depth", "normals", "segmentation", "densepose")
-SPARSE_TASKS = ("keypoints2d", "keypoints3d")
-TASKS = DENSE_TASKS + SPARSE_TASKS
+# Tasks and the clip geometry belong to the contract (thfm_serve.contract); they are imported here
+# because the checkpoint config is validated against them, and re-exported for the model code.
+from .contract.geometry import PATCH_SPATIAL, PIXEL_MULTIPLE, VAE_SPATIAL, VAE_TEMPORAL, check_resolution, latent_frames  # noqa: F401
+from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, TASKS, parse_tasks  # noqa: F401
+from .errors import CheckpointError
 
 # SMPL's 24 joints (the RICH/EMDB protocols); joint 0 (pelvis) is the root for 3D keypoints.
 SMPL_JOINTS = (
@@ -37,30 +35,6 @@ DEFAULT_PROMPTS = {
     "keypoints2d": "Estimate the 2D body keypoints of the person in every frame.",
     "keypoints3d": "Estimate the 3D body keypoints of the person in every frame.",
 }
-
-# Wan VAE geometry (AutoencoderKLWan): 4x in time (clips of 4n+1 frames), 8x in space; the
-# transformer patchifies latents 1x2x2, so pixels must be multiples of 8*2 = 16.
-VAE_TEMPORAL = 4
-VAE_SPATIAL = 8
-PATCH_SPATIAL = 2
-PIXEL_MULTIPLE = VAE_SPATIAL * PATCH_SPATIAL
-
-
-def latent_frames(frames: int) -> int:
-    """T frames (4n+1) -> T' = (T-1)/4 + 1 latent frames."""
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
-        raise ShapeError(f"frame count {frames} is not of the form 4n+1 (1, 5, 9, ...)")
-    return (frames - 1) // VAE_TEMPORAL + 1
-
-
-def check_resolution(height: int, width: int) -> None:
-    if height < PIXEL_MULTIPLE or width < PIXEL_MULTIPLE:
-        raise ShapeError(
-            f"resolution {height}x{width} is too small: one latent patch needs at least "
-            f"{PIXEL_MULTIPLE}x{PIXEL_MULTIPLE} pixels"
-        )
-    if height % PIXEL_MULTIPLE or width % PIXEL_MULTIPLE:
-        raise ShapeError(f"resolution {height}x{width} is not a multiple of {PIXEL_MULTIPLE}")
 
 
 @dataclass
@@ -117,25 +91,6 @@ class ThfmConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
-
-
-def parse_tasks(spec: str | list[str] | tuple[str, ...], available: list[str] | tuple[str, ...] = TASKS) -> list[str]:
-    """'depth,keypoints2d' or ['depth', ...] or 'all' -> ordered, de-duplicated task list."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    items = [t.strip() for t in items if t.strip()]
-    if not items:
-        raise TaskError(f"no task given; choose from {', '.join(available)} (or 'all')")
-    if items == ["all"]:
-        return list(available)
-    out: list[str] = []
-    for t in items:
-        if t not in TASKS:
-            raise TaskError(f"unknown task {t!r}; choose from {', '.join(TASKS)} (or 'all')")
-        if t not in available:
-            raise TaskError(f"task {t!r} is not provided by this checkpoint (it has {', '.join(available)})")
-        if t not in out:
-            out.append(t)
-    return out
 
 
 # --- presets ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import CheckpointError, ThfmError
-from .protocol import CORE, VAE_DECODER, VAE_ENCODER
+from .contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _load_checkpoint(path: str | Path):
 def torch_core_module(checkpoint: Any, kind: str, compile: bool = False) -> Callable:
     """The core module for a torch kind, float32 interface (export.precision.ExportCore)."""
     from thfm_serve.export.precision import lowered_core
-    from thfm_serve.export.specs import Precision
+    from thfm_serve.contract.specs import Precision
 
     precision = {TORCH_FP32: Precision.FP32, TORCH_BF16: Precision.BF16}[kind]
     core = checkpoint.core()

@@ -38,7 +38,7 @@ import numpy as np
 
 from .config import ThfmConfig, latent_frames, parse_tasks
 from .errors import ThfmError
-from .protocol import (
+from .contract.protocol import (
     CORE,
     DENSE_ENSEMBLE,
     ENTRY_MODEL,
@@ -257,7 +257,7 @@ def spec_for(model: str, config: Mapping[str, Any], frames: int, height: int, wi
     The text length and width are not geometry: they are read from the served core's fixed "text"
     dims, so the spec matches the checkpoint that was exported.
     """
-    from thfm_serve.export.specs import build_specs
+    from thfm_serve.contract.specs import build_specs
 
     inputs = {i.name: i for i in served_inputs(config)}
     text_len, text_dim = ThfmConfig.text_len, ThfmConfig.text_dim

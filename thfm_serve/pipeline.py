@@ -1,9 +1,10 @@
 """The in-process reference pipeline: video frames -> every requested task's arrays.
 
-This is the path the exported and served models are checked against. Per model window:
-VAE-encode the clip once, run the core once for all requested tasks (batched, one task prompt per
-batch row), decode the dense tasks' latents with the VAE decoder, and map everything back to the
-input's frames and resolution.
+This is the path the exported and served models are checked against. It runs the same window loop
+as the served entry model (processing.run_clip, over contract.windows' one windowing policy) with
+the PyTorch modules: per model window, VAE-encode the clip once, run the core once for all requested
+tasks (batched, one task prompt per batch row), decode the dense tasks' latents with the VAE
+decoder, map everything back to the input's resolution, and stitch the windows in frame order.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import DENSE_TASKS, SPARSE_TASKS, check_resolution, latent_frames, parse_tasks
-from .processing import dense_output, fit_clip, plan_windows, sparse_output, task_result, validate_frames
+from .config import check_resolution, latent_frames, parse_tasks
+from .processing import run_clip, validate_frames
 
 logger = logging.getLogger(__name__)
 
@@ -70,32 +71,29 @@ class ThfmPipeline:
         width: int | None = None,
         window: int | None = None,
         prompts: dict[str, str] | None = None,
+        overlap: int | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames and resolution."""
+        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames and resolution.
+
+        overlap: frames shared by neighbouring windows (None: the policy's default, as served)."""
         frames = validate_frames(frames)
         tasks = parse_tasks(tasks, self.ck.tasks)
         h, w, window = self.resolve(height, width, window)
-        num_frames, in_h, in_w = frames.shape[:3]
-        text = self.embeddings(tasks, prompts)
-        parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-        windows = plan_windows(num_frames, window)
-        for i, win in enumerate(windows):
-            logger.info("window %d/%d: frames %d-%d at %dx%d", i + 1, len(windows), win.start, win.stop - 1, h, w)
-            clip = fit_clip(frames[win.start : win.stop], win.length, h, w)
-            pred, kp2d, kp3d = self.run_window(clip, text)
-            keep = slice(win.keep_from - win.start, win.stop - win.start)
-            dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
-            if dense_idx:
-                maps = self.decoder(pred[dense_idx])  # [n_dense, 3, T, h, w]
-            for j, t in enumerate(tasks):
-                if t in DENSE_TASKS:
-                    m = maps[dense_idx.index(j)].permute(1, 0, 2, 3)[keep]  # [F, 3, h, w]
-                    parts[t].append(dense_output(t, m, in_h, in_w, self.cfg.depth_log_scale))
-                else:
-                    kp = (kp2d if t == "keypoints2d" else kp3d)[j][keep]
-                    parts[t].append(sparse_output(t, kp, in_h, in_w))
-        joints = list(self.cfg.joint_names)
-        return {t: task_result(t, np.concatenate(parts[t], axis=0), joints if t in SPARSE_TASKS else None) for t in tasks}
+        logger.info("%d frames at %dx%d in windows of %d", frames.shape[0], h, w, window)
+        text = self.embeddings(tasks, prompts).float().numpy()
+
+        def encode(clip: np.ndarray) -> np.ndarray:
+            return self.encoder(torch.from_numpy(clip)).numpy()
+
+        def core(latent: np.ndarray, txt: np.ndarray):
+            pred, kp2d, kp3d = self.core(torch.from_numpy(latent).to(self.dtype), torch.from_numpy(txt).to(self.dtype))
+            return pred.float().numpy(), kp2d.float().numpy(), kp3d.float().numpy()
+
+        def decode(latent: np.ndarray) -> np.ndarray:
+            return self.decoder(torch.from_numpy(latent)).numpy()
+
+        return run_clip(frames, tasks, text, h, w, window, overlap, self.cfg.depth_log_scale, self.cfg.joint_names,
+                        encode, core, decode)
 
 
 def write_results(results: dict[str, dict[str, np.ndarray]], out_dir: str | Path) -> list[Path]:

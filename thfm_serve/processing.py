@@ -1,4 +1,4 @@
-"""Pre- and post-processing shared by the in-process pipeline and the Triton python models.
+"""Pre- and post-processing shared by the in-process pipeline and the Triton python models (torch).
 
 Plain functions over numpy/torch arrays: the Triton model.py files call these, and the tests call
 them without a server, so both paths produce the same arrays.
@@ -6,72 +6,19 @@ them without a server, so both paths produce the same arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DENSE_TASKS, PIXEL_MULTIPLE, SPARSE_TASKS, VAE_TEMPORAL, check_resolution
+from .contract.geometry import check_resolution, validate_frames
+from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, task_result
+from .contract.windows import run_windows
 from .errors import ShapeError, TaskError
 
-# Output file name, key and layout per task; the server returns the same keys.
-OUTPUT_KEYS = {
-    "depth": "depth",  # [F, H, W] float32, relative depth
-    "normals": "normals",  # [F, H, W, 3] float32, unit vectors
-    "segmentation": "alpha",  # [F, H, W] float32 in [0, 1]
-    "densepose": "iuv",  # [F, H, W, 3] float32 in [0, 1]
-    "keypoints2d": "keypoints",  # [F, K, 2] float32, input pixels (x, y)
-    "keypoints3d": "keypoints",  # [F, K, 3] float32, metres, root-relative
-}
-
-
-def snap_frames(n: int) -> int:
-    """Smallest 4n+1 frame count that holds n frames (the Wan VAE's temporal grid)."""
-    if n < 1:
-        raise ShapeError("a clip needs at least one frame")
-    return ((n - 1 + VAE_TEMPORAL - 1) // VAE_TEMPORAL) * VAE_TEMPORAL + 1
-
-
-def snap_size(value: int) -> int:
-    """Nearest multiple of 16 (VAE 8x times patch 2x), at least one latent patch."""
-    return max(PIXEL_MULTIPLE, int(round(value / PIXEL_MULTIPLE)) * PIXEL_MULTIPLE)
-
-
-@dataclass(frozen=True)
-class Window:
-    """Frames [start, stop) of the input go through the model as one clip of `length` (4n+1) frames;
-    the results for input frames [keep_from, stop) are kept (earlier ones came from the previous window)."""
-
-    start: int
-    stop: int
-    keep_from: int
-    length: int
-
-
-def plan_windows(num_frames: int, window: int) -> list[Window]:
-    """Cover num_frames with model windows, without losing or duplicating a frame.
-
-    A clip no longer than `window` is one window padded up to 4n+1 frames (the last frame repeated).
-    Longer clips are cut into full windows; the last one is aligned to the end (overlapping the one
-    before), and only its new frames are kept.
-    """
-    if window < 1 or (window - 1) % VAE_TEMPORAL:
-        raise ShapeError(f"window {window} is not of the form 4n+1")
-    if num_frames < 1:
-        raise ShapeError("a clip needs at least one frame")
-    if num_frames <= window:
-        return [Window(0, num_frames, 0, snap_frames(num_frames))]
-    out = []
-    start = 0
-    while start < num_frames:
-        stop = start + window
-        if stop >= num_frames:
-            out.append(Window(num_frames - window, num_frames, start, window))
-            break
-        out.append(Window(start, stop, start, window))
-        start = stop
-    return out
+logger = logging.getLogger(__name__)
 
 
 def fit_clip(frames: np.ndarray, length: int, height: int, width: int) -> torch.Tensor:
@@ -91,21 +38,6 @@ def fit_clip(frames: np.ndarray, length: int, height: int, width: int) -> torch.
         x = torch.cat([x, x[-1:].expand(length - x.shape[0], -1, -1, -1)], dim=0)
     x = x.clamp(0, 1) * 2.0 - 1.0
     return x.permute(1, 0, 2, 3).unsqueeze(0).contiguous()
-
-
-def validate_frames(frames: np.ndarray) -> np.ndarray:
-    """Check a frame array is uint8 [F, H, W, 3]; return it unchanged."""
-    if not isinstance(frames, np.ndarray):
-        raise ShapeError(f"frames must be a numpy array, got {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise ShapeError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ShapeError(f"frames must have shape [F, H, W, 3], got {list(frames.shape)}")
-    if frames.shape[0] < 1:
-        raise ShapeError("frames: zero frames")
-    if frames.shape[1] < 1 or frames.shape[2] < 1:
-        raise ShapeError(f"frames: empty image size {frames.shape[1]}x{frames.shape[2]}")
-    return frames
 
 
 def resize_maps(maps: np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -149,9 +81,44 @@ def sparse_output(task: str, keypoints: np.ndarray | torch.Tensor, height: int, 
     return k.numpy().astype(np.float32)
 
 
-def task_result(task: str, array: np.ndarray, joint_names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays written to `<task>.npz` (and returned by the server)."""
-    out = {OUTPUT_KEYS[task]: array}
-    if task in SPARSE_TASKS:
-        out["joint_names"] = np.asarray(joint_names or [], dtype=np.str_)
-    return out
+# encode(clip [1, 3, T, H, W]) -> latent [1, 16, T', h, w]; core(latent [N, ...], text [N, L, D]) ->
+# (pred_latent [N, 16, T', h, w], kp2d [N, T, K, 2], kp3d [N, T, K, 3]); decode(latent [n, ...]) ->
+# maps [n, 3, T, h, w]. numpy in and out, whichever engine runs them (PyTorch, onnxruntime, BLS).
+Encode = Callable[[np.ndarray], np.ndarray]
+Core = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Decode = Callable[[np.ndarray], np.ndarray]
+
+
+def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height: int, width: int, window: int,
+             overlap: int | None, depth_log_scale: float, joint_names: Sequence[str], encode: Encode, core: Core,
+             decode: Decode) -> dict[str, dict[str, np.ndarray]]:
+    """Every requested task on a clip: frames uint8 [F, H, W, 3] -> {task: {key: array}} at the input's
+    frames and resolution. The in-process pipeline and the served entry model both run this.
+
+    Per window of the one windowing policy (contract.windows): the clip is fitted to the model grid
+    and encoded once, the core runs once with one batch row per task (text [N, L, D], one row per
+    task), and the dense rows are decoded in one call; each task's window result is mapped back to
+    the input's resolution and stitched (cross-faded over the overlap) in frame order.
+    """
+    num_frames, in_h, in_w = frames.shape[:3]
+    dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
+
+    def run_window(win, part: np.ndarray) -> dict[str, np.ndarray]:
+        clip = fit_clip(part, win.length, height, width).numpy()  # [1, 3, T, H, W]
+        latent = encode(clip)  # [1, 16, T', h, w]
+        pred, kp2d, kp3d = core(np.repeat(latent, len(tasks), axis=0), text)
+        if dense_idx:
+            maps = decode(np.ascontiguousarray(pred[dense_idx]))  # [n_dense, 3, T, h, w]
+        out = {}
+        for j, t in enumerate(tasks):
+            if t in DENSE_TASKS:
+                m = maps[dense_idx.index(j)].transpose(1, 0, 2, 3)[: win.frames]  # [f, 3, h, w]
+                out[t] = dense_output(t, m, in_h, in_w, depth_log_scale)
+            else:
+                kp = (kp2d if t == "keypoints2d" else kp3d)[j][: win.frames]
+                out[t] = sparse_output(t, kp, in_h, in_w)
+        return out
+
+    arrays = run_windows(frames, tasks, window, overlap, run_window, logger.debug)
+    joints = list(joint_names)
+    return {t: task_result(t, arrays[t], joints if t in SPARSE_TASKS else None) for t in tasks}

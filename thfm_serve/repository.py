@@ -33,10 +33,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import protocol, serving
-from .config import DENSE_TASKS, SPARSE_TASKS, TASKS, ThfmConfig, latent_frames
+from .config import ThfmConfig
+from .contract import protocol
+from .contract.geometry import latent_frames, patch_pixels, patches, video_frames
+from .contract.params import Grid, Limits
+from .contract.specs import Precision, SubmodelSpec, Target, parse_precision, parse_target
+from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, TASKS
 from .errors import CheckpointError, ThfmError
-from .export.specs import Precision, SubmodelSpec, Target, parse_precision, parse_target
+from .serving.assets import load_task_embeddings, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def _sources() -> Path:
 SOURCES = _sources()
 VERSION = "1"
 # The exporter writes the checkpoint's THFM config next to the core graph (export/build.py CONFIG_FILE).
-CONFIG_FILE = serving.THFM_CONFIG
+CONFIG_FILE = protocol.THFM_CONFIG
 
 PYTHON_ALWAYS = (protocol.PREPROCESS, protocol.POSTPROCESS_DENSE, protocol.POSTPROCESS_SPARSE, protocol.ENTRY_MODEL)
 SUBMODELS = (protocol.VAE_ENCODER, protocol.CORE, protocol.VAE_DECODER)
@@ -164,7 +168,7 @@ def _instances(kind: str, count: int = 1) -> list[dict[str, Any]]:
     return [{"count": count, "kind": Ident(kind)}]
 
 
-def _front_queue(limits: serving.Limits) -> dict[str, Any]:
+def _front_queue(limits: Limits) -> dict[str, Any]:
     """Requests in flight at a front model (max_batch_size 0): a bounded wait queue.
 
     Triton's queue lives in the dynamic batcher, the only scheduler with a queue policy; with
@@ -203,7 +207,7 @@ def _header(name: str, target: Target, precision: Precision) -> str:
 # --- the configs ----------------------------------------------------------------------------------
 
 def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, precision: str | Precision,
-                  cfg: ThfmConfig, grid: serving.Grid, limits: serving.Limits, threads: int = 0,
+                  cfg: ThfmConfig, grid: Grid, limits: Limits, threads: int = 0,
                   queue_delay_us: int = QUEUE_DELAY_US) -> dict[str, str]:
     """model name -> config.pbtxt text, for every model the repository serves."""
     target, precision = parse_target(target), parse_precision(precision)
@@ -219,14 +223,14 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
     configs[protocol.PREPROCESS] = {
         "name": protocol.PREPROCESS, "backend": "python", "max_batch_size": 0,
         "input": _clip_inputs(),
-        "output": [_spec_tensor(enc, serving.ENCODER_IN, False, rename=serving.CLIP),
-                   _tensor(serving.GEOMETRY, "int64", [3])]
-                  + [_spec_tensor(core, serving.CORE_IN[1], False, rename=serving.TEXT_PREFIX + t) for t in tasks],
+        "output": [_spec_tensor(enc, protocol.ENCODER_IN, False, rename=protocol.CLIP),
+                   _tensor(protocol.GEOMETRY, "int64", [3])]
+                  + [_spec_tensor(core, protocol.CORE_IN[1], False, rename=protocol.TEXT_PREFIX + t) for t in tasks],
         # The ensembles' front door: bounded like the entry model's (see _front_queue).
         "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # The ensembles' batch axis is the clip's windows, so a request may take max_batch windows.
-        "parameters": _params({**grid_params, **limits.to_params(), serving.PARAM_MAX_WINDOWS: enc.max_batch}),
+        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_MAX_WINDOWS: enc.max_batch}),
     }
 
     # vae_encoder / core / vae_decoder: the exported graphs, batched (batch axis dropped from dims).
@@ -245,13 +249,13 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
             conf["dynamic_batching"] = {"max_queue_delay_microseconds": int(queue_delay_us)}
         conf["instance_group"] = _instances("KIND_CPU" if target == Target.CPU else "KIND_GPU")
         if target == Target.CPU:
-            conf["parameters"] = _params({serving.PARAM_THREADS: threads})
+            conf["parameters"] = _params({protocol.PARAM_THREADS: threads})
         configs[spec.name] = conf
 
     configs[protocol.POSTPROCESS_DENSE] = {
         "name": protocol.POSTPROCESS_DENSE, "backend": "python", "max_batch_size": 0,
-        "input": [_tensor(serving.GEOMETRY, "int64", [3])]
-                 + [_spec_tensor(dec, serving.DECODER_OUT, False, rename=serving.MAPS_PREFIX + t, optional=True)
+        "input": [_tensor(protocol.GEOMETRY, "int64", [3])]
+                 + [_spec_tensor(dec, protocol.DECODER_OUT, False, rename=protocol.MAPS_PREFIX + t, optional=True)
                     for t in dense],
         "output": [_task_output(t, k) for t in dense],
         "instance_group": _instances("KIND_CPU"),
@@ -259,9 +263,9 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
     }
     configs[protocol.POSTPROCESS_SPARSE] = {
         "name": protocol.POSTPROCESS_SPARSE, "backend": "python", "max_batch_size": 0,
-        "input": [_tensor(serving.GEOMETRY, "int64", [3]),
-                  _spec_tensor(core, serving.KP2D, False, optional=True),
-                  _spec_tensor(core, serving.KP3D, False, optional=True)],
+        "input": [_tensor(protocol.GEOMETRY, "int64", [3]),
+                  _spec_tensor(core, protocol.KP2D, False, optional=True),
+                  _spec_tensor(core, protocol.KP3D, False, optional=True)],
         "output": [_task_output(t, k) for t in sparse] + [_joint_names_output(k)],
         "instance_group": _instances("KIND_CPU"),
         "parameters": _params(grid_params),
@@ -285,7 +289,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
 
 
 # The core output a keypoint task takes from its own core step (that step's row has the task's prompt).
-_KEYPOINTS = {"keypoints2d": serving.KP2D, "keypoints3d": serving.KP3D}
+_KEYPOINTS = {"keypoints2d": protocol.KP2D, "keypoints3d": protocol.KP3D}
 
 
 def _ensemble(name: str, tasks: list[str], num_joints: int) -> dict[str, Any]:
@@ -293,28 +297,28 @@ def _ensemble(name: str, tasks: list[str], num_joints: int) -> dict[str, Any]:
     dense = name == protocol.DENSE_ENSEMBLE
     step_pre = {"model_name": protocol.PREPROCESS, "model_version": -1,
                 "input_map": [{"key": n, "value": n} for n in (protocol.INPUT_VIDEO, protocol.INPUT_FRAMES)],
-                "output_map": [{"key": n, "value": n} for n in (serving.CLIP, serving.GEOMETRY)]
-                + [{"key": serving.TEXT_PREFIX + t, "value": serving.TEXT_PREFIX + t} for t in tasks]}
+                "output_map": [{"key": n, "value": n} for n in (protocol.CLIP, protocol.GEOMETRY)]
+                + [{"key": protocol.TEXT_PREFIX + t, "value": protocol.TEXT_PREFIX + t} for t in tasks]}
     step_enc = {"model_name": protocol.VAE_ENCODER, "model_version": -1,
-                "input_map": [{"key": serving.ENCODER_IN, "value": serving.CLIP}],
-                "output_map": [{"key": serving.ENCODER_OUT, "value": "latent"}]}
+                "input_map": [{"key": protocol.ENCODER_IN, "value": protocol.CLIP}],
+                "output_map": [{"key": protocol.ENCODER_OUT, "value": "latent"}]}
     steps = [step_pre, step_enc]
     for t in tasks:
         if dense:
-            out_map = [{"key": serving.CORE_OUT[0], "value": f"pred_{t}"}]
+            out_map = [{"key": protocol.CORE_OUT[0], "value": f"pred_{t}"}]
         else:
             out_map = [{"key": _KEYPOINTS[t], "value": _KEYPOINTS[t]}]
         steps.append({"model_name": protocol.CORE, "model_version": -1,
-                      "input_map": [{"key": serving.CORE_IN[0], "value": "latent"},
-                                    {"key": serving.CORE_IN[1], "value": serving.TEXT_PREFIX + t}],
+                      "input_map": [{"key": protocol.CORE_IN[0], "value": "latent"},
+                                    {"key": protocol.CORE_IN[1], "value": protocol.TEXT_PREFIX + t}],
                       "output_map": out_map})
         if dense:
             steps.append({"model_name": protocol.VAE_DECODER, "model_version": -1,
-                          "input_map": [{"key": serving.DECODER_IN, "value": f"pred_{t}"}],
-                          "output_map": [{"key": serving.DECODER_OUT, "value": serving.MAPS_PREFIX + t}]})
-    post_in = [{"key": serving.GEOMETRY, "value": serving.GEOMETRY}]
+                          "input_map": [{"key": protocol.DECODER_IN, "value": f"pred_{t}"}],
+                          "output_map": [{"key": protocol.DECODER_OUT, "value": protocol.MAPS_PREFIX + t}]})
+    post_in = [{"key": protocol.GEOMETRY, "value": protocol.GEOMETRY}]
     if dense:
-        post_in += [{"key": serving.MAPS_PREFIX + t, "value": serving.MAPS_PREFIX + t} for t in tasks]
+        post_in += [{"key": protocol.MAPS_PREFIX + t, "value": protocol.MAPS_PREFIX + t} for t in tasks]
     else:
         post_in += [{"key": _KEYPOINTS[t], "value": _KEYPOINTS[t]} for t in tasks]
     post_out = [{"key": protocol.OUTPUT_FOR_TASK[t], "value": protocol.OUTPUT_FOR_TASK[t]} for t in tasks]
@@ -330,21 +334,21 @@ def _ensemble(name: str, tasks: list[str], num_joints: int) -> dict[str, Any]:
 
 # --- the writer -----------------------------------------------------------------------------------
 
-def default_grid(specs: Mapping[str, SubmodelSpec]) -> serving.Grid:
+def default_grid(specs: Mapping[str, SubmodelSpec]) -> Grid:
     """Window = the frame count the VAE graphs were exported for; resolution = the export (opt) shape."""
     enc = specs[protocol.VAE_ENCODER]
     lt = enc.dims("opt")["latent_frames"]
     dims = specs[protocol.CORE].dims("opt")
-    return serving.Grid(4 * (lt - 1) + 1, 16 * dims["hp"], 16 * dims["wp"]).validate()
+    return Grid(video_frames(lt), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])).validate()
 
 
-def check_grid(specs: Mapping[str, SubmodelSpec], grid: serving.Grid) -> None:
+def check_grid(specs: Mapping[str, SubmodelSpec], grid: Grid) -> None:
     """The grid must be what the graphs take: the VAE's static window, a size inside every profile."""
     grid.validate()
     for spec in specs.values():
-        dims = {"latent_frames": latent_frames(grid.window), "hp": grid.height // 16, "wp": grid.width // 16}
+        dims = {"latent_frames": latent_frames(grid.window), "hp": patches(grid.height), "wp": patches(grid.width)}
         if "latent_frames" in spec.static_dims and dims["latent_frames"] != spec.dims("opt")["latent_frames"]:
-            raise ThfmError(f"window {grid.window} frames differs from the {4 * (spec.dims('opt')['latent_frames'] - 1) + 1}"
+            raise ThfmError(f"window {grid.window} frames differs from the {video_frames(spec.dims('opt')['latent_frames'])}"
                             f"-frame window {spec.name} was exported for")
         spec.check_dims(dims)
 
@@ -357,8 +361,8 @@ def write_repository(
     cfg: ThfmConfig | None = None,
     *,
     embeddings: Mapping[str, np.ndarray] | None = None,
-    grid: serving.Grid | None = None,
-    limits: serving.Limits | None = None,
+    grid: Grid | None = None,
+    limits: Limits | None = None,
     threads: int = 0,
     queue_delay_us: int = QUEUE_DELAY_US,
     sources: str | Path | None = None,
@@ -370,7 +374,7 @@ def write_repository(
     in core/1/ already (the exporter writes thfm_config.json and task_embeddings.npz there).
     grid: the model grid (default: the export shape, see default_grid); limits: request limits
     (default: those the repository already has, so that re-exporting keeps an operator's limits;
-    serving.Limits() for a new repository).
+    Limits() for a new repository).
     Returns a summary: models written and artifacts still missing (e.g. a TensorRT plan to build).
     """
     target, precision = parse_target(target), parse_precision(precision)
@@ -386,15 +390,15 @@ def write_repository(
     # Everything is checked before the first file is written.
     grid = grid or default_grid(specs)
     check_grid(specs, grid)
-    limits = (limits or current_limits(repo) or serving.Limits()).validate()
+    limits = (limits or current_limits(repo) or Limits()).validate()
     cfg = ThfmConfig.load(core_dir / CONFIG_FILE) if cfg is None else cfg.validate()
     configs = model_configs(specs, target, precision, cfg, grid, limits, threads, queue_delay_us)
 
     core_dir.mkdir(parents=True, exist_ok=True)
     (core_dir / CONFIG_FILE).write_text(cfg.to_json())
     if embeddings is not None:
-        np.savez(core_dir / serving.TASK_EMBEDDINGS, **{t: np.asarray(embeddings[t], dtype=np.float32) for t in cfg.tasks})
-    serving.load_task_embeddings(core_dir / serving.TASK_EMBEDDINGS, cfg)  # present and shaped as cfg says
+        np.savez(core_dir / protocol.TASK_EMBEDDINGS, **{t: np.asarray(embeddings[t], dtype=np.float32) for t in cfg.tasks})
+    load_task_embeddings(core_dir / protocol.TASK_EMBEDDINGS, cfg)  # present and shaped as cfg says
     python_models = [m for m in configs if m in PYTHON_ALWAYS or (target == Target.CPU and m in SUBMODELS)]
 
     for name, text in configs.items():
@@ -415,7 +419,7 @@ def write_repository(
             (repo / name / "config.pbtxt").unlink()
 
     manifest = {
-        "format": serving.MANIFEST_FORMAT, "format_version": serving.MANIFEST_VERSION,
+        "format": protocol.MANIFEST_FORMAT, "format_version": protocol.MANIFEST_VERSION,
         "target": target.value, "precision": precision.value,
         "models": list(configs), "python_models": python_models,
         "grid": asdict(grid), "limits": asdict(limits),
@@ -426,7 +430,7 @@ def write_repository(
         "checkpoint": (report or {}).get("checkpoint"),
         "checkpoint_sha256": (report or {}).get("checkpoint_sha256"),
     }
-    (repo / serving.REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (repo / protocol.REPOSITORY_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     missing = missing_artifacts(repo, manifest)
     for m in missing:
         logger.warning("repository %s: %s", repo, m)
@@ -435,10 +439,10 @@ def write_repository(
             "python_models": python_models, "missing": missing}
 
 
-def current_limits(repo: str | Path) -> serving.Limits | None:
+def current_limits(repo: str | Path) -> Limits | None:
     """The limits written in a repository's manifest, or None when it has none (or no manifest)."""
     try:
-        manifest = serving.read_manifest(repo)
+        manifest = read_manifest(repo)
     except CheckpointError:
         return None
     stored = manifest.get("limits")
@@ -446,12 +450,12 @@ def current_limits(repo: str | Path) -> serving.Limits | None:
         return None
     try:
         # Fields a newer Limits added take their defaults; unknown ones (from a newer writer) are dropped.
-        return serving.Limits(**{k: v for k, v in stored.items() if k in serving.Limits.__dataclass_fields__})
+        return Limits(**{k: v for k, v in stored.items() if k in Limits.__dataclass_fields__})
     except TypeError:
         return None
 
 
-def set_limits(repo: str | Path, limits: serving.Limits | None = None, **changes: int) -> serving.Limits:
+def set_limits(repo: str | Path, limits: Limits | None = None, **changes: int) -> Limits:
     """Rewrite an existing repository's configs with new request limits; returns the limits written.
 
     `limits` replaces them all; keyword changes (max_frames=..., max_in_flight=...) start from the
@@ -460,17 +464,17 @@ def set_limits(repo: str | Path, limits: serving.Limits | None = None, **changes
     restart `thfm serve` afterwards.
     """
     repo = Path(repo)
-    manifest = serving.read_manifest(repo)
+    manifest = read_manifest(repo)
     try:
         specs = {n: SubmodelSpec.from_dict(d) for n, d in manifest["specs"].items()}
-        grid = serving.Grid(**manifest["grid"])
+        grid = Grid(**manifest["grid"])
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{repo / serving.REPOSITORY_MANIFEST} lacks or garbles {e}") from None
-    unknown = sorted(set(changes) - set(serving.Limits.__dataclass_fields__))
+        raise CheckpointError(f"{repo / protocol.REPOSITORY_MANIFEST} lacks or garbles {e}") from None
+    unknown = sorted(set(changes) - set(Limits.__dataclass_fields__))
     if unknown:
-        raise ThfmError(f"unknown limits {unknown}; known: {', '.join(serving.Limits.__dataclass_fields__)}")
-    current = current_limits(repo) or serving.Limits()
-    new = limits if limits is not None else serving.Limits(**{**asdict(current), **changes})
+        raise ThfmError(f"unknown limits {unknown}; known: {', '.join(Limits.__dataclass_fields__)}")
+    current = current_limits(repo) or Limits()
+    new = limits if limits is not None else Limits(**{**asdict(current), **changes})
     write_repository(repo, specs, manifest["target"], manifest["precision"], grid=grid, limits=new,
                      threads=int(manifest.get("threads", 0)),
                      queue_delay_us=int(manifest.get("queue_delay_us", QUEUE_DELAY_US)),
@@ -496,7 +500,7 @@ def missing_artifacts(repo: Path, manifest: Mapping[str, Any]) -> list[str]:
                 hint = ("build it on a TensorRT host (thfm export --target gpu)" if need == "model.plan"
                         else "export it (thfm export)")
                 out.append(f"{name}/{VERSION}/{need} is missing: {hint}")
-    for f in (CONFIG_FILE, serving.TASK_EMBEDDINGS):
+    for f in (CONFIG_FILE, protocol.TASK_EMBEDDINGS):
         if not (repo / protocol.CORE / VERSION / f).is_file():
             out.append(f"{protocol.CORE}/{VERSION}/{f} is missing")
     return out
@@ -509,7 +513,7 @@ def check_repository(repo: str | Path, target: str | Target | None = None) -> di
         raise CheckpointError(f"model repository {repo} is not a directory")
     if repo.name == "triton":
         raise CheckpointError(f"model repository {repo} is named 'triton', which breaks torch when it is on sys.path")
-    manifest = serving.read_manifest(repo)
+    manifest = read_manifest(repo)
     if target is not None and manifest.get("target") != parse_target(target).value:
         raise CheckpointError(f"{repo} is a {manifest.get('target')!r} repository, not {parse_target(target).value!r}")
     missing = missing_artifacts(repo, manifest)

@@ -2,7 +2,7 @@
 
 Per window it encodes the clip once and runs the core once with one batch row per requested task,
 calling vae_encoder / core / vae_decoder through BLS; the result equals ThfmPipeline.run. The wire
-contract is thfm_serve.protocol; the logic lives in thfm_serve.serving.
+contract is thfm_serve.contract.protocol; the logic lives in thfm_serve.serving.
 """
 
 import json

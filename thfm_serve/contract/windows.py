@@ -1,11 +1,16 @@
-"""Cutting a long clip into overlapping model windows, and stitching the windows' results back.
+"""The one windowing policy: cutting a clip into model windows, and stitching their results back.
+
+The in-process pipeline, the served entry model, the ensembles and the client all plan with
+`plan_windows` and stitch with `Stitcher` (through `run_windows` where one loop runs every window),
+so every path gives the same answer on the same frames.
 
 The model sees `window` frames at a time (the entry model's `window_frames`). A clip longer than
-that is cut into full windows that overlap by at least `overlap` frames; neighbouring results are
-cross-faded linearly over exactly `overlap` frames so that nothing jumps at a window seam.
+that is cut into full windows that overlap by at least `overlap` frames (default_overlap unless
+told); neighbouring results are cross-faded linearly over exactly `overlap` frames so that nothing
+jumps at a window seam.
 
 Plan (N frames, window W, overlap O, stride S = W - O):
-  * N <= W: one window [0, N) (the server pads it to 4n+1 frames like the in-process path).
+  * N <= W: one window [0, N), run as snap_frames(N) frames (the last frame repeated up to 4n+1).
   * otherwise windows start at 0, S, 2S, ... while they end before N, and one last window is
     aligned to the end, [N - W, N), so that every request is a full window (the exported VAE has a
     static frame count). Its overlap with the window before can be longer than O.
@@ -16,8 +21,8 @@ Plan (N frames, window W, overlap O, stride S = W - O):
   * O <= (W - 1) // 2 keeps the zones disjoint: every frame gets contributions from one window, or
     from two inside a zone, never three.
 
-With O = 0 the plan and the kept frames equal processing.plan_windows, so the served result can be
-compared frame for frame with the in-process one.
+With O = 0 there is no cross-fade: windows of W frames one after another, the last aligned to the
+end and only its new frames used.
 
 Stitching is order-independent by construction: a frame outside a zone is a copy of one window's
 result, and a zone frame is the sum of exactly two products a*w + b*(1-w); IEEE addition of two
@@ -27,10 +32,13 @@ terms is commutative, so the bytes do not depend on which window (or server) ans
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from thfm_serve.errors import ShapeError
+from ..errors import ShapeError
+from .geometry import latent_frames, snap_frames
+from .tasks import OUTPUT_KEYS
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,11 @@ class ClipWindow:
     def frames(self) -> int:
         return self.stop - self.start
 
+    @property
+    def length(self) -> int:
+        """The 4n+1 frames the model runs on: the window itself, or a short clip padded up to 4n+1."""
+        return snap_frames(self.frames)
+
 
 def max_overlap(window: int) -> int:
     """Largest overlap for which fade zones stay disjoint (no frame blended from three windows)."""
@@ -67,17 +80,23 @@ def default_overlap(window: int) -> int:
     return min(max_overlap(window), max(1, (window - 1) // 8))
 
 
-def plan_overlapping(num_frames: int, window: int, overlap: int) -> list[ClipWindow]:
-    """Windows covering num_frames frames; see the module docstring."""
-    if window < 1:
-        raise ShapeError(f"window must be at least 1 frame, got {window}")
-    if num_frames < 1:
-        raise ShapeError("a clip needs at least one frame")
-    if overlap < 0 or overlap > max_overlap(window):
+def check_overlap(window: int, overlap: int) -> int:
+    """The overlap, or a ShapeError when it is outside 0..max_overlap(window)."""
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0 \
+            or overlap > max_overlap(window):
         raise ShapeError(
             f"overlap {overlap} is outside 0..{max_overlap(window)} for a window of {window} frames "
             "(at most half a window, so that no frame is blended from three windows)"
         )
+    return int(overlap)
+
+
+def plan_windows(num_frames: int, window: int, overlap: int | None = None) -> list[ClipWindow]:
+    """Windows covering num_frames frames (overlap None: default_overlap); see the module docstring."""
+    latent_frames(window)  # ShapeError unless 4n+1
+    if num_frames < 1:
+        raise ShapeError("a clip needs at least one frame")
+    overlap = check_overlap(window, default_overlap(window) if overlap is None else overlap)
     if num_frames <= window:
         return [ClipWindow(0, 0, num_frames, 0, num_frames, 0, 0)]
 
@@ -183,3 +202,39 @@ class Stitcher:
             missing = sorted(set(range(len(self.plan))) - self._done)
             raise ValueError(f"windows {missing} have no result yet")
         return self._out
+
+
+def stitched(task: str, stitcher: Stitcher) -> np.ndarray:
+    """A task's stitched array. A cross-fade of two unit normals is shorter than one: the blended
+    frames are made unit normals again, as the task promises; other frames are left exactly as the
+    windows gave them."""
+    arr = stitcher.result()
+    if task == "normals":
+        idx = stitcher.blended_frames()
+        if idx.size:
+            n = arr[idx]
+            arr[idx] = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), np.float32(1e-6))
+    return arr
+
+
+# run_window(window, its frames [f, H, W, 3]) -> {task: array [f, ...]} at the input's resolution
+WindowRun = Callable[[ClipWindow, np.ndarray], Mapping[str, np.ndarray]]
+
+
+def run_windows(frames: np.ndarray, tasks: Sequence[str], window: int, overlap: int | None,
+                run_window: WindowRun, log: Callable[..., None] | None = None) -> dict[str, np.ndarray]:
+    """The window loop: plan, run every window, stitch -> {task: array [F, ...]} in frame order.
+
+    The in-process pipeline, the served entry model and export validation run this loop; the
+    client drives the same plan and Stitcher over the network (thfm_serve.client.core.Run).
+    """
+    num_frames = frames.shape[0]
+    plan = plan_windows(num_frames, window, overlap)
+    stitchers = {t: Stitcher(plan, num_frames) for t in tasks}
+    for win in plan:
+        if log is not None:
+            log("window %d/%d: frames %d-%d", win.index + 1, len(plan), win.start, win.stop - 1)
+        outputs = run_window(win, frames[win.start : win.stop])
+        for t in tasks:
+            stitchers[t].add(win, outputs[t], OUTPUT_KEYS[t])
+    return {t: stitched(t, stitchers[t]) for t in tasks}

@@ -29,23 +29,28 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from thfm_serve.config import (
+from ..errors import ShapeError, ThfmError
+from .geometry import (
+    LATENT_CHANNELS,
     PATCH_SPATIAL,
-    PIXEL_MULTIPLE,
-    TASKS,
     VAE_SPATIAL,
     VAE_TEMPORAL,
-    ThfmConfig,
+    PIXEL_MULTIPLE,
     check_resolution,
     latent_frames,
+    patch_pixels,
+    patches,
+    video_frames,
 )
-from thfm_serve.errors import ShapeError, ThfmError
-from thfm_serve.protocol import CORE, VAE_DECODER, VAE_ENCODER
+from .protocol import CORE, CORE_IN, CORE_OUT, DECODER_IN, DECODER_OUT, ENCODER_IN, ENCODER_OUT, VAE_DECODER, VAE_ENCODER
+from .tasks import TASKS
 
-# Wan2.1's VAE latent channels (AutoencoderKLWan z_dim); the 2.2 VAE would be 48.
-LATENT_CHANNELS = 16
+if TYPE_CHECKING:  # the checkpoint config is passed in; the contract does not depend on its module
+    from ..config import ThfmConfig
 # One batch row per task: a request asking for all six tasks runs the core once with batch 6.
 MAX_BATCH = len(TASKS)
 BASE_DIMS = ("batch", "latent_frames", "hp", "wp")
@@ -366,9 +371,9 @@ class SubmodelSpec:
 
 def _describe(dim: str, value: int) -> str:
     if dim == "latent_frames":
-        return f"{VAE_TEMPORAL * (value - 1) + 1} frames (latent_frames={value})"
+        return f"{video_frames(value)} frames (latent_frames={value})"
     if dim in ("hp", "wp"):
-        return f"{'height' if dim == 'hp' else 'width'} {value * PIXEL_MULTIPLE}px ({dim}={value})"
+        return f"{'height' if dim == 'hp' else 'width'} {patch_pixels(value)}px ({dim}={value})"
     return f"{dim} {value}"
 
 
@@ -377,12 +382,11 @@ def base_dims_for(frames: int, height: int, width: int, batch: int = 1) -> dict[
     check_resolution(height, width)
     if batch < 1:
         raise ShapeError(f"batch {batch} must be at least 1")
-    return {"batch": batch, "latent_frames": latent_frames(frames), "hp": height // PIXEL_MULTIPLE,
-            "wp": width // PIXEL_MULTIPLE}
+    return {"batch": batch, "latent_frames": latent_frames(frames), "hp": patches(height), "wp": patches(width)}
 
 
 def build_specs(
-    cfg: ThfmConfig,
+    cfg: "ThfmConfig",
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -395,7 +399,7 @@ def build_specs(
     max_height: int | None = None,
     max_width: int | None = None,
 ) -> dict[str, SubmodelSpec]:
-    """Specs for "core", "vae_encoder" and "vae_decoder" (thfm_serve.protocol names).
+    """Specs for "core", "vae_encoder" and "vae_decoder" (contract.protocol names).
 
     frames/height/width: the export (opt) shape; default the checkpoint config's clip. The max
     profile is the larger of that and the config's default clip, with ``max_batch`` rows, unless
@@ -404,7 +408,7 @@ def build_specs(
     vae_static_frames: the Wan VAE encodes and decodes in a Python loop over time chunks with a
     feature cache, so torch.export specialises the frame count (the loop is unrolled for the traced
     length). The VAE models are therefore exported for one window (frames static, batch/height/width
-    dynamic); shorter clips are padded to the window and cropped after (export.vae_window), which is
+    dynamic); shorter clips are padded to the window and cropped after (contract.vae_window), which is
     exact because the Wan VAE is causal in time.
     """
     precision = Precision(precision)
@@ -429,18 +433,18 @@ def build_specs(
     def tol(kind: str) -> Tolerance:
         return tolerance_for(precision, kind)
 
-    latent = TensorSpec("latent", f32, ("batch", latent_channels, "latent_frames", LATENT_H, LATENT_W),
+    latent = TensorSpec(CORE_IN[0], f32, ("batch", latent_channels, "latent_frames", LATENT_H, LATENT_W),
                         doc="normalised Wan latent [B,16,T',H/8,W/8]")
     core = SubmodelSpec(
         name=CORE,
         inputs=[latent,
-                TensorSpec("text", f32, ("batch", cfg.text_len, cfg.text_dim),
+                TensorSpec(CORE_IN[1], f32, ("batch", cfg.text_len, cfg.text_dim),
                            doc="task prompt embedding (UMT5, zero-padded to text_len)")],
-        outputs=[TensorSpec("pred_latent", f32, latent.shape, doc="predicted task latent (-v)"),
-                 TensorSpec("kp2d", f32, ("batch", FRAMES, k, 2), doc="2D keypoints, normalised [0,1] (x, y)"),
-                 TensorSpec("kp3d", f32, ("batch", FRAMES, k, 3), doc="3D keypoints, metres, root-relative")],
+        outputs=[TensorSpec(CORE_OUT[0], f32, latent.shape, doc="predicted task latent (-v)"),
+                 TensorSpec(CORE_OUT[1], f32, ("batch", FRAMES, k, 2), doc="2D keypoints, normalised [0,1] (x, y)"),
+                 TensorSpec(CORE_OUT[2], f32, ("batch", FRAMES, k, 3), doc="3D keypoints, metres, root-relative")],
         profiles=dict(profiles),
-        tolerances={"pred_latent": tol("latent"), "kp2d": tol("keypoints"), "kp3d": tol("keypoints")},
+        tolerances={CORE_OUT[0]: tol("latent"), CORE_OUT[1]: tol("keypoints"), CORE_OUT[2]: tol("keypoints")},
         precision=precision.value,
     )
 
@@ -463,21 +467,21 @@ def build_specs(
     vae_tol, vae_lat_tol = tolerance_for(fp32, "maps"), tolerance_for(fp32, "latent")
     encoder = SubmodelSpec(
         name=VAE_ENCODER,
-        inputs=[TensorSpec("video", f32, ("batch", 3, FRAMES, PIXEL_H, PIXEL_W), fill="video",
+        inputs=[TensorSpec(ENCODER_IN, f32, ("batch", 3, FRAMES, PIXEL_H, PIXEL_W), fill="video",
                            doc="RGB clip in [-1, 1], 4n+1 frames")],
-        outputs=[TensorSpec("latent", f32, latent.shape, doc=latent.doc)],
+        outputs=[TensorSpec(ENCODER_OUT, f32, latent.shape, doc=latent.doc)],
         profiles=vae_profiles,
-        tolerances={"latent": vae_lat_tol},
+        tolerances={ENCODER_OUT: vae_lat_tol},
         precision=fp32.value,
         static_dims=static,
         notes=list(notes),
     )
     decoder = SubmodelSpec(
         name=VAE_DECODER,
-        inputs=[TensorSpec("latent", f32, latent.shape, doc=latent.doc)],
-        outputs=[TensorSpec("maps", f32, ("batch", 3, FRAMES, PIXEL_H, PIXEL_W), doc="task maps in [0, 1]")],
+        inputs=[TensorSpec(DECODER_IN, f32, latent.shape, doc=latent.doc)],
+        outputs=[TensorSpec(DECODER_OUT, f32, ("batch", 3, FRAMES, PIXEL_H, PIXEL_W), doc="task maps in [0, 1]")],
         profiles=dict(vae_profiles),
-        tolerances={"maps": vae_tol},
+        tolerances={DECODER_OUT: vae_tol},
         precision=fp32.value,
         static_dims=static,
         notes=list(notes),

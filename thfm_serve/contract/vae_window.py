@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from thfm_serve.config import VAE_TEMPORAL, latent_frames
-from thfm_serve.errors import ShapeError
+from ..errors import ShapeError
+from .geometry import latent_frames, video_frames
 
 
 def pad_time(x: Any, length: int) -> Any:
@@ -45,5 +45,4 @@ def encode_in_window(run: Callable[[Any], Any], video: Any, window: int) -> Any:
 def decode_in_window(run: Callable[[Any], Any], latent: Any, window: int) -> Any:
     """latent [B,16,T',h,w] with T' <= the window's T' -> maps [B,3,4(T'-1)+1,H,W] via a window-sized decoder."""
     lat = latent.shape[2]
-    frames = VAE_TEMPORAL * (lat - 1) + 1
-    return run(pad_time(latent, latent_frames(window)))[:, :, :frames]
+    return run(pad_time(latent, latent_frames(window)))[:, :, :video_frames(lat)]
