@@ -4,7 +4,7 @@
 
 What is timed, on the same weights and input shape:
   core     diffusers' WanTransformer3DModel in eager fp32 (the peer: what a user runs without us),
-           our PyTorch core (thfm_serve.engines torch-fp32 / torch-bf16, optionally torch.compile),
+           our PyTorch core (perf/engines.py torch-fp32 / torch-bf16, optionally torch.compile),
            onnxruntime fp32 and int8 Q/DQ on the exporter's ONNX files (export_repository), and
            TensorRT where it exists (reported as not available otherwise, never faked);
   vae      encoder and decoder per engine (torch fp32/bf16, onnxruntime fp32);
@@ -220,7 +220,9 @@ def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from thfm_serve.engines import ort_session_options, set_torch_threads
+    from engines import set_torch_threads
+
+    from thfm_serve.serving.sessions import session_options
 
     threads = set_torch_threads(job["threads"])
     n = job.get("matmul_size", 3072)
@@ -249,7 +251,7 @@ def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
         graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"])], "peak", [a_info], [y_info],
                                   [numpy_helper.from_array(b_arr, "B")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        return ort.InferenceSession(model.SerializeToString(), ort_session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
 
     s = ort_matmul("MatMul", TensorProto.FLOAT, rng.standard_normal((n, n)).astype(np.float32), TensorProto.FLOAT)
     x = rng.standard_normal((n, n)).astype(np.float32)
@@ -268,7 +270,7 @@ def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
                               "peak", [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
                               [helper.make_tensor_value_info("Y", TensorProto.UINT8, [n, n])], q_inits)
     s = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                             ort_session_options(threads), providers=["CPUExecutionProvider"])
+                             session_options(threads), providers=["CPUExecutionProvider"])
     res["int8"]["onnxruntime QLinearMatMul"] = gflops(lambda: s.run(None, {"A": xq}))
     return {"size": n, "threads": threads, "gflops": res,
             "peak": {p: max(v.values()) if v else None for p, v in res.items()}}
@@ -330,7 +332,7 @@ VAE_KINDS = {"latent": "latent", "maps": "maps"}
 def core_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from thfm_serve import engines
+    import engines
 
     name = job["engine"]
     ck = Path(job["checkpoint"])
@@ -382,7 +384,7 @@ def core_worker(job: dict[str, Any]) -> dict[str, Any]:
 def vae_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from thfm_serve import engines
+    import engines
     from thfm_serve.processing import fit_clip
     from thfm_serve.contract.protocol import VAE_ENCODER
 
@@ -445,7 +447,7 @@ def e2e_compare(out: dict[str, np.ndarray], ref_path: Path) -> dict[str, Any] | 
 def pipeline_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from thfm_serve.engines import set_torch_threads
+    from engines import set_torch_threads
     from thfm_serve.pipeline import ThfmPipeline
 
     threads = set_torch_threads(job["threads"])
@@ -472,7 +474,7 @@ def pipeline_worker(job: dict[str, Any]) -> dict[str, Any]:
 def repo_inprocess_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The served code path (serving.run_entry over the repository's onnxruntime models) without a server."""
     from thfm_serve import serving
-    from thfm_serve.engines import set_torch_threads
+    from engines import set_torch_threads
     from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 
     threads = set_torch_threads(job["threads"])

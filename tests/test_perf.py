@@ -1,4 +1,4 @@
-"""Tests for `thfm perf` (thfm_serve/perf.py), the CPU engines (thfm_serve/engines.py) and the
+"""Tests for `thfm perf` (thfm_serve/perf.py), the benchmark's CPU engines (perf/engines.py) and the
 benchmark's pure parts (perf/bench_core.py).
 
 Unit tests build perf_analyzer command lines and input data without running anything. The `server`
@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,17 +259,20 @@ def test_cli_registers_perf():
 
 # --- engines ----------------------------------------------------------------------------------------------
 
-def test_engine_io_names_match_specs():
-    from thfm_serve.engines import IO_NAMES
+@pytest.fixture(scope="module")
+def engines():
+    """perf/engines.py, the benchmark's engines (benchmark-only code: not part of the package)."""
+    spec = importlib.util.spec_from_file_location("perf_engines", Path(__file__).resolve().parents[1] / "perf" / "engines.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
-    for name, spec in build_specs(TINY).items():
-        assert IO_NAMES[name] == (tuple(spec.input_names), tuple(spec.output_names))
 
-
-def test_torch_engines_match_the_core(tiny_checkpoint):
+def test_torch_engines_match_the_core(tiny_checkpoint, engines):
     import torch
 
-    from thfm_serve import engines, serving
+    from thfm_serve import serving
     from thfm_serve.checkpoint import load_checkpoint
     from thfm_serve.contract.specs import tolerance_for
 
@@ -296,11 +300,9 @@ def test_torch_engines_match_the_core(tiny_checkpoint):
         engines.load_core_engine("tensorrt", tiny_checkpoint)
 
 
-def test_vae_engine_and_ort_engine(tiny_checkpoint, tmp_path):
+def test_vae_engine_and_ort_engine(tiny_checkpoint, tmp_path, engines):
     import onnx
     from onnx import TensorProto, helper
-
-    from thfm_serve import engines
 
     enc = engines.load_vae_engine("torch-fp32", tiny_checkpoint, "vae_encoder", threads=1)
     video = np.random.default_rng(0).uniform(-1, 1, (1, 3, 5, 32, 32)).astype(np.float32)
@@ -316,7 +318,7 @@ def test_vae_engine_and_ort_engine(tiny_checkpoint, tmp_path):
     path = tmp_path / "vae_decoder" / "1" / "model.onnx"
     path.parent.mkdir(parents=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    eng = engines.load_vae_engine("onnxruntime", path, "vae_decoder", threads=1, spin=False)
+    eng = engines.load_vae_engine("onnxruntime", path, "vae_decoder", threads=1)
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     got = eng({"latent": a})
     np.testing.assert_array_equal(got["maps"], a)

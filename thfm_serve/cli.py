@@ -3,12 +3,17 @@
 Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a parser whose
 ``func`` default takes the parsed args and returns an exit code. Errors the user can cause are
 ThfmError: printed as one line, exit status 2, no traceback.
+
+The package's own subcommands are listed here; `thfm export` lives in the export toolchain (the
+top-level export/ folder, which depends on this package) and registers itself through the
+``thfm_serve.commands`` entry-point group in pyproject.toml, so this package never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -22,8 +27,13 @@ COMMAND_MODULES = (
     "thfm_serve.commands.predict",  # predict (--checkpoint in-process, --url through Triton)
     "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
-    "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
 )
+PLUGIN_GROUP = "thfm_serve.commands"  # export (checkpoint -> ONNX / TensorRT in a model repository)
+
+
+def plugin_commands() -> list[str]:
+    """Module names of the subcommands registered by installed distributions (pyproject entry points)."""
+    return sorted(ep.value for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in (*COMMAND_MODULES, *plugin_commands()):
         importlib.import_module(name).register(sub)
     return parser
 

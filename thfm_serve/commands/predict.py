@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], metavar="TASK=TEXT",
                    help="free-form prompt for a task (in-process, needs the checkpoint's text encoder)")
     p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="frames shared by neighbouring windows, cross-faded when stitched (default: the "
+                   "served model's, about 1/8 of the model window; the same policy in-process and served)")
     p.add_argument("--max-frames", type=int, default=None, help="refuse videos longer than this")
     p.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=False,
                    help="also write pictures to look at: <out>/pictures/<task>.mp4 and a contact sheet "
@@ -33,9 +36,6 @@ def register(sub) -> None:
     remote.add_argument("--send", choices=("video", "frames"), default="video",
                         help="send each window as losslessly encoded video (default; small on the wire) "
                         "or as raw RGB frames")
-    remote.add_argument("--overlap", type=int, default=None,
-                        help="frames shared by neighbouring windows, cross-faded when stitched "
-                        "(default: about 1/8 of the model window; 0 = the in-process windows)")
     remote.add_argument("--max-in-flight", type=int, default=None,
                         help="requests at once over all servers (default: 2 per --url)")
     remote.add_argument("--timeout", type=float, default=None, help="seconds per request (default 600)")
@@ -83,7 +83,7 @@ def run(args) -> int:
     if missing:
         raise CheckpointError(f"checkpoint {args.checkpoint} is missing {', '.join(missing)}")
     pipe = ThfmPipeline.from_checkpoint(args.checkpoint, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts)
+    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts, overlap=args.overlap)
     for path in write_results(results, args.out):
         logger.info("wrote %s", path)
     if args.pictures:

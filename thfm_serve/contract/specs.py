@@ -29,7 +29,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -49,8 +49,20 @@ from .geometry import (
 from .protocol import CORE, CORE_IN, CORE_OUT, DECODER_IN, DECODER_OUT, ENCODER_IN, ENCODER_OUT, VAE_DECODER, VAE_ENCODER
 from .tasks import TASKS
 
-if TYPE_CHECKING:  # the checkpoint config is passed in; the contract does not depend on its module
-    from ..config import ThfmConfig
+
+class ClipConfig(Protocol):
+    """What build_specs reads from the checkpoint's THFM config (thfm_serve.config.ThfmConfig), named
+    here so that the contract does not depend on the config module."""
+
+    frames: int
+    height: int
+    width: int
+    text_len: int
+    text_dim: int
+    joint_names: Sequence[str]
+
+    @property
+    def num_joints(self) -> int: ...
 # One batch row per task: a request asking for all six tasks runs the core once with batch 6.
 MAX_BATCH = len(TASKS)
 BASE_DIMS = ("batch", "latent_frames", "hp", "wp")
@@ -386,7 +398,7 @@ def base_dims_for(frames: int, height: int, width: int, batch: int = 1) -> dict[
 
 
 def build_specs(
-    cfg: "ThfmConfig",
+    cfg: ClipConfig,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,

@@ -17,13 +17,10 @@ from .assets import load_assets, repository_root
 logger = logging.getLogger(__name__)
 
 
-def create_session(path: str | Path, threads: int = 0):
-    """An onnxruntime CPU session for one exported graph."""
+def session_options(threads: int = 0):
+    """The onnxruntime session options of the served models (the benchmarks time these too)."""
     import onnxruntime as ort
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: export the model first (`thfm export`)")
     opts = ort.SessionOptions()
     # 0 lets onnxruntime use one thread per core; a value caps it where several models share cores.
     opts.intra_op_num_threads = int(threads)
@@ -31,7 +28,17 @@ def create_session(path: str | Path, threads: int = 0):
     # same cores: a thread pool spinning after its run would steal CPU from the next model.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    return opts
+
+
+def create_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session for one exported graph."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: export the model first (`thfm export`)")
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
 

@@ -2,20 +2,24 @@
 
 Kinds:
   "onnxruntime"  an exported ONNX graph (fp32, or int8 Q/DQ) in onnxruntime's CPU provider, with the
-                 session options measured best here (ort_session_options);
+                 session options the server uses (thfm_serve.serving.sessions.session_options), so
+                 the benchmark times what is served;
   "torch-fp32"   the PyTorch modules from the checkpoint, fp32;
   "torch-bf16"   the core in bfloat16 with the exporter's fp32 islands (export.precision.lowered_core:
                  the module the bf16 export is made from and validated against). onnxruntime has no
                  bfloat16 CPU kernels (export/precision.py), so on CPU bf16 runs only in PyTorch,
                  where oneDNN uses the CPU's AVX512-BF16 (and AMX where present) matmul instructions.
-                 The VAE has no bf16 engine: the export policy keeps it fp32 (export/specs.py).
+                 The VAE has no bf16 engine: the export policy keeps it fp32 (thfm_serve/contract/specs.py).
 
 Every engine is a callable ``engine({name: array}) -> {name: array}`` with the spec's tensor names,
 and also answers onnxruntime's InferenceSession calls (``run(output_names, feed)``, ``get_inputs()``,
 ``get_outputs()``), so code written for a session (thfm_serve.serving.OnnxModel) takes any engine
 unchanged.
 
-Interfaces stay float32 at every precision (export/specs.py): a bf16 engine casts inside.
+Interfaces stay float32 at every precision (thfm_serve/contract/specs.py): a bf16 engine casts inside.
+
+Benchmark-only code: it lives with the benchmarks (perf/), imported by perf/bench_core.py as a
+sibling module, and by tests/test_perf.py with perf/ on sys.path.
 """
 
 from __future__ import annotations
@@ -29,8 +33,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, ThfmError
-from .contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.protocol import (
+    CORE,
+    CORE_IN,
+    CORE_OUT,
+    DECODER_IN,
+    DECODER_OUT,
+    ENCODER_IN,
+    ENCODER_OUT,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
+from thfm_serve.errors import CheckpointError, ThfmError
 
 logger = logging.getLogger(__name__)
 
@@ -95,41 +109,19 @@ class Engine:
 
 # --- onnxruntime --------------------------------------------------------------------------------
 
-def ort_session_options(threads: int | None = None, spin: bool = True):
-    """Session options for a CPU inference server on few cores.
-
-    - intra-op threads = cores (``threads``; default: this process's cores). onnxruntime's own
-      default also counts SMT siblings; here one thread per physical core measured best.
-    - one inter-op thread, sequential execution: these graphs are chains of big ops, parallel
-      branches only add contention on 2 cores.
-    - all graph optimisations (fusions such as QDQ -> QLinearMatMul/MatMulIntegerToFloat, GELU,
-      LayerNorm, MatMul+Scale), which onnxruntime applies when the session loads.
-    - spin: intra-op workers busy-wait between ops (onnxruntime's default). It helps latency when the
-      session owns the cores; with several models sharing cores (Triton's python models run in
-      separate processes) ``spin=False`` keeps an idle session from burning a core.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or physical_cores())
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return opts
-
-
 class OrtEngine(Engine):
     kind = ONNXRUNTIME
 
-    def __init__(self, path: str | Path, model: str = "", threads: int | None = None, spin: bool = True):
+    def __init__(self, path: str | Path, model: str = "", threads: int | None = None):
         import onnxruntime as ort
+
+        from thfm_serve.serving.sessions import session_options
 
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: export the model first (`thfm export`)")
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(str(path), sess_options=ort_session_options(threads, spin),
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads or physical_cores()),
                                             providers=["CPUExecutionProvider"])
         super().__init__(model or path.parent.parent.name, [i.name for i in self.session.get_inputs()],
                          [o.name for o in self.session.get_outputs()])
@@ -176,7 +168,7 @@ class TorchEngine(Engine):
 
 
 def _load_checkpoint(path: str | Path):
-    from .checkpoint import load_checkpoint
+    from thfm_serve.checkpoint import load_checkpoint
 
     return load_checkpoint(path, dtype=__import__("torch").float32, text_encoder=False)
 
@@ -202,7 +194,7 @@ def torch_core_module(checkpoint: Any, kind: str, compile: bool = False) -> Call
 
 
 def load_core_engine(kind: str, path: str | Path, *, threads: int | None = None, compile: bool = False,
-                     spin: bool = True, checkpoint: Any = None) -> Engine:
+                     checkpoint: Any = None) -> Engine:
     """The core on one engine.
 
     kind "onnxruntime": ``path`` is the exported model.onnx (fp32 or int8 Q/DQ);
@@ -213,7 +205,7 @@ def load_core_engine(kind: str, path: str | Path, *, threads: int | None = None,
     if kind not in CORE_KINDS:
         raise ThfmError(f"unknown core engine {kind!r}; choose from {', '.join(CORE_KINDS)}")
     if kind == ONNXRUNTIME:
-        return OrtEngine(path, CORE, threads, spin)
+        return OrtEngine(path, CORE, threads)
     set_torch_threads(threads)
     t0 = time.perf_counter()
     ck = checkpoint if checkpoint is not None else _load_checkpoint(path)
@@ -222,7 +214,7 @@ def load_core_engine(kind: str, path: str | Path, *, threads: int | None = None,
     return TorchEngine(CORE, module, kind)
 
 
-def load_vae_engine(kind: str, path: str | Path, which: str, *, threads: int | None = None, spin: bool = True,
+def load_vae_engine(kind: str, path: str | Path, which: str, *, threads: int | None = None,
                     checkpoint: Any = None) -> Engine:
     """The VAE encoder (which="vae_encoder") or decoder ("vae_decoder") on one engine; ``path`` as in
     load_core_engine."""
@@ -230,9 +222,9 @@ def load_vae_engine(kind: str, path: str | Path, which: str, *, threads: int | N
         raise ThfmError(f"which must be {VAE_ENCODER!r} or {VAE_DECODER!r}, got {which!r}")
     if kind not in VAE_KINDS:
         raise ThfmError(f"unknown VAE engine {kind!r}; choose from {', '.join(VAE_KINDS)} "
-                        "(the VAE stays fp32: export/specs.py)")
+                        "(the VAE stays fp32: thfm_serve/contract/specs.py)")
     if kind == ONNXRUNTIME:
-        return OrtEngine(path, which, threads, spin)
+        return OrtEngine(path, which, threads)
     set_torch_threads(threads)
     ck = checkpoint if checkpoint is not None else _load_checkpoint(path)
     module = ck.vae_encoder() if which == VAE_ENCODER else ck.vae_decoder()
@@ -241,6 +233,6 @@ def load_vae_engine(kind: str, path: str | Path, which: str, *, threads: int | N
 
 __all__ = [
     "CORE_KINDS", "Engine", "IO_NAMES", "IOName", "ONNXRUNTIME", "OrtEngine", "TORCH_BF16", "TORCH_FP32",
-    "TorchEngine", "VAE_KINDS", "load_core_engine", "load_vae_engine", "ort_session_options", "physical_cores",
+    "TorchEngine", "VAE_KINDS", "load_core_engine", "load_vae_engine", "physical_cores",
     "set_torch_threads", "torch_core_module",
 ]
