@@ -1,6 +1,6 @@
 """What goes on the wire: request payloads, the entry model's parameters, and message-size budgets.
 
-Requests follow thfm_serve.protocol: exactly one of INPUT_VIDEO (an encoded file, BYTES [1]) or
+Requests follow thfm_serve.contract.protocol: exactly one of INPUT_VIDEO (an encoded file, BYTES [1]) or
 INPUT_FRAMES (UINT8 [F, H, W, 3]) plus INPUT_TASKS (BYTES [N]).
 
 A window sent as video is encoded losslessly, so that the server decodes exactly the frames the

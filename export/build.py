@@ -31,7 +31,8 @@ import numpy as np
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import CheckpointError, ExportError, ThfmError
-from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.geometry import latent_size, patch_pixels, video_frames
+from thfm_serve.contract.protocol import CORE, DECODER_IN, VAE_DECODER, VAE_ENCODER
 
 from . import manifest as mf
 from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
@@ -285,7 +286,7 @@ def _clip_inputs(ck: Any):
     encoder = ck.vae_encoder()
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-        frames, height, width = 4 * (dims["latent_frames"] - 1) + 1, 16 * dims["hp"], 16 * dims["wp"]
+        frames, height, width = video_frames(dims["latent_frames"]), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])
         latent = clip_latent(encoder, procedural_clips(1, frames, height, width, seed=seed)[0], frames, height, width)
         batch = dims["batch"]
         return {"latent": np.repeat(latent, batch, axis=0), "text": text[np.arange(batch) % len(text)]}
@@ -328,10 +329,11 @@ def _window_check(name: str, spec: SubmodelSpec, runner: Any, module: Any, windo
     run = lambda x: runner({spec.input_names[0]: x})[spec.output_names[0]]  # noqa: E731
     rng = np.random.default_rng(7)
     if name == VAE_ENCODER:
-        x = rng.uniform(-1, 1, size=(1, 3, short, 16 * dims["hp"], 16 * dims["wp"])).astype(np.float32)
+        x = rng.uniform(-1, 1, size=(1, 3, short, patch_pixels(dims["hp"]), patch_pixels(dims["wp"]))).astype(np.float32)
         got = encode_in_window(run, x, window)
     else:
-        x = rng.standard_normal(size=(1, spec.tensor("latent").shape[1], short, 2 * dims["hp"], 2 * dims["wp"])).astype(np.float32)
+        h, w = (latent_size(patch_pixels(dims[k])) for k in ("hp", "wp"))
+        x = rng.standard_normal(size=(1, spec.tensor(DECODER_IN).shape[1], short, h, w)).astype(np.float32)
         got = decode_in_window(run, x, window)
     with torch.no_grad():
         ref = module(torch.from_numpy(x)).numpy()

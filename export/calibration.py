@@ -3,11 +3,8 @@
 INT8 scales come from the activation ranges the core sees, so calibration inputs should look like
 serving inputs: Wan latents of videos of people, with each task's prompt embedding. With
 ``--calibration VIDEO...`` the clips are windows of those videos (decoded by thfm_serve.video). Without
-it the default is ``procedural_clips``: a jointed figure (head, torso, limbs as shaded capsules) that
-walks and swings its arms over a textured, lit background, with random clothing colours, size,
-position, speed and camera pan. It is not a real video, but it has what random noise lacks for a
-perception model: a person-shaped foreground, coherent motion across frames, smooth shading and
-edges, so the latent statistics are image-like.
+it the default is ``procedural_clips``, the project's one clip generator (thfm_serve.clipgen): a
+walking figure over a textured, lit background, whose latent statistics are image-like.
 """
 
 from __future__ import annotations
@@ -20,31 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from thfm_serve.clipgen import RECIPE
+from thfm_serve.clipgen import walking_clips as procedural_clips  # noqa: F401 - calibration's name for them
 from thfm_serve.errors import ThfmError, VideoError
 
 logger = logging.getLogger(__name__)
 
-PROCEDURAL_RECIPE = "procedural-walkers-v1"  # bump when procedural_clips changes (int8 manifests key on it)
+# The default calibration clips come from the project's one clip generator (thfm_serve.clipgen).
+PROCEDURAL_RECIPE = RECIPE
 DEFAULT_CLIPS = 4
-
-# Skeleton: joint -> (parent, offset in body heights, drawn radius in body heights).
-_BONES = (
-    ("neck", "pelvis", (0.0, -0.30), 0.055),
-    ("head", "neck", (0.0, -0.10), 0.065),
-    ("l_shoulder", "neck", (-0.09, 0.02), 0.04),
-    ("r_shoulder", "neck", (0.09, 0.02), 0.04),
-    ("l_elbow", "l_shoulder", (0.0, 0.15), 0.032),
-    ("r_elbow", "r_shoulder", (0.0, 0.15), 0.032),
-    ("l_wrist", "l_elbow", (0.0, 0.14), 0.026),
-    ("r_wrist", "r_elbow", (0.0, 0.14), 0.026),
-    ("l_hip", "pelvis", (-0.06, 0.0), 0.05),
-    ("r_hip", "pelvis", (0.06, 0.0), 0.05),
-    ("l_knee", "l_hip", (0.0, 0.23), 0.042),
-    ("r_knee", "r_hip", (0.0, 0.23), 0.042),
-    ("l_ankle", "l_knee", (0.0, 0.23), 0.034),
-    ("r_ankle", "r_knee", (0.0, 0.23), 0.034),
-)
-
 
 @dataclass(frozen=True)
 class CalibrationSet:
@@ -52,94 +33,6 @@ class CalibrationSet:
     source: str  # PROCEDURAL_RECIPE, or "videos"
     fingerprint: str  # identifies the inputs (int8 manifests are stale when it changes)
     files: list[str]
-
-
-def _rotate(v: np.ndarray, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
-
-
-def _pose(t: float, phase: float, swing: float) -> dict[str, np.ndarray]:
-    """2D joint positions (body-height units, pelvis at origin) of a walking pose at time t."""
-    angles = {  # bone angle relative to its parent's frame: sinusoidal gait
-        "l_elbow": swing * np.sin(t + phase), "r_elbow": -swing * np.sin(t + phase),
-        "l_wrist": -0.2 + 0.2 * np.sin(t + phase), "r_wrist": 0.2 - 0.2 * np.sin(t + phase),
-        "l_knee": -0.6 * swing * np.sin(t + phase), "r_knee": 0.6 * swing * np.sin(t + phase),
-        "l_ankle": 0.4 * max(0.0, np.sin(t + phase + 1.0)), "r_ankle": 0.4 * max(0.0, -np.sin(t + phase + 1.0)),
-        "neck": 0.05 * np.sin(2 * t), "head": 0.1 * np.sin(t),
-    }
-    pos = {"pelvis": np.zeros(2)}
-    acc = {"pelvis": 0.0}
-    for joint, parent, offset, _ in _BONES:
-        a = acc[parent] + angles.get(joint, 0.0)
-        acc[joint] = a
-        pos[joint] = pos[parent] + _rotate(np.asarray(offset, dtype=np.float64), a)
-    return pos
-
-
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(0.2, 0.8, size=3).astype(np.float32)
-    grad = rng.uniform(-0.3, 0.3, size=(2, 3)).astype(np.float32)
-    img = base + (yy / height)[..., None] * grad[0] + (xx / width)[..., None] * grad[1]
-    # Low-frequency texture: a few random sinusoids (walls, floor tiles, foliage-like variation).
-    for _ in range(4):
-        fy, fx = rng.uniform(0.5, 6.0, size=2)
-        ph = rng.uniform(0, 2 * np.pi)
-        amp = rng.uniform(0.02, 0.08)
-        img += amp * np.sin(2 * np.pi * (fy * yy / height + fx * xx / width) + ph)[..., None]
-    horizon = int(height * rng.uniform(0.55, 0.8))  # a floor plane, darker
-    img[horizon:] *= 0.75
-    for _ in range(3):  # a few boxes (furniture, doors)
-        h0, w0 = int(rng.integers(0, height)), int(rng.integers(0, width))
-        img[h0 : h0 + int(rng.integers(height // 8, height // 3)), w0 : w0 + int(rng.integers(width // 10, width // 4))] = \
-            rng.uniform(0.1, 0.9, size=3)
-    return np.clip(img, 0.0, 1.0)
-
-
-def _clip(rng: np.random.Generator, frames: int, height: int, width: int) -> np.ndarray:
-    bg = _background(rng, 2 * height, 2 * width)  # twice the frame: the camera pans over it
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    body_h = rng.uniform(0.5, 0.9) * height
-    start = np.array([rng.uniform(0.25, 0.75) * width, rng.uniform(0.45, 0.6) * height])
-    velocity = np.array([rng.uniform(-0.02, 0.02) * width, 0.0])
-    pan = rng.uniform(-0.01, 0.01, size=2) * np.array([width, height])
-    phase, swing, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.8), rng.uniform(0.2, 0.6)
-    skin = rng.uniform([0.45, 0.3, 0.2], [0.95, 0.8, 0.7])
-    shirt, trousers = rng.uniform(0, 1, size=3), rng.uniform(0, 1, size=3)
-    light = _rotate(np.array([1.0, 0.0]), rng.uniform(0, 2 * np.pi))
-    out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    for f in range(frames):
-        oy, ox = (np.array([height, width]) * 0.5 + pan[::-1] * f).astype(int) % np.array([height, width])
-        img = bg[oy : oy + height, ox : ox + width].copy()
-        pose = _pose(speed * f, phase, swing)
-        centre = start + velocity * f
-        for joint, parent, _, radius in _BONES:
-            a = centre + pose[parent] * body_h
-            b = centre + pose[joint] * body_h
-            r = radius * body_h
-            ab = b - a
-            t = np.clip(((xx - a[0]) * ab[0] + (yy - a[1]) * ab[1]) / max(float(ab @ ab), 1e-6), 0.0, 1.0)
-            dx, dy = xx - (a[0] + t * ab[0]), yy - (a[1] + t * ab[1])
-            dist = np.sqrt(dx * dx + dy * dy)
-            inside = dist < r
-            if not inside.any():
-                continue
-            # Cylinder shading: brighter on the side facing the light, soft towards the silhouette.
-            facing = (dx * light[0] + dy * light[1]) / max(r, 1e-6)
-            shade = np.clip(0.75 + 0.35 * facing - 0.25 * (dist / r) ** 2, 0.2, 1.2)
-            colour = skin if joint in ("head", "l_wrist", "r_wrist") else (
-                trousers if joint.endswith(("hip", "knee", "ankle")) else shirt)
-            img[inside] = np.clip(colour[None, :] * shade[inside][:, None], 0.0, 1.0)
-        noise = rng.normal(0.0, 0.01, size=img.shape)  # sensor noise
-        out[f] = (np.clip(img + noise, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return out
-
-
-def procedural_clips(count: int, frames: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    """`count` uint8 clips [frames, height, width, 3] of a walking figure; same seed, same clips."""
-    rng = np.random.default_rng(seed)
-    return [_clip(rng, frames, height, width) for _ in range(count)]
 
 
 def video_clips(paths: list[str | Path], frames: int, height: int, width: int, per_video: int = 2) -> list[np.ndarray]:

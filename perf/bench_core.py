@@ -138,10 +138,12 @@ def core_flops(tcfg: dict[str, Any], text_len: int, frames: int, height: int, wi
     f = tcfg["ffn_dim"]
     layers = tcfg["num_layers"]
     text_dim = tcfg["text_dim"]
-    c_in = tcfg["in_channels"] * 4
-    c_out = tcfg["out_channels"] * 4
-    lt = (frames - 1) // 4 + 1
-    s = lt * (height // 16) * (width // 16)
+    from thfm_serve.contract.geometry import PATCH_SPATIAL, video_tokens
+
+    patch = PATCH_SPATIAL * PATCH_SPATIAL  # the 1x2x2 patch: latent values per token and channel
+    c_in = tcfg["in_channels"] * patch
+    c_out = tcfg["out_channels"] * patch
+    s = video_tokens(frames, height, width)
     t = frames if with_tokens else 0
     n = s + t
     L = text_len
@@ -176,13 +178,15 @@ def flop_counter_worker(job: dict[str, Any]) -> dict[str, Any]:
     vcfg = json.loads((ck / "vae" / "config.json").read_text())
     cfg = ThfmConfig.load(ck / "thfm" / "config.json")
     frames, height, width, batch = job["frames"], job["height"], job["width"], job["batch"]
-    lt = (frames - 1) // 4 + 1
+    from thfm_serve.contract.geometry import LATENT_CHANNELS, latent_frames, latent_size
+
+    lt = latent_frames(frames)
     out: dict[str, Any] = {}
     with torch.device("meta"):
         tr = WanTransformer3DModel.from_config({k: v for k, v in tcfg.items() if not k.startswith("_")})
         heads = ThfmHeads(tr.config.num_attention_heads * tr.config.attention_head_dim, cfg)
         core = ThfmCore(tr, heads, cfg.root_joint).eval()
-        latent = torch.empty(batch, 16, lt, height // 8, width // 8)
+        latent = torch.empty(batch, LATENT_CHANNELS, lt, latent_size(height), latent_size(width))
         text = torch.empty(batch, cfg.text_len, cfg.text_dim)
         with torch.no_grad():
             fc = FlopCounterMode(display=False)
@@ -202,7 +206,7 @@ def flop_counter_worker(job: dict[str, Any]) -> dict[str, Any]:
                 out["vae_encoder"] = float(fc.get_total_flops())
                 fc = FlopCounterMode(display=False)
                 with fc:
-                    VaeDecoder(vae)(torch.empty(1, 16, lt, height // 8, width // 8))
+                    VaeDecoder(vae)(torch.empty(1, LATENT_CHANNELS, lt, latent_size(height), latent_size(width)))
                 out["vae_decoder"] = float(fc.get_total_flops())
         except Exception as e:  # the VAE's feature cache may not trace on meta; the core numbers stand
             out["vae_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -290,15 +294,18 @@ def core_inputs(ck_path: Path, frames: int, height: int, width: int, batch: int)
     emb = load_file(str(ck_path / "thfm" / "thfm.safetensors"))
     rows = [emb[f"prompt_embeds.{t}"] for t in TASKS if f"prompt_embeds.{t}" in emb]
     text = np.stack([rows[i % len(rows)] for i in range(batch)]).astype(np.float32)
-    lt = (frames - 1) // 4 + 1
-    latent = np.random.default_rng(0).standard_normal((batch, 16, lt, height // 8, width // 8)).astype(np.float32)
+    from thfm_serve.contract.geometry import LATENT_CHANNELS, latent_frames, latent_size
+
+    lt = latent_frames(frames)
+    latent = np.random.default_rng(0).standard_normal(
+        (batch, LATENT_CHANNELS, lt, latent_size(height), latent_size(width))).astype(np.float32)
     return {"latent": latent, "text": text}
 
 
 def clip_frames(frames: int, height: int, width: int) -> np.ndarray:
-    from thfm_serve.perf import make_clip
+    from thfm_serve.clipgen import walking_clip
 
-    return make_clip(frames, height, width, seed=0)
+    return walking_clip(frames, height, width, seed=0)
 
 
 def compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str, kinds: dict[str, str]) -> dict[str, Any]:
@@ -404,7 +411,7 @@ def vae_worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         eng = engines.load_vae_engine("torch-fp32", ck, which, threads=threads)
         if name == "torch-bf16":
-            # Outside the export policy (the VAE stays fp32, export/specs.py): timed to show what it
+            # Outside the export policy (the VAE stays fp32, thfm_serve/contract/specs.py): timed to show what it
             # would buy, with its error against fp32 in the table.
             module = eng.module.to(torch.bfloat16)
             args = [torch.from_numpy(feed[n]).to(torch.bfloat16) for n in eng.input_names]

@@ -54,12 +54,11 @@ TORCH_BF16 = "torch-bf16"
 CORE_KINDS = (ONNXRUNTIME, TORCH_FP32, TORCH_BF16)
 VAE_KINDS = (ONNXRUNTIME, TORCH_FP32)
 
-# Tensor names per submodel, as the export specs name them (export/specs.py build_specs). Kept here as
-# plain tuples so the torch engines need no spec object; tests check them against build_specs.
+# Tensor names per submodel (contract.protocol: the names the export specs are built with).
 IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    CORE: (("latent", "text"), ("pred_latent", "kp2d", "kp3d")),
-    VAE_ENCODER: (("video",), ("latent",)),
-    VAE_DECODER: (("latent",), ("maps",)),
+    CORE: (CORE_IN, CORE_OUT),
+    VAE_ENCODER: ((ENCODER_IN,), (ENCODER_OUT,)),
+    VAE_DECODER: ((DECODER_IN,), (DECODER_OUT,)),
 }
 
 

@@ -471,13 +471,15 @@ def test_depth_colormap_is_bright_near():
 
 
 def test_demo_clip_is_repeatable(tmp_path):
-    from thfm_serve.client.democlip import demo_frames, main
+    from thfm_serve.client.democlip import main
+    from thfm_serve.clipgen import walking_clip
 
-    a = demo_frames(6, 64, 48)
-    assert a.shape == (6, 48, 64, 3) and np.array_equal(a, demo_frames(6, 64, 48))
+    a = walking_clip(6, 48, 64)
+    assert a.shape == (6, 48, 64, 3) and np.array_equal(a, walking_clip(6, 48, 64))
     assert not np.array_equal(a[0], a[5])  # the figure moves
     assert main([str(tmp_path / "d.mp4"), "--frames", "5", "--width", "64", "--height", "48"]) == 0
     assert read_video(tmp_path / "d.mp4").frames.shape == (5, 48, 64, 3)
+    assert main([str(tmp_path / "e.mp4"), "--frames", "0"]) == 2  # a clear error, not a traceback
 
 
 # --- the command ----------------------------------------------------------------------------------

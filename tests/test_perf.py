@@ -33,7 +33,6 @@ from thfm_serve.perf import (
     clip_input_data,
     encode_clip,
     find_perf_analyzer,
-    make_clip,
     merge_csv,
     parse_concurrency,
     plan,
@@ -157,9 +156,11 @@ def test_serialize_bytes_tensor():
 
 
 def test_make_clip_and_encode():
-    clip = make_clip(5, 32, 48)
+    from thfm_serve.clipgen import walking_clip
+
+    clip = walking_clip(5, 32, 48)
     assert clip.shape == (5, 32, 48, 3) and clip.dtype == np.uint8
-    assert np.array_equal(clip, make_clip(5, 32, 48))  # deterministic
+    assert np.array_equal(clip, walking_clip(5, 32, 48))  # deterministic
     assert not np.array_equal(clip[0], clip[1])  # it moves
     data = encode_clip(clip)
     assert data[4:8] == b"ftyp"  # an mp4

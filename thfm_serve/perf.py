@@ -3,7 +3,7 @@
 perf_analyzer (2.51.0, from the tritonclient 2.51.0 wheel; scripts/setup.sh puts it in
 <venv>/perf_analyzer) drives the server over gRPC at a fixed request concurrency and reports
 throughput and latency percentiles. This module builds its command line from what the server says
-about the model (get_model_config) and from the export specs (export/specs.py), runs one
+about the model (get_model_config) and from the export specs (thfm_serve/contract/specs.py), runs one
 perf_analyzer per concurrency level, merges the CSVs and writes a JSON summary.
 
 Inputs per model kind:
@@ -37,6 +37,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import ThfmConfig, latent_frames, parse_tasks
+from .clipgen import walking_clip
+from .contract.params import model_parameters, read_params
 from .errors import ThfmError
 from .contract.protocol import (
     CORE,
@@ -55,7 +57,7 @@ from .contract.protocol import (
 
 logger = logging.getLogger(__name__)
 
-# Models whose inputs are described by an export spec (export/specs.py build_specs keys).
+# Models whose inputs are described by an export spec (thfm_serve/contract/specs.py build_specs keys).
 SPEC_MODELS = (CORE, VAE_ENCODER, VAE_DECODER)
 # Models that take the entry contract (video/frames + tasks).
 CLIP_MODELS = (ENTRY_MODEL, DENSE_ENSEMBLE, SPARSE_ENSEMBLE)
@@ -221,18 +223,14 @@ def served_inputs(config: Mapping[str, Any]) -> list[ServedInput]:
     return out
 
 
-def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-
-
 def served_geometry(config: Mapping[str, Any]) -> dict[str, int]:
-    """window_frames/height/width from a model config's parameters (the entry model has them)."""
-    params = config_parameters(config)
-    out = {}
-    for key, name in ((PARAM_WINDOW_FRAMES, "frames"), (PARAM_HEIGHT, "height"), (PARAM_WIDTH, "width")):
-        if params.get(key, "").strip().isdigit():
-            out[name] = int(params[key])
-    return out
+    """window_frames/height/width from a model config's parameters (the entry model has them), read
+    by the contract's one parser; {} for a model without them."""
+    try:
+        p = read_params(model_parameters(config))
+    except ThfmError:
+        return {}
+    return {"frames": p.window, "height": p.height, "width": p.width}
 
 
 def resolve_geometry(opts: PerfOptions, entry_config: Mapping[str, Any] | None) -> tuple[int, int, int]:
@@ -287,21 +285,6 @@ def spec_shape_args(spec, drop_batch: bool) -> list[str]:
 
 
 # --- inputs: a generated clip (entry model) ---------------------------------------------------------
-
-def make_clip(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    """uint8 [F, H, W, 3]: a smooth moving gradient plus a little noise, so the encoder does real work
-    (an all-flat clip compresses to nothing and decodes faster than real video)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    for i in range(frames):
-        r = 128 + 100 * np.sin((xx + 4 * i) / 17.0)
-        g = 128 + 100 * np.cos((yy - 3 * i) / 23.0)
-        b = 128 + 60 * np.sin((xx + yy + 5 * i) / 31.0)
-        img = np.stack([r, g, b], axis=-1) + rng.normal(0, 6, size=(height, width, 3))
-        out[i] = np.clip(img, 0, 255).astype(np.uint8)
-    return out
-
 
 def encode_clip(frames: np.ndarray) -> bytes:
     from .video import encode_video
@@ -442,7 +425,7 @@ def plan(opts: PerfOptions, config: Mapping[str, Any], entry_config: Mapping[str
             raise ThfmError(f"--batch applies to core/VAE models; {opts.model!r} takes one clip per request")
         # The entry model carries its own grid parameters; an ensemble reads the entry model's.
         frames, height, width = resolve_geometry(opts, entry_config or config)
-        clip = make_clip(frames, height, width)
+        clip = walking_clip(frames, height, width)
         video = encode_clip(clip)
         data = clip_input_data(inputs, video, opts.tasks)
         out.mkdir(parents=True, exist_ok=True)
@@ -546,7 +529,7 @@ def _error_lines(text: str) -> str:
 
 __all__ = [
     "PerfAnalyzer", "PerfOptions", "PerfPlan", "ServedInput", "build_command", "clip_input_data",
-    "fetch_model_config", "find_perf_analyzer", "make_clip", "merge_csv", "parse_concurrency", "plan",
+    "fetch_model_config", "find_perf_analyzer", "merge_csv", "parse_concurrency", "plan",
     "read_csv", "resolve_geometry", "run_perf", "served_geometry", "served_inputs", "serialize_bytes_tensor",
     "spec_for", "spec_shape_args", "summarize_row",
 ]

@@ -5,7 +5,7 @@ serving assets into the repository and then calls ``write_repository``, which ad
 
     <repo>/thfm_repository.json             manifest: target, precision, grid, limits, specs (read by the
                                             python models and by `thfm serve`)
-    <repo>/<model>/config.pbtxt             for each of the nine models (thfm_serve.protocol names)
+    <repo>/<model>/config.pbtxt             for each of the nine models (thfm_serve.contract.protocol names)
     <repo>/<model>/1/model.py               for the python-backend models, copied from model_repository/
 
 Targets:
