@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from thfm_serve.contract.specs import MAX_BATCH, Precision, Target
+from thfm_serve.options import LIMIT_PREFIX, ExportOptions
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--calibration", nargs="+", metavar="VIDEO",
                    help="int8: calibration videos (default: procedurally generated clips of a walking figure)")
-    p.add_argument("--calibration-clips", type=int, default=4, help="int8: procedural clips when no video is given")
+    p.add_argument("--calibration-clips", type=int, help="int8: generated clips when no video is given (default 4)")
     p.add_argument("--only", nargs="+", metavar="MODEL", help="export only these of core, vae_encoder, vae_decoder")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"profile max batch (default {MAX_BATCH}: one row per task)")
     p.add_argument("--max-frames", type=int, help="profile max frames (default: the larger of the export and checkpoint clip)")
@@ -39,51 +40,31 @@ def register(sub) -> None:
     p.add_argument("--no-engine", action="store_true", help="--target gpu: write the ONNX only, build no TensorRT engine")
     p.add_argument("--no-configs", action="store_true", help="write only the exported artifacts, no Triton configs")
     p.add_argument("--force", action="store_true", help="re-export even when the manifests match")
-    # Request limits of the served repository (thfm_serve.serving.Limits). --max-frames above is the
-    # export profile's, hence the "request" in these names. Unset ones keep what the repository has
-    # (the defaults for a new one).
+    # Request limits of the served repository (thfm_serve.contract.params.Limits; each flag's dest is
+    # LIMIT_PREFIX + the field). --max-frames above is the export profile's, hence the "request" in
+    # these names. Unset ones keep what the repository has (the defaults for a new one).
     limits = p.add_argument_group("request limits (written into the Triton configs; unset: keep the repository's)")
-    limits.add_argument("--max-request-frames", type=int, metavar="N",
+    limits.add_argument("--max-request-frames", dest=LIMIT_PREFIX + "max_frames", type=int, metavar="N",
                         help="frames per request (default 600)")
-    limits.add_argument("--max-request-pixels", type=int, metavar="N",
+    limits.add_argument("--max-request-pixels", dest=LIMIT_PREFIX + "max_pixels", type=int, metavar="N",
                         help="pixels per frame, height x width (default 1920*1080)")
-    limits.add_argument("--max-request-bytes", type=int, metavar="N",
+    limits.add_argument("--max-request-bytes", dest=LIMIT_PREFIX + "max_request_bytes", type=int, metavar="N",
                         help="bytes of video or raw frames per request (default 256 MiB)")
-    limits.add_argument("--max-in-flight", type=int, metavar="N",
+    limits.add_argument("--max-in-flight", dest=LIMIT_PREFIX + "max_in_flight", type=int, metavar="N",
                         help="requests waiting at the entry model before new ones are rejected as busy (default 8)")
     p.set_defaults(func=run)
 
 
-def _limit_changes(args) -> dict[str, int]:
-    """Limits given on the command line, as serving.Limits field names."""
-    names = {"max_request_frames": "max_frames", "max_request_pixels": "max_pixels",
-             "max_request_bytes": "max_request_bytes", "max_in_flight": "max_in_flight"}
-    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
-
-
 def run(args) -> int:
-    from thfm_serve.errors import ThfmError
-
     from .build import export_repository
 
-    changes = _limit_changes(args)
-    if changes:
-        from thfm_serve.serving import Limits
-
-        Limits(**changes).validate()  # a bad value fails before minutes of export
-        if args.no_configs:
-            raise ThfmError("--max-request-*/--max-in-flight go into the Triton configs, which --no-configs skips")
-    report = export_repository(
-        args.checkpoint, args.repo, args.target, args.precision, args.frames, args.height, args.width, args.calibration,
-        models=args.only, build_engine=not args.no_engine, force=args.force, max_batch=args.max_batch,
-        max_frames=args.max_frames, max_height=args.max_height, max_width=args.max_width,
-        calibration_clips=args.calibration_clips, write_configs=not args.no_configs,
-    )
-    if changes:
+    opts = ExportOptions.from_args(args).validate()
+    report = export_repository(opts.checkpoint, opts.repo, **opts.export_kwargs())
+    if opts.limits:
         from thfm_serve.repository import set_limits
 
-        set_limits(args.repo, **changes)
+        set_limits(opts.repo, **opts.limits)
     for name, entry in report["models"].items():
         logger.info("%s: %s", name, entry.get("status"))
-    logger.info("export report: %s/export_report.json (%.1f s)", args.repo, report["seconds"])
+    logger.info("export report: %s/export_report.json (%.1f s)", opts.repo, report["seconds"])
     return 0

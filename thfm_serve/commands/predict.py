@@ -44,34 +44,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_prompts(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        task, sep, text = item.partition("=")
-        if not sep or not text.strip():
-            raise ThfmError(f"--prompt expects TASK=TEXT, got {item!r}")
-        out[task.strip()] = text
-    return out
-
-
 def run(args) -> int:
     from ..config import parse_tasks
+    from ..options import PredictOptions
     from ..video import read_video
 
-    tasks = parse_tasks(args.tasks)  # unknown task names fail before any heavy work
-    if args.url:
+    opts = PredictOptions.from_args(args).validate()
+    tasks = parse_tasks(opts.tasks)  # unknown task names fail before any heavy work
+    if opts.served:
         from thfm_serve.client.command import run_remote
 
-        return run_remote(args, tasks)
+        return run_remote(opts, tasks)
 
     # Cheap checks first (prompts, the video itself), so a bad input fails before torch and
     # diffusers are imported (seconds) and before weights load.
-    prompts = _parse_prompts(args.prompt)
+    prompts = opts.prompts
     unknown = set(prompts) - set(tasks)
     if unknown:
         raise ThfmError(f"--prompt given for tasks not requested: {sorted(unknown)}")
-    video = read_video(args.video, max_frames=args.max_frames)
-    logger.info("decoded %s: %d frames %dx%d at %.2f fps", args.video, *video.frames.shape[:3], video.fps)
+    video = read_video(opts.video, max_frames=opts.max_frames)
+    logger.info("decoded %s: %d frames %dx%d at %.2f fps", opts.video, *video.frames.shape[:3], video.fps)
 
     import torch
 
@@ -79,17 +71,17 @@ def run(args) -> int:
     from ..errors import CheckpointError
     from ..pipeline import ThfmPipeline, write_results
 
-    missing = missing_parts(args.checkpoint)
+    missing = missing_parts(opts.checkpoint)
     if missing:
-        raise CheckpointError(f"checkpoint {args.checkpoint} is missing {', '.join(missing)}")
-    pipe = ThfmPipeline.from_checkpoint(args.checkpoint, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts, overlap=args.overlap)
-    for path in write_results(results, args.out):
+        raise CheckpointError(f"checkpoint {opts.checkpoint} is missing {', '.join(missing)}")
+    pipe = ThfmPipeline.from_checkpoint(opts.checkpoint, dtype=torch.bfloat16 if opts.bf16 else torch.float32)
+    results = pipe.run(video.frames, tasks, opts.height, opts.width, opts.window, prompts, overlap=opts.overlap)
+    for path in write_results(results, opts.out):
         logger.info("wrote %s", path)
-    if args.pictures:
+    if opts.pictures:
         from ..visualize import write_pictures
 
-        pics = write_pictures(results, Path(args.out) / "pictures", video.frames, video.fps)
-        logger.info("wrote %d pictures to %s", len(pics), Path(args.out) / "pictures")
-    logger.info("outputs in %s", Path(args.out).resolve())
+        pics = write_pictures(results, Path(opts.out) / "pictures", video.frames, video.fps)
+        logger.info("wrote %d pictures to %s", len(pics), Path(opts.out) / "pictures")
+    logger.info("outputs in %s", Path(opts.out).resolve())
     return 0

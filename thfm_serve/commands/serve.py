@@ -35,10 +35,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..options import ServeOptions
     from ..repository import check_repository
-    from ..server import ServerConfig, serve_forever
+    from ..server import serve_forever
 
-    repo = Path(args.repo)
+    opts = ServeOptions.from_args(args).validate()
+    repo = Path(opts.repo)
     manifest = check_repository(repo)
     if manifest.get("target") != "cpu":
         # The tritonserver bundled here has only the python backend; a gpu repository's core is a
@@ -47,13 +49,11 @@ def run(args) -> int:
             f"{repo} is a {manifest.get('target')!r} repository (TensorRT core, onnxruntime VAE): serve it with "
             "NVIDIA's Triton container (see model_repository/README.md), or export with --target cpu"
         )
-    cfg = ServerConfig(repo=repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                       metrics_port=args.metrics_port, model_control=args.model_control)
     logger.info("serving %s (%s, %s): %s", repo, manifest.get("target"), manifest.get("precision"),
                 ", ".join(manifest.get("models", [])))
     limits = manifest.get("limits") or {}
     if limits:
         # Operators should see the caps in force (set them with `thfm export --max-request-*`).
         logger.info("request limits: %s", ", ".join(f"{k}={v}" for k, v in limits.items()))
-    return serve_forever(cfg, log_path=Path(args.log) if args.log else None, start_timeout_s=args.start_timeout,
-                         on_stub_death=args.on_stub_death)
+    return serve_forever(opts.server_config(), log_path=Path(opts.log) if opts.log else None,
+                         start_timeout_s=opts.start_timeout, on_stub_death=opts.on_stub_death)
