@@ -32,7 +32,16 @@ import numpy as np
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import CheckpointError, ExportError, ThfmError
 from thfm_serve.contract.geometry import latent_size, patch_pixels, video_frames
-from thfm_serve.contract.protocol import CORE, DECODER_IN, VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.protocol import (
+    CORE,
+    DECODER_IN,
+    MODEL_VERSION,
+    ONNX_FILE,
+    TASK_EMBEDDINGS,
+    THFM_CONFIG,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 
 from . import manifest as mf
 from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
@@ -45,10 +54,11 @@ from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 logger = logging.getLogger(__name__)
 
 MODELS = (CORE, VAE_ENCODER, VAE_DECODER)
-VERSION = "1"
-MODEL_FILE = "model.onnx"
-EMBEDDINGS_FILE = "task_embeddings.npz"
-CONFIG_FILE = "thfm_config.json"
+# Where the serving side reads them (contract.protocol).
+VERSION = MODEL_VERSION
+MODEL_FILE = ONNX_FILE
+EMBEDDINGS_FILE = TASK_EMBEDDINGS
+CONFIG_FILE = THFM_CONFIG
 REPORT_FILE = "export_report.json"
 DRIFT_SEED = 1234  # the drift clip differs from the calibration clips (seed 0)
 

@@ -280,10 +280,6 @@ def _shape_args():
     return ["--frames", "5", "--height", "32", "--width", "48", "--only", "core", "--no-configs"]
 
 
-def test_precisions_enum_is_what_the_cli_offers():
-    assert [p.value for p in Precision] == ["fp32", "bf16", "fp16", "int8"]
-
-
 def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):
     """The CPU recipe's ranges come from torch forward hooks on the Linears; onnxruntime's own MinMax
     calibrator on the exported fp32 graph, fed the same samples, measures the same tensors."""

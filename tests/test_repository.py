@@ -194,15 +194,6 @@ def test_write_repository_as_the_exporter_calls_it(tmp_path, specs):
         check_repository(repo, "cpu")
 
 
-def test_file_names_agree_with_the_exporter():
-    """The exporter writes what the serving side reads: same names, same place."""
-    from thfm_serve.export import build
-
-    assert (build.EMBEDDINGS_FILE, build.CONFIG_FILE, build.VERSION, build.MODEL_FILE) == (
-        serving.TASK_EMBEDDINGS, serving.THFM_CONFIG, "1", "model.onnx")
-    assert build.MODELS == (protocol.CORE, protocol.VAE_ENCODER, protocol.VAE_DECODER)
-
-
 def test_switching_target_removes_stale_python_models(tmp_path, specs):
     repo = tmp_path / "repo"
     _fake_graphs(repo, "gpu")

@@ -56,7 +56,7 @@ def _sources() -> Path:
 
 
 SOURCES = _sources()
-VERSION = "1"
+VERSION = protocol.MODEL_VERSION
 # The exporter writes the checkpoint's THFM config next to the core graph (export/build.py CONFIG_FILE).
 CONFIG_FILE = protocol.THFM_CONFIG
 
@@ -241,7 +241,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         elif spec.name == protocol.CORE:
             conf.update(platform="tensorrt_plan", default_model_filename="model.plan")
         else:
-            conf.update(platform="onnxruntime_onnx", default_model_filename="model.onnx")
+            conf.update(platform="onnxruntime_onnx", default_model_filename=protocol.ONNX_FILE)
         conf["max_batch_size"] = spec.max_batch
         conf["input"] = [_spec_tensor(spec, n, True) for n in spec.input_names]
         conf["output"] = [_spec_tensor(spec, n, True) for n in spec.output_names]
@@ -495,7 +495,7 @@ def missing_artifacts(repo: Path, manifest: Mapping[str, Any]) -> list[str]:
         if name in manifest.get("python_models", []) and not (vdir / "model.py").is_file():
             out.append(f"{name}/{VERSION}/model.py is missing")
         if name in SUBMODELS:
-            need = "model.plan" if (target == Target.GPU.value and name == protocol.CORE) else "model.onnx"
+            need = protocol.PLAN_FILE if (target == Target.GPU.value and name == protocol.CORE) else protocol.ONNX_FILE
             if not (vdir / need).is_file():
                 hint = ("build it on a TensorRT host (thfm export --target gpu)" if need == "model.plan"
                         else "export it (thfm export)")

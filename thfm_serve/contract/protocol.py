@@ -64,3 +64,8 @@ MANIFEST_VERSION = 1
 # ([text_len, text_dim] float32) and the checkpoint's thfm/config.json (tasks, joints, depth scale).
 TASK_EMBEDDINGS = "task_embeddings.npz"
 THFM_CONFIG = "thfm_config.json"
+# Every model has one version folder, <repo>/<model>/1/; the exported graphs are model.onnx there
+# (and the TensorRT core model.plan).
+MODEL_VERSION = "1"
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"

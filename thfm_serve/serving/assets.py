@@ -31,7 +31,7 @@ class RepositoryAssets:
         return [t for t in TASKS if t in self.config.tasks]
 
     def embeddings(self) -> dict[str, np.ndarray]:
-        return load_task_embeddings(self.root / protocol.CORE / "1" / TASK_EMBEDDINGS, self.config)
+        return load_task_embeddings(self.root / protocol.CORE / protocol.MODEL_VERSION / TASK_EMBEDDINGS, self.config)
 
 
 
@@ -68,7 +68,7 @@ def load_assets(root: str | Path) -> RepositoryAssets:
         specs = {name: SubmodelSpec.from_dict(d) for name, d in manifest["specs"].items()}
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{root / REPOSITORY_MANIFEST} lacks or garbles {e}") from None
-    cfg = ThfmConfig.load(root / protocol.CORE / "1" / THFM_CONFIG)
+    cfg = ThfmConfig.load(root / protocol.CORE / protocol.MODEL_VERSION / THFM_CONFIG)
     return RepositoryAssets(root, cfg, specs, manifest)
 
 

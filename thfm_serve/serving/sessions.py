@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..contract.params import _int_param
-from ..contract.protocol import PARAM_THREADS
+from ..contract.protocol import ONNX_FILE, PARAM_THREADS
 from ..contract.specs import SubmodelSpec
 from ..errors import CheckpointError, ShapeError, ThfmError
 from .assets import load_assets, repository_root
@@ -68,7 +68,7 @@ class OnnxModel:
         if name not in assets.specs:
             raise CheckpointError(f"the repository manifest has no spec for {name!r}")
         threads = _int_param(params or {}, PARAM_THREADS, 0)
-        return cls(assets.specs[name], create_session(Path(model_dir) / str(version) / "model.onnx", threads))
+        return cls(assets.specs[name], create_session(Path(model_dir) / str(version) / ONNX_FILE, threads))
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> None:
         for t in self.spec.inputs:
