@@ -16,7 +16,7 @@ Models of a THFM repository (contract.protocol names them; repository.py writes 
 Two paths, on purpose:
 - The entry model mirrors ThfmPipeline.run exactly: per window it encodes the clip once, runs the
   core once with one batch row per requested task, decodes the dense rows in one decoder call, and
-  pads/crops around the fixed-window VAE graphs (export.vae_window: exact, the Wan VAE is causal).
+  pads/crops around the fixed-window VAE graphs (contract.vae_window: exact, the Wan VAE is causal).
 - The ensembles are fixed DAGs that compute every task of their path. An ensemble cannot crop or
   repeat a tensor between steps, so their batch axis is the clip's windows (each a full window, the
   one frame count the VAE graphs take) and each task is its own core step; the core's dynamic
