@@ -130,7 +130,7 @@ def output_elements(task: str, height: int, width: int, joints: int = _JOINTS_BU
 
 def response_bytes(tasks, frames: int, height: int, width: int) -> int:
     """Upper bound of one response's size: every task's float32 output plus the joint names."""
-    body = sum(4 * frames * output_elements(t, height, width) for t in tasks)
+    body = sum(np.dtype(np.float32).itemsize * frames * output_elements(t, height, width) for t in tasks)
     if any(t in SPARSE_TASKS for t in tasks):
         body += _JOINTS_BUDGET * 64
     return body

@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from thfm_serve.contract.geometry import LATENT_CHANNELS, latent_frames, latent_size
+
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("bench_core")
 
@@ -178,8 +180,6 @@ def flop_counter_worker(job: dict[str, Any]) -> dict[str, Any]:
     vcfg = json.loads((ck / "vae" / "config.json").read_text())
     cfg = ThfmConfig.load(ck / "thfm" / "config.json")
     frames, height, width, batch = job["frames"], job["height"], job["width"], job["batch"]
-    from thfm_serve.contract.geometry import LATENT_CHANNELS, latent_frames, latent_size
-
     lt = latent_frames(frames)
     out: dict[str, Any] = {}
     with torch.device("meta"):
@@ -294,8 +294,6 @@ def core_inputs(ck_path: Path, frames: int, height: int, width: int, batch: int)
     emb = load_file(str(ck_path / "thfm" / "thfm.safetensors"))
     rows = [emb[f"prompt_embeds.{t}"] for t in TASKS if f"prompt_embeds.{t}" in emb]
     text = np.stack([rows[i % len(rows)] for i in range(batch)]).astype(np.float32)
-    from thfm_serve.contract.geometry import LATENT_CHANNELS, latent_frames, latent_size
-
     lt = latent_frames(frames)
     latent = np.random.default_rng(0).standard_normal(
         (batch, LATENT_CHANNELS, lt, latent_size(height), latent_size(width))).astype(np.float32)
@@ -761,7 +759,8 @@ class Bench:
         r["flops"] = core_flops(tcfg, thfm_cfg["text_len"], a.frames, a.height, a.width, a.batch)
         r["flops_peer"] = core_flops(tcfg, thfm_cfg["text_len"], a.frames, a.height, a.width, a.batch, with_tokens=False)
         r["shape"] = {"frames": a.frames, "height": a.height, "width": a.width, "batch": a.batch,
-                      "latent": [a.batch, 16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8],
+                      "latent": [a.batch, LATENT_CHANNELS, latent_frames(a.frames), latent_size(a.height),
+                                 latent_size(a.width)],
                       "tokens": r["flops"]["tokens"], "video_tokens": r["flops"]["video_tokens"]}
         self.export()
 

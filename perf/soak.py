@@ -437,9 +437,11 @@ def _oom_kills_since(uptime_s: float) -> list[str]:
 
 
 def _request_bytes(tasks, frames: int, h: int, w: int, payload: int) -> int:
-    per_frame = {"depth": h * w, "segmentation": h * w, "normals": 3 * h * w, "densepose": 3 * h * w,
-                 "keypoints2d": 24 * 2, "keypoints3d": 24 * 3}
-    return payload + sum(4 * frames * per_frame[t] for t in tasks)
+    from thfm_serve.contract.tasks import frame_shape
+
+    joints = 24  # SMPL's, the tiny checkpoint's joint set
+    item = np.dtype(np.float32).itemsize
+    return payload + sum(item * frames * int(np.prod(frame_shape(t, h, w, joints))) for t in tasks)
 
 
 def _mem_gib() -> int:

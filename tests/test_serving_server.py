@@ -156,7 +156,7 @@ def test_health_ready_and_metadata(client, repo):
     config = client.get_model_config(protocol.ENTRY_MODEL, as_json=True)["config"]
     params = {k: v["string_value"] for k, v in config["parameters"].items()}
     assert params == {protocol.PARAM_WINDOW_FRAMES: str(WINDOW), protocol.PARAM_HEIGHT: str(HEIGHT),
-                      protocol.PARAM_WIDTH: str(WIDTH),
+                      protocol.PARAM_WIDTH: str(WIDTH), protocol.PARAM_OVERLAP: "1",  # the default for 5 frames
                       protocol.PARAM_MAX_FRAMES: "40", protocol.PARAM_MAX_PIXELS: str(96 * 96),
                       protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20)}
     for name in (protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE):
@@ -196,7 +196,7 @@ def test_entry_takes_encoded_video_over_several_windows(client, tiny_pipeline, t
     from thfm_serve.video import decode_video_bytes
 
     path = tmp_path / "clip.mp4"
-    make_clip(path, frames=14, height=48, width=64)  # three windows: frames 0-4, 5-9, 9-13
+    make_clip(path, frames=14, height=48, width=64)  # four windows: frames 0-4, 4-8, 8-12, 9-13
     data = path.read_bytes()
     tasks = ["keypoints2d", "depth"]
     before = _core_counts(client)
