@@ -228,34 +228,54 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
                tasks: list[str] | None = None, max_batch: int = 6) -> dict[str, dict[str, float]]:
     """Per-task error of the candidate core against the fp32 PyTorch core on one clip.
 
-    The clip is encoded once (PyTorch VAE), every task runs as one batch row, dense latents of both
-    cores are decoded by the same PyTorch VAE decoder and mapped through processing.dense_output /
-    sparse_output, so the numbers are in the units users see: depth abs-rel, normals angle (deg),
-    alpha MSE, IUV mean abs error, 2D keypoints in pixels, 3D keypoints in mm.
+    Both cores run inside the engine's one window loop (processing.run_clip, the clip as one window):
+    the clip is encoded by the PyTorch VAE, every task runs as one batch row, dense latents of both
+    cores are decoded by the same PyTorch VAE decoder and mapped to the users' units, so the numbers
+    are what users see: depth abs-rel, normals angle (deg), alpha MSE, IUV mean abs error, 2D
+    keypoints in pixels, 3D keypoints in mm.
     """
     import torch
 
     from thfm_serve.config import DENSE_TASKS
-    from thfm_serve.processing import dense_output, sparse_output
+    from thfm_serve.contract.protocol import CORE_OUT
+    from thfm_serve.contract.tasks import OUTPUT_KEYS
+    from thfm_serve.processing import run_clip
 
-    from .calibration import clip_latent, task_texts
+    from .calibration import task_texts
 
     cfg = ck.config
     tasks = tasks or ck.tasks
-    latent = clip_latent(ck.vae_encoder(), clip, clip.shape[0], height, width)
     text = task_texts(ck, tasks)
-    ref, got = _batched(reference, latent, text, max_batch), _batched(candidate, latent, text, max_batch)
-    decoder = ck.vae_decoder()
-    out: dict[str, dict[str, float]] = {}
-    for i, task in enumerate(tasks):
-        if task in DENSE_TASKS:
+    encoder, decoder = ck.vae_encoder(), ck.vae_decoder()
+    encoded: dict[bytes, np.ndarray] = {}  # the same clip for both cores: encode it once
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        key = x.tobytes()
+        if key not in encoded:
             with torch.no_grad():
-                maps = [decoder(torch.from_numpy(r["pred_latent"][i : i + 1]))[0].permute(1, 0, 2, 3) for r in (ref, got)]
-            a, b = (dense_output(task, m, height, width, cfg.depth_log_scale) for m in maps)
+                encoded[key] = encoder(torch.from_numpy(x)).numpy()
+        return encoded[key]
+
+    def decode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return decoder(torch.from_numpy(x)).numpy()
+
+    def core(run: Runner):
+        def call(latent: np.ndarray, txt: np.ndarray):
+            out = _batched(run, latent[:1], txt, max_batch)
+            return tuple(out[n] for n in CORE_OUT)
+
+        return call
+
+    window = clip.shape[0]  # the export window: one window, no stitching
+    ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
+                         encode, core(run), decode) for run in (reference, candidate))
+    out: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        a, b = ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]
+        if task in DENSE_TASKS:
             out[task] = _dense_metric(task, a, b)
         else:
-            key = "kp2d" if task == "keypoints2d" else "kp3d"
-            a, b = (sparse_output(task, r[key][i], height, width) for r in (ref, got))
             err = np.linalg.norm(b.astype(np.float64) - a, axis=-1)
             scale, unit = (1.0, "px") if task == "keypoints2d" else (1000.0, "mm")
             out[task] = {f"mean_{unit}": float(err.mean() * scale), f"max_{unit}": float(err.max() * scale)}
