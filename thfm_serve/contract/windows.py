@@ -16,8 +16,7 @@ Plan (N frames, window W, overlap O, stride S = W - O):
     static frame count). Its overlap with the window before can be longer than O.
   * the hand-over from window i to window i+1 happens in a "fade zone" of O frames: the first O
     frames of window i+1 for the regular windows, the last O frames of window i before the last
-    (end-aligned) window. Frames of the overlap outside the zone come from the earlier window,
-    exactly as the in-process path keeps them (processing.plan_windows' keep_from).
+    (end-aligned) window. Frames of the overlap outside the zone come from the earlier window.
   * O <= (W - 1) // 2 keeps the zones disjoint: every frame gets contributions from one window, or
     from two inside a zone, never three.
 
