@@ -63,6 +63,8 @@ class ClipConfig(Protocol):
 
     @property
     def num_joints(self) -> int: ...
+
+
 # One batch row per task: a request asking for all six tasks runs the core once with batch 6.
 MAX_BATCH = len(TASKS)
 BASE_DIMS = ("batch", "latent_frames", "hp", "wp")

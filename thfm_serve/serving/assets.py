@@ -34,11 +34,9 @@ class RepositoryAssets:
         return load_task_embeddings(self.root / protocol.CORE / protocol.MODEL_VERSION / TASK_EMBEDDINGS, self.config)
 
 
-
 def repository_root(model_dir: str | Path) -> Path:
     """args["model_repository"] of a python model is <repo>/<model>; the repository is its parent."""
     return Path(model_dir).resolve().parent
-
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -60,7 +58,6 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return data
 
 
-
 def load_assets(root: str | Path) -> RepositoryAssets:
     root = Path(root)
     manifest = read_manifest(root)
@@ -70,7 +67,6 @@ def load_assets(root: str | Path) -> RepositoryAssets:
         raise CheckpointError(f"{root / REPOSITORY_MANIFEST} lacks or garbles {e}") from None
     cfg = ThfmConfig.load(root / protocol.CORE / protocol.MODEL_VERSION / THFM_CONFIG)
     return RepositoryAssets(root, cfg, specs, manifest)
-
 
 
 def load_task_embeddings(path: str | Path, cfg: ThfmConfig) -> dict[str, np.ndarray]:

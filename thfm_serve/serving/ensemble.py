@@ -49,13 +49,11 @@ def preprocess(frames: np.ndarray, grid: Grid, embeddings: Mapping[str, np.ndarr
     return {k: v for k, v in out.items() if k in wanted}
 
 
-
 def _geometry(geometry: np.ndarray) -> tuple[int, int, int]:
     g = np.asarray(geometry).reshape(-1)
     if g.size != 3 or (g < 1).any():
         raise ShapeError(f"{GEOMETRY!r} must be [frames, height, width], positive, got {g.tolist()}")
     return int(g[0]), int(g[1]), int(g[2])
-
 
 
 def _stitch(windows_array: np.ndarray, num_frames: int, window: int, overlap: int | None,
@@ -86,7 +84,6 @@ def postprocess_dense(geometry: np.ndarray, maps: Mapping[str, np.ndarray], wind
             m.transpose(0, 2, 1, 3, 4), num_frames, window, overlap,
             lambda p, task=task: dense_output(task, p, in_h, in_w, depth_log_scale), task)
     return out
-
 
 
 def postprocess_sparse(geometry: np.ndarray, keypoints: Mapping[str, np.ndarray], window: int,

@@ -23,11 +23,9 @@ def names_tensor(names: Sequence[str]) -> np.ndarray:
     return np.array([n.encode("utf-8") for n in names], dtype=np.object_)
 
 
-
 # call(model name, {input name: array}, [output names]) -> {output name: array}; raises
 # ModelCallError when the called model answers with an error.
 ModelCall = Callable[[str, Mapping[str, np.ndarray], Sequence[str]], dict[str, np.ndarray]]
-
 
 
 class ModelCallError(RuntimeError):
@@ -37,7 +35,6 @@ class ModelCallError(RuntimeError):
     before calling them, so a failure there is the server's fault (reported as an internal error,
     with the called model's message), not the request's.
     """
-
 
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
@@ -82,7 +79,6 @@ def entry_outputs(results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, 
         if "joint_names" in arrays:
             out[protocol.OUTPUT_JOINT_NAMES] = names_tensor([str(n) for n in arrays["joint_names"]])
     return out
-
 
 
 def local_call(models: Mapping[str, OnnxModel]) -> ModelCall:

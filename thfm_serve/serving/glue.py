@@ -19,7 +19,6 @@ logger = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 
 
-
 def request_inputs(request, names: Iterable[str], pb_utils) -> dict[str, np.ndarray | None]:
     """{name: numpy array, or None when the optional input is absent}."""
     out = {}
@@ -29,19 +28,16 @@ def request_inputs(request, names: Iterable[str], pb_utils) -> dict[str, np.ndar
     return out
 
 
-
 def clip_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     """An error message short enough to travel as gRPC metadata (clients cap it at 16 KiB)."""
     message = str(message)
     return message if len(message) <= limit else message[: limit - 30] + f"... ({len(message)} chars)"
 
 
-
 def _prefixed(model: str, message: str) -> str:
     # Spec and onnx errors already start with the model's name; say it once.
     message = str(message)
     return message if message.startswith(f"{model}: ") else f"{model}: {message}"
-
 
 
 def error_response(pb_utils, message: str):
@@ -51,10 +47,8 @@ def error_response(pb_utils, message: str):
     return pb_utils.InferenceResponse(error=err)
 
 
-
 def make_response(pb_utils, outputs: Mapping[str, np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
-
 
 
 def guarded(model: str, pb_utils, fn: Callable[[], Mapping[str, np.ndarray]]):
@@ -72,11 +66,9 @@ def guarded(model: str, pb_utils, fn: Callable[[], Mapping[str, np.ndarray]]):
             clip_message(f"{model}: internal error: {type(e).__name__}: {e}")))
 
 
-
 def execute_each(requests, model: str, pb_utils, handle: Callable[[Any], Mapping[str, np.ndarray]]) -> list:
     """One response per request, in order: handle(request) -> outputs."""
     return [guarded(model, pb_utils, lambda r=r: handle(r)) for r in requests]
-
 
 
 def execute_onnx(requests, onnx: OnnxModel, pb_utils) -> list:
@@ -96,7 +88,6 @@ def execute_onnx(requests, onnx: OnnxModel, pb_utils) -> list:
             wanted = set(r.requested_output_names())
             responses.append(make_response(pb_utils, {k: v for k, v in res.items() if k in wanted}))
     return responses
-
 
 
 def bls_call(pb_utils) -> ModelCall:

@@ -43,7 +43,6 @@ class EntryModel:
         return entry_outputs(results)
 
 
-
 class PreprocessModel:
     """The `preprocess` model (the ensembles' first step): grid, limits and embeddings read once."""
 
@@ -60,7 +59,6 @@ class PreprocessModel:
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str]) -> dict[str, np.ndarray]:
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
         return preprocess(frames, self.grid, self.embeddings, self.max_windows, wanted)
-
 
 
 class PostprocessModel:

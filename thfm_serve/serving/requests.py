@@ -19,7 +19,6 @@ MAX_TASK_NAMES = 64
 MAX_TASK_NAME_BYTES = 64
 
 
-
 def read_clip(video: np.ndarray | None, frames: np.ndarray | None, limits: Limits) -> np.ndarray:
     """The request's clip as uint8 [F, H, W, 3]: decoded from `video` (BYTES [1]) or taken from `frames`.
 
@@ -34,7 +33,6 @@ def read_clip(video: np.ndarray | None, frames: np.ndarray | None, limits: Limit
     if video is not None:
         return _decode_video(video, limits)
     return _check_frames(frames, limits)
-
 
 
 def _decode_video(video: np.ndarray, limits: Limits) -> np.ndarray:
@@ -57,7 +55,6 @@ def _decode_video(video: np.ndarray, limits: Limits) -> np.ndarray:
     return decode_video_bytes(bytes(data), max_frames=limits.max_frames, max_pixels=limits.max_pixels).frames
 
 
-
 def _check_frames(frames: np.ndarray, limits: Limits) -> np.ndarray:
     from ..contract.geometry import validate_frames
 
@@ -73,7 +70,6 @@ def _check_frames(frames: np.ndarray, limits: Limits) -> np.ndarray:
         raise ShapeError(f"{protocol.INPUT_FRAMES!r} frame size {w}x{h} = {h * w} pixels is above the limit "
                          f"{protocol.PARAM_MAX_PIXELS}={limits.max_pixels}")
     return frames
-
 
 
 def read_tasks(tasks: np.ndarray | None, available: Sequence[str]) -> list[str]:
@@ -101,7 +97,6 @@ def read_tasks(tasks: np.ndarray | None, available: Sequence[str]) -> list[str]:
         except UnicodeDecodeError:
             raise TaskError(f"task name {raw[:40]!r} is not UTF-8") from None
     return parse_tasks(names, list(available))
-
 
 
 def check_requested_outputs(wanted: Iterable[str] | None, tasks: Sequence[str], all_outputs: Iterable[str]) -> None:

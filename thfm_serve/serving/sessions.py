@@ -41,7 +41,6 @@ def create_session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
-
 class OnnxModel:
     """One exported submodel run by onnxruntime on behalf of a python-backend model.
 
@@ -108,7 +107,6 @@ class OnnxModel:
         return results  # type: ignore[return-value]
 
 
-
 def check_finite(model: str, name: str, x: np.ndarray | None) -> None:
     """ShapeError when a float input holds NaN or Inf (it would come back as NaN maps and keypoints,
     or as garbage from a TensorRT engine, with no error).
@@ -126,7 +124,6 @@ def check_finite(model: str, name: str, x: np.ndarray | None) -> None:
     inf = int(np.count_nonzero(np.isinf(x)))
     raise ShapeError(f"{model}: input {name!r} has {nan} NaN and {inf} Inf values of {x.size}; "
                      "inputs must be finite")
-
 
 
 def _chunks(members: list[int], rows: list[int], limit: int) -> list[list[int]]:
