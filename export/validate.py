@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from thfm_serve.errors import ExportError
-
+from thfm_serve.contract.protocol import CORE_IN
 from thfm_serve.contract.specs import Precision, SubmodelSpec, Tolerance
+from thfm_serve.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _batched(run: Runner, latent: np.ndarray, text: np.ndarray, max_batch: int) 
     parts = []
     for i in range(0, len(text), max_batch):
         chunk = text[i : i + max_batch]
-        parts.append(run({"latent": np.repeat(latent, len(chunk), axis=0), "text": chunk}))
+        parts.append(run({CORE_IN[0]: np.repeat(latent, len(chunk), axis=0), CORE_IN[1]: chunk}))
     return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
 
 

@@ -42,6 +42,7 @@ from .contract.params import model_parameters, read_params
 from .errors import ThfmError
 from .contract.protocol import (
     CORE,
+    CORE_IN,
     DENSE_ENSEMBLE,
     ENTRY_MODEL,
     INPUT_FRAMES,
@@ -259,8 +260,8 @@ def spec_for(model: str, config: Mapping[str, Any], frames: int, height: int, wi
 
     inputs = {i.name: i for i in served_inputs(config)}
     text_len, text_dim = ThfmConfig.text_len, ThfmConfig.text_dim
-    if model == CORE and "text" in inputs:
-        text_len, text_dim = inputs["text"].dims[-2], inputs["text"].dims[-1]
+    if model == CORE and CORE_IN[1] in inputs:
+        text_len, text_dim = inputs[CORE_IN[1]].dims[-2], inputs[CORE_IN[1]].dims[-1]
     cfg = ThfmConfig(frames=frames, height=height, width=width, text_len=text_len, text_dim=text_dim).validate()
     spec = build_specs(cfg, frames, height, width, batch=batch)[model]
     drop_batch = int(config.get("max_batch_size", 0)) > 0
