@@ -38,6 +38,27 @@ class RayGrid:
         return cls(xs=xs, ys=ys, dirs=d)
 
 
+    def crop(self, rows: slice, cols: slice) -> "RayGrid":
+        return RayGrid(xs=self.xs[cols], ys=self.ys[rows], dirs=self.dirs[rows, cols])
+
+
+def footprint(grid: RayGrid, capsules: list, ellipsoids: list, intrinsics) -> tuple[slice, slice] | None:
+    """Rows and columns of the grid that any of the primitives can cover (the union of their
+    windows), or None if none is in view."""
+    fx, fy, cx, cy = intrinsics
+    spheres = [((pa + pb) / 2, np.linalg.norm(pb - pa) / 2 + r) for pa, pb, r, _, _ in capsules]
+    spheres += [(c, float(radii.max())) for c, _, radii in ellipsoids]
+    r0 = c0 = None
+    for centre, radius in spheres:
+        win = _window(grid, centre, radius, fx, fy, cx, cy)
+        if win is None:
+            continue
+        rows, cols = win
+        r0, r1 = (rows.start, rows.stop) if r0 is None else (min(r0, rows.start), max(r1, rows.stop))
+        c0, c1 = (cols.start, cols.stop) if c0 is None else (min(c0, cols.start), max(c1, cols.stop))
+    return None if r0 is None else (slice(r0, r1), slice(c0, c1))
+
+
 @dataclass
 class Hits:
     """Nearest hit per sample: distance along the ray (inf: none), primitive index (-1: none, planes

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import SMPL_JOINTS, SPARSE_TASKS
 from .body import HAIR, NUM_PARTS, SHIRT, SHOES, SKIN, SLEEVE, TROUSERS, BodyShape, Motion, Person
-from .raycast import RayGrid, cast
+from .raycast import RayGrid, cast, footprint
 
 VISIBLE_MARGIN = 0.15  # metres: a joint lies inside the body, up to about this far behind its skin
 MAX_PEOPLE = 2
@@ -290,7 +290,6 @@ def render_clip(seed: int | np.random.SeedSequence, frames: int = 17, height: in
         person_of = np.array([m[1] for m in meta] + [-1, -1])
 
         hc = cast(centre_grid, caps, ells, planes, intr)
-        hs = cast(sub_grid, caps, ells, planes, intr)
 
         # --- ground truth at the pixel centres
         depth = hc.t * centre_grid.dirs[..., 2]
@@ -305,12 +304,22 @@ def render_clip(seed: int | np.random.SeedSequence, frames: int = 17, height: in
         iuv[..., 0] = part / NUM_PARTS
         iuv[body, 1:] = hc.uv[body]
 
-        # --- colours and matte from the sub-pixel samples
-        colour = _shade(hs, sub_grid, meta, scene, R, C, posed, f)
-        s = samples
-        colour = colour.reshape(height, s, width, s, 3).mean(axis=(1, 3))
+        # --- colours and matte: sub-pixel samples over the pixels the people can cover, the centre
+        # sample elsewhere (no person's edge there to antialias; an occluder's edges outside it stay
+        # aliased)
+        colour = _shade(hc, centre_grid, meta, scene, R, C, posed, f)
+        alpha = np.zeros((height, width))
+        box = footprint(centre_grid, caps[:-1] if scene.occluder is not None else caps, ells, intr)
+        if box is not None:
+            rows, cols = box
+            s = samples
+            sub = sub_grid.crop(slice(rows.start * s, rows.stop * s), slice(cols.start * s, cols.stop * s))
+            hs = cast(sub, caps, ells, planes, intr)
+            h_box, w_box = rows.stop - rows.start, cols.stop - cols.start
+            shaded = _shade(hs, sub, meta, scene, R, C, posed, f)
+            colour[rows, cols] = shaded.reshape(h_box, s, w_box, s, 3).mean(axis=(1, 3))
+            alpha[rows, cols] = (person_of[hs.prim] >= 0).reshape(h_box, s, w_box, s).mean(axis=(1, 3))
         colour = colour + rng.normal(0.0, scene.noise_sigma, colour.shape)
-        alpha = (person_of[hs.prim] >= 0).reshape(height, s, width, s).mean(axis=(1, 3))
 
         # --- keypoints of the first person
         joints = (posed[0][0][f] - C) @ R.T  # [24, 3] camera frame
