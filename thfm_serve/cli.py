@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
     "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
     "thfm_serve.commands.synth",  # synth (synthetic human clips with ground truth)
+    "thfm_serve.commands.evaluate",  # eval (predictions against ground truth, the paper's metrics)
 )
 
 
