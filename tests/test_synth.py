@@ -240,3 +240,12 @@ def test_workers_give_the_same_files(tmp_path):
 @pytest.mark.parametrize("bad", [["--clips", "0"], ["--motions", "dance"], ["--samples", "0"], ["--height", "4"]])
 def test_bad_arguments_fail_clearly(tmp_path, bad, caplog):
     assert main(["synth", "--out", str(tmp_path / "x")] + bad) == 2
+
+
+def test_preview_sheet(tmp_path):
+    from PIL import Image
+
+    assert main(["synth", "--out", str(tmp_path), "--clips", "1", "--frames", "4", "--height", "32", "--width", "40",
+                 "--preview"]) == 0
+    with Image.open(tmp_path / "clip_00000" / "preview.png") as im:
+        assert im.size == (7 * 40, 3 * 32)  # 7 columns (video + 6 tasks), 3 frames

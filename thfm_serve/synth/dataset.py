@@ -54,8 +54,12 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
-def write_clip(clip: SynthClip, out_dir: str | Path) -> Path:
-    """Write one clip's video, ground truth and camera into out_dir."""
+PREVIEW_NAME = "preview.png"
+
+
+def write_clip(clip: SynthClip, out_dir: str | Path, preview: bool = False) -> Path:
+    """Write one clip's video, ground truth and camera into out_dir (and preview.png: the frames next
+    to their ground truth, with preview=True)."""
     from ..video import encode_video
 
     out = Path(out_dir)
@@ -64,6 +68,10 @@ def write_clip(clip: SynthClip, out_dir: str | Path) -> Path:
     for task, arrays in clip.results().items():
         save_npz(out / f"{task}.npz", arrays)
     (out / CAMERA_NAME).write_text(json.dumps(clip.camera, indent=1, sort_keys=True) + "\n")
+    if preview:
+        from .preview import write_preview
+
+        write_preview(clip, out / PREVIEW_NAME)
     return out
 
 
@@ -89,17 +97,18 @@ def load_backgrounds(folder: str | Path | None, size: int = 256) -> list[np.ndar
 
 
 def _render_one(args) -> tuple[str, float]:
-    out, seed, index, kwargs = args
+    out, seed, index, kwargs, preview = args
     t0 = time.perf_counter()
     clip = render_clip(clip_seed(seed, index), **kwargs)
-    write_clip(clip, Path(out) / clip_name(index))
+    write_clip(clip, Path(out) / clip_name(index), preview)
     return clip_name(index), time.perf_counter() - t0
 
 
 def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 128, width: int = 128,
               seed: int = 0, fps: float = 24.0, samples: int = 3, backgrounds: str | Path | None = None,
-              motions: tuple[str, ...] | None = None, workers: int = 1) -> list[Path]:
-    """Render and write `clips` clips; returns their folders. workers > 1 renders in processes."""
+              motions: tuple[str, ...] | None = None, workers: int = 1, preview: bool = False) -> list[Path]:
+    """Render and write `clips` clips; returns their folders. workers > 1 renders in processes;
+    preview adds each clip's preview.png."""
     if clips < 1:
         raise ThfmError(f"--clips must be at least 1, got {clips}")
     if frames < 1 or height < 8 or width < 8:
@@ -110,7 +119,7 @@ def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 1
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(frames=frames, height=height, width=width, fps=fps, samples=samples,
                   backgrounds=load_backgrounds(backgrounds), motions=motions)
-    jobs = [(str(out), seed, i, kwargs) for i in range(clips)]
+    jobs = [(str(out), seed, i, kwargs, preview) for i in range(clips)]
     t0 = time.perf_counter()
     if workers > 1:
         # One numpy thread per process: the work is many small array operations.
