@@ -137,6 +137,27 @@ def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 1
     return [out / name for name, _ in done]
 
 
+def read_clip(folder: str | Path) -> dict:
+    """One clip folder back in memory: {"frames": uint8 [F, H, W, 3] decoded from video.mp4, "fps",
+    "camera": camera.json, and each task's arrays under its name (the `<task>.npz` contents)}."""
+    from ..config import TASKS
+    from ..video import read_video
+
+    folder = Path(folder)
+    if not (folder / VIDEO_NAME).exists():
+        raise ThfmError(f"{folder} has no {VIDEO_NAME}")
+    video = read_video(folder / VIDEO_NAME)
+    out: dict = {"frames": video.frames, "fps": video.fps}
+    if (folder / CAMERA_NAME).exists():
+        out["camera"] = json.loads((folder / CAMERA_NAME).read_text())
+    for task in TASKS:
+        path = folder / f"{task}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                out[task] = {k: z[k] for k in z.files}
+    return out
+
+
 def list_clips(root: str | Path) -> list[Path]:
     """The clip folders under root (those holding a video or any task file), sorted by name."""
     root = Path(root)
