@@ -27,6 +27,8 @@ COMMAND_MODULES = (
     "thfm_serve.commands.predict",  # predict (--checkpoint in-process, --url through Triton)
     "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
+    "thfm_serve.commands.synth",  # synth (synthetic human clips with ground truth)
+    "thfm_serve.commands.evaluate",  # eval (predictions against ground truth, the paper's metrics)
 )
 PLUGIN_GROUP = "thfm_serve.commands"  # export (checkpoint -> ONNX / TensorRT in a model repository)
 
