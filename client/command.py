@@ -64,6 +64,7 @@ def run_remote(args, tasks: list[str]) -> int:
 
     from .aio import AsyncThfmClient
     from .core import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+    from .resolve import expand_urls
 
     _check_in_process_only(args)
     # Probe first: a missing or unreadable file is reported before any server is contacted.
@@ -81,7 +82,8 @@ def run_remote(args, tasks: list[str]) -> int:
         raise ThfmError(f"--max-in-flight must be at least 1, got {in_flight}")
 
     async def go():
-        async with AsyncThfmClient(args.url, timeout_s=timeout, max_in_flight=in_flight, retries=retries) as client:
+        # A DNS name with several addresses (a headless Service) becomes one endpoint per server.
+        async with AsyncThfmClient(expand_urls(args.url), timeout_s=timeout, max_in_flight=in_flight, retries=retries) as client:
             info = await client.info()
             _check_geometry(args, info)
             return await client.predict(args.video, tasks, overlap=overlap, send=send, progress=not quiet,

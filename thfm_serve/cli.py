@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
     "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
+    "thfm_serve.commands.batch",  # batch (a corpus of videos on Ray through a Triton fleet)
+    "thfm_serve.commands.deploy",  # deploy k8s (Kubernetes manifests for a Triton fleet)
 )
 
 
