@@ -37,9 +37,14 @@ from .inputs import list_videos
 logger = logging.getLogger(__name__)
 
 def _process_row(row: dict, job: jobs.VideoJob) -> dict:
+    import ray
+
+    rec = jobs.process_video(job, row["video"])
+    if not rec.get("skipped"):
+        rec["node"] = ray.get_runtime_context().get_node_id()
     # One string column: records differ in their keys (done vs failed), and a fixed schema keeps
     # Ray Data from having to unify Arrow schemas across blocks.
-    return {"record": json.dumps(jobs.process_video(job, row["video"]))}
+    return {"record": json.dumps(rec)}
 
 
 def _start_ray(address: str | None, object_store_mb: int | None):
