@@ -70,6 +70,13 @@ def _with_protocol(fs, path: str, like: str) -> str:
     return fs.unstrip_protocol(path) if is_url(like) else path
 
 
+def canonical_url(url: str) -> str:
+    """fsspec's own spelling of a URL (memory://x/a -> memory:///x/a), so that a video named directly
+    and found through its folder or a glob is one video with one output folder."""
+    fs, path = _fs(url)
+    return fs.unstrip_protocol(path)
+
+
 def _manifest_entries(text: str, name: str) -> list[str]:
     lower = name.lower()
     if lower.endswith(".jsonl"):
@@ -111,7 +118,7 @@ def _expand_one(item: str) -> list[str]:
             return [_with_protocol(fs, p, item) for p in sorted(fs.find(path)) if _is_video(p)]
         if not fs.exists(path):
             raise ThfmError(f"input {item} does not exist")
-        return [item]
+        return [fs.unstrip_protocol(path)]
     path = _local(item)
     if _GLOB_CHARS & set(path):
         found = sorted(globlib.glob(path, recursive=True))
@@ -157,7 +164,7 @@ def list_videos(inputs: Sequence[str]) -> list[str]:
             if _is_manifest(f) and not _is_video(f):
                 for entry in _manifest_entries(read_text(f), f):
                     entry = _relative_to(entry, f)
-                    add(entry if is_url(entry) else os.path.abspath(_local(entry)))
+                    add(canonical_url(entry) if is_url(entry) else os.path.abspath(_local(entry)))
             else:
                 add(f)
     if not out:

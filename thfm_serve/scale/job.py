@@ -179,7 +179,11 @@ class Manifest:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.records = read_manifest(self.out)
-        self._file = open(self.out / MANIFEST, "a", encoding="utf-8")
+        path = self.out / MANIFEST
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._file = open(path, "a", encoding="utf-8")
+        if torn:  # a killed run's half-written last line must not swallow the next record
+            self._file.write("\n")
 
     def add(self, rec: dict) -> None:
         rec = {k: v for k, v in rec.items() if k != "skipped"}
