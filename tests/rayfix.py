@@ -167,7 +167,7 @@ class RayCluster:
         for p in reversed(self.nodes):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # `ray start` stops and reaps its own processes
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 10
         for p in self.nodes:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))

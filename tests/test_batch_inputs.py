@@ -162,6 +162,7 @@ def test_plan_clears_partial_attempts(tmp_path):
     (["--url", "nohostport"], "is not HOST:PORT"),
     (["--url", "127.0.0.1:1", "--tasks", "depht"], "depht"),
     (["--repo", "/nonexistent-repo", "--servers-per-node", "0"], "--servers-per-node"),
+    (["--repo", "/nonexistent-repo"], "/nonexistent-repo is not a directory"),
 ])
 def test_cli_errors_before_ray_starts(tmp_path, args, message):
     _touch(tmp_path / "a.mp4")

@@ -55,6 +55,14 @@ def cluster():
         assert not left, f"ray processes left behind: {left}"
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -80,12 +88,12 @@ def _mk(folder: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def references(corpus, server, tmp_path_factory):
     """`thfm predict --url` outputs per clip: the ground truth the batch run must reproduce."""
+    from thfm_serve.cli import main
+
     out = {}
     for clip in sorted(corpus.glob("clip*.mp4")):
         dest = tmp_path_factory.mktemp("ref") / clip.stem
-        proc = subprocess.run(THFM + ["-q", "predict", str(clip), "--url", server.grpc_url, "--tasks", TASKS,
-                                      "--out", str(dest)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert main(["-q", "predict", str(clip), "--url", server.grpc_url, "--tasks", TASKS, "--out", str(dest)]) == 0
         out[str(clip)] = dest
     return out
 
@@ -155,13 +163,17 @@ def test_corpus_on_two_node_cluster_matches_predict_and_resumes(cluster, server,
 def test_repo_starts_a_server_on_every_node(cluster, repo, corpus, references, tmp_path):
     out = tmp_path / "out"
     clips = sorted(references)[:2]
-    proc = _batch([*clips, "--out", str(out), "--repo", str(repo), "--tasks", TASKS], cluster)
+    proc = _batch([*clips, "--out", str(out), "--repo", str(repo), "--tasks", TASKS, "--pictures"], cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "started 2 tritonserver(s) on 2 node(s)" in proc.stderr, proc.stderr[-3000:]
     records = _manifest(out)
     assert [r["status"] for r in records] == ["done", "done"]
     for r in records:
         _assert_same_files(Path(r["output"]), references[r["video"]])
+        pictures = sorted(p.name for p in (Path(r["output"]) / "pictures").iterdir())
+        assert pictures == sorted(f"{t}.{ext}" for t in TASKS.split(",") for ext in ("mp4", "png"))
+    # The servers the job started are gone with it.
+    assert not [p for p in cluster.pids() if "tritonserver" in _cmdline(p)]
 
 
 @pytest.mark.slow

@@ -89,9 +89,6 @@ class NodeServers:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         repo = Path(repo).resolve()
-        if not (repo / "thfm" / "config.pbtxt").exists() and not any(repo.glob("*/config.pbtxt")):
-            raise ThfmError(f"--repo {repo} is not a Triton model repository (no */config.pbtxt); "
-                            "make one with thfm export")
         actor = ray.remote(num_cpus=cpus, max_restarts=0)(_ServerActor)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.actors = [
@@ -157,6 +154,10 @@ def run_batch(inputs, out: str | Path, tasks: list[str], *, urls: list[str] | No
         raise ThfmError(f"--retries must be >= 0, got {retries}")
     if num_cpus <= 0:
         raise ThfmError(f"--num-cpus must be > 0, got {num_cpus}")
+    if repo:
+        from thfm_serve.repository import check_repository
+
+        check_repository(repo)  # a wrong path fails here, before Ray starts, with what is missing
     out = Path(out).resolve()
     videos = list_videos(inputs)
     todo, done = jobs.plan(out, videos)
