@@ -210,3 +210,42 @@ def test_worker_node_killed_mid_run(server, tmp_path):
     assert all(r["status"] == "done" for r in records), records
     folders = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(folders) == 12 and all((f / "depth.npz").exists() for f in folders)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_servers_started_by_a_killed_driver_go_away(repo, tmp_path):
+    """`thfm batch --repo` SIGKILLed after its servers are up: Ray ends the actors' child processes
+    (the tritonservers) and their python-backend stubs exit with them; nothing is left running."""
+    clips = tmp_path / "clips"
+    for i in range(8):
+        make_clip(_mk(clips, f"v{i}.mp4"), frames=12, height=24, width=40)
+    log = tmp_path / "driver.log"
+    with RayCluster(cpus_per_node=1) as c:
+        c.start(workers=1)
+        with open(log, "w") as f:
+            proc = subprocess.Popen(THFM + ["batch", str(clips), "--out", str(tmp_path / "out"), "--repo", str(repo),
+                                            "--tasks", "depth", "--ray-address", c.address],
+                                    stdout=subprocess.DEVNULL, stderr=f, env=c.env)
+        deadline = time.monotonic() + 300
+        while "started 2 tritonserver(s)" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert len(_servers(repo)) == 2
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while _servers(repo, stubs=True) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not _servers(repo, stubs=True), "tritonserver processes outlived their driver"
+
+
+def _servers(repo: Path, stubs: bool = False) -> list[int]:
+    """tritonserver (and with stubs, python-backend stub) processes serving this repository."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            cmd = _cmdline(int(d))
+            if str(repo) in cmd and ("tritonserver " in cmd.split(str(repo))[0] or (stubs and "backend_stub" in cmd)):
+                out.append(int(d))
+    return out
