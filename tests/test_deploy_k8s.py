@@ -115,6 +115,7 @@ def test_manifests_are_valid_and_wired(repo, tmp_path, variant):
     # The HPA's metric is the one the adapter rules (ConfigMap and chart values) serve.
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert "replicas" not in dep["spec"] and hpa["minReplicas"] >= 1  # the HPA owns the count
     metric = hpa["metrics"][0]["pods"]["metric"]["name"]
     rules = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])["rules"]
     chart = yaml.safe_load((tmp_path / name / "prometheus-adapter-values.yaml").read_text())

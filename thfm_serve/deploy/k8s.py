@@ -252,7 +252,8 @@ def deployment(opts: DeployOptions, facts: RepoFacts) -> dict[str, Any]:
         "kind": "Deployment",
         "metadata": _meta(opts, opts.name, annotations=annotations),
         "spec": {
-            "replicas": opts.replicas,
+            # No `replicas`: the HPA owns the count (minReplicas); a replicas field here would reset
+            # it to that number on every `kubectl apply`.
             "selector": {"matchLabels": _selector(opts)},
             # Never below the current capacity during a rollout: new pods load their models first.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
