@@ -11,9 +11,10 @@ The `thfm predict VIDEO --url HOST:PORT` command is command.run_remote.
 
 from .aio import AsyncThfmClient
 from .core import Prediction
+from .resolve import expand_urls, resolve_url
 from .sync import ThfmClient
 from thfm_serve.contract.windows import ClipWindow, default_overlap, plan_windows
 from .wire import ServerInfo
 
 __all__ = ["AsyncThfmClient", "ClipWindow", "Prediction", "ServerInfo", "ThfmClient", "default_overlap",
-           "plan_windows"]
+           "expand_urls", "plan_windows", "resolve_url"]

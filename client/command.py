@@ -44,6 +44,7 @@ def run_remote(opts: "PredictOptions", tasks: list[str]) -> int:
 
     from .aio import AsyncThfmClient
     from .core import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+    from .resolve import expand_urls
 
     opts.validate()
     # Probe first: a missing or unreadable file is reported before any server is contacted.
@@ -52,7 +53,8 @@ def run_remote(opts: "PredictOptions", tasks: list[str]) -> int:
     retries = DEFAULT_RETRIES if opts.retries is None else opts.retries
 
     async def go():
-        async with AsyncThfmClient(list(opts.url), timeout_s=timeout, max_in_flight=opts.max_in_flight,
+        # A DNS name with several addresses (a headless Service) becomes one endpoint per server.
+        async with AsyncThfmClient(expand_urls(opts.url), timeout_s=timeout, max_in_flight=opts.max_in_flight,
                                    retries=retries) as client:
             info = await client.info()
             opts.check_served_grid(info.window_frames, info.height, info.width)

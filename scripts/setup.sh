@@ -21,7 +21,9 @@ if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
 fi
 
 log "installing thfm-serve and its pinned dependencies"
-"$VPY" -m pip install -q --no-build-isolation -e "$ROOT[test]"
+# scale (Ray) and deploy (Kubernetes manifests) are extras, installed here because their tests run
+# in the default suite.
+"$VPY" -m pip install -q --no-build-isolation -e "$ROOT[test,scale,deploy]"
 
 # tritonserver 2.51 (with the python backend) ships inside the nvidia-pytriton wheel; its own
 # dependency pins (numpy<2 and extras) are not needed to run the binary, hence --no-deps.

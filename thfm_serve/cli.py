@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
     "thfm_serve.commands.synth",  # synth (synthetic human clips with ground truth)
     "thfm_serve.commands.evaluate",  # eval (predictions against ground truth, the paper's metrics)
+    "thfm_serve.commands.batch",  # batch (a corpus of videos on Ray through a Triton fleet)
+    "thfm_serve.commands.deploy",  # deploy k8s (Kubernetes manifests for a Triton fleet)
 )
 PLUGIN_GROUP = "thfm_serve.commands"  # export (checkpoint -> ONNX / TensorRT in a model repository)
 
