@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
     "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
+    "thfm_serve.commands.train",  # train (THFM's recipe on clips with ground truth)
 )
 
 
