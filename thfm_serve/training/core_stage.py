@@ -34,6 +34,7 @@ class LatentSample:
     keypoints2d: torch.Tensor | None = None  # [T, K, 2]
     visibility: torch.Tensor | None = None  # [T, K]
     keypoints3d: torch.Tensor | None = None  # [T, K, 3]
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # ground-truth maps, kept for validation
 
     @property
     def tasks(self) -> list[str]:
@@ -46,10 +47,12 @@ class LatentSample:
 
 
 @torch.no_grad()
-def cache_latents(encoder, samples: list[Sample], device: torch.device | str = "cpu") -> list[LatentSample]:
+def cache_latents(encoder, samples: list[Sample], device: torch.device | str = "cpu",
+                  keep_maps: bool = False) -> list[LatentSample]:
     """Encode every window's video and dense target maps (3-channel images in [-1, 1], the way RGB
     video is encoded) with the frozen VAE encoder (`model.VaeEncoder`: distribution mode, Wan's
-    latent normalisation)."""
+    latent normalisation). keep_maps keeps the ground-truth maps too (validation compares the
+    decoded prediction with them)."""
     out = []
     encoder.eval()
     for s in samples:
@@ -60,6 +63,7 @@ def cache_latents(encoder, samples: list[Sample], device: torch.device | str = "
             clip=s.clip, start=s.start, latent=lat[0],
             targets={t: lat[1 + i] for i, t in enumerate(dense)},
             keypoints2d=s.keypoints2d, visibility=s.visibility, keypoints3d=s.keypoints3d,
+            maps=dict(s.maps) if keep_maps else {},
         ))
     return out
 
@@ -127,9 +131,10 @@ def batch_loss(core, batch: Batch, weights: dict[str, float], device, autocast_d
 @torch.no_grad()
 def validate(core, decoder, data: list[LatentSample], prompt_embeds: dict[str, torch.Tensor], tasks: list[str],
              device, height: int, width: int, decode: bool = True) -> dict[str, float]:
-    """Held-out metrics per task: latent L2 (the training loss) and, with `decode`, the mean absolute
-    error of the decoded map in [0, 1]; keypoints2d mean error in model pixels and PCK at 0.1 of the
-    image size; keypoints3d MPJPE in mm (root-relative)."""
+    """Held-out monitors per task, on the model grid: latent L2 (the training loss) and, with `decode`
+    and ground-truth maps, the mean absolute error of the decoded map in [0, 1] (and the matte's IoU
+    at 0.5); keypoints2d mean error in model pixels and PCK at 0.1 of the image size; keypoints3d
+    MPJPE in mm (root-relative). The paper's metrics at the input resolution are `thfm eval`'s."""
     core.eval()
     sums: dict[str, list[float]] = {}
     for s in data:
@@ -137,10 +142,15 @@ def validate(core, decoder, data: list[LatentSample], prompt_embeds: dict[str, t
             pred, kp2d, kp3d = core(s.latent[None].to(device), prompt_embeds[t][None].to(device))
             if t in DENSE_TASKS:
                 sums.setdefault(f"{t}/latent_l2", []).append(float(((pred[0].float().cpu() - s.targets[t]) ** 2).mean()))
-                if decode:
-                    got = decoder(pred.float()).cpu()[0]
-                    want = decoder(s.targets[t][None].to(device)).cpu()[0]  # the target through the same decoder
+                if decode and t in s.maps:
+                    got = decoder(pred.float()).cpu()[0]  # [3, T, H, W] in [0, 1]
+                    want = s.maps[t].float()
                     sums.setdefault(f"{t}/map_mae", []).append(float((got - want).abs().mean()))
+                    if t == "segmentation":
+                        a, b = got.mean(0) > 0.5, want.mean(0) > 0.5
+                        union = (a | b).sum()
+                        if union > 0:
+                            sums.setdefault(f"{t}/iou", []).append(float((a & b).sum() / union))
             elif t == "keypoints2d":
                 scale = torch.tensor([width, height], dtype=torch.float32)
                 err = ((kp2d[0].cpu() - s.keypoints2d) * scale).norm(dim=-1)  # [T, K] pixels

@@ -251,9 +251,12 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
     encoder = VaeEncoder(ck.vae).to(device)
     t_cache = time.monotonic()
     data = core_stage.cache_latents(encoder, samples, device)
-    val = core_stage.cache_latents(encoder, val_samples, device)
+    val = core_stage.cache_latents(encoder, val_samples, device, keep_maps=True)
     logger.info("cached latents of %d training and %d validation windows in %.1f s", len(data), len(val),
                 time.monotonic() - t_cache)
+    # Stage 2 needs only the latents: drop the pixels (the caller's list) to free their memory.
+    samples.clear()
+    val_samples.clear()
     decoder = VaeDecoder(ck.vae).to(device).eval()
     core = ThfmCore(ck.transformer, ck.heads, tcfg.root_joint).to(device).train()
     core.transformer.requires_grad_(True)
