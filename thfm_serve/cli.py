@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "thfm_serve.commands.serve",  # serve (tritonserver on a model repository, foreground)
     "thfm_serve.commands.perf",  # perf (perf_analyzer sweep over a served model)
     "thfm_serve.export.command",  # export (checkpoint -> ONNX / TensorRT in a model repository)
+    "thfm_serve.commands.synth",  # synth (synthetic human clips with ground truth)
+    "thfm_serve.commands.evaluate",  # eval (predictions against ground truth, the paper's metrics)
     "thfm_serve.commands.train",  # train (THFM's recipe on clips with ground truth)
 )
 
