@@ -116,6 +116,10 @@ def test_smoke_run_losses_fall(smoke_run, blob_data):
     assert [r for r in log if r["stage"] == "vae"], "stage 1 logged nothing"
     val = [r["validation"] for r in log if "validation" in r][-1]
     assert {"segmentation/iou", "keypoints2d/px", "keypoints3d/mpjpe_mm", "depth/map_mae"} <= set(val)
+    # `thfm eval` ran at the end on the held-out clips, in the task units of the paper's metrics.
+    (report,) = [r["eval"] for r in log if "eval" in r]
+    assert set(report) == set(TASKS) and "iou" in report["segmentation"] and "mpjpe_mm" in report["keypoints3d"]
+    assert (smoke_run / "eval" / "step-0000042" / "eval.md").is_file()
     # Same VAE before and after stage 2 (step 2 is the end of stage 1): every task's loss falls.
     before = _training_loss(smoke_run / "step-0000002", blob_data / "train")
     after = _training_loss(smoke_run / "checkpoint", blob_data / "train")

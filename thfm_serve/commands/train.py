@@ -58,6 +58,8 @@ def register(sub) -> None:
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--val-every", type=int, default=500)
     run.add_argument("--val-windows", type=int, default=8, help="held-out windows per validation (default 8)")
+    run.add_argument("--eval-every", type=int, default=0,
+                     help="run `thfm eval` on the whole --val-data set every N steps (default 0: at the end only)")
     run.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                      help="storage precision of the final transformer and heads (default fp32)")
     run.add_argument("--no-resume", dest="resume", action="store_false",
@@ -82,7 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
         precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,
-        val_windows=args.val_windows, save_dtype=args.save_dtype, resume=args.resume,
+        val_windows=args.val_windows, eval_every=args.eval_every, save_dtype=args.save_dtype, resume=args.resume,
     )
     final = train(cfg)
     logger.info("trained checkpoint in %s", final)

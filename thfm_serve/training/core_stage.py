@@ -5,7 +5,7 @@ The VAE is frozen here, so each window's video latent and dense target latents a
 latent, the task's cached prompt embedding, the task's target). The core runs once per batch:
 
 * dense rows: L2 between the core's latent (-v) and the VAE latent of the 3-channel target image;
-* keypoints2d rows: L1 on normalised image coordinates, counted where the joint is visible;
+* keypoints2d rows: L1 on normalised image coordinates (occluded joints at half weight);
 * keypoints3d rows: L1 in metres on root-relative joints.
 Per-task weights scale the rows (GenCeption reports that joint training hurts 3D keypoints most).
 """
@@ -154,7 +154,7 @@ def validate(core, decoder, data: list[LatentSample], prompt_embeds: dict[str, t
             elif t == "keypoints2d":
                 scale = torch.tensor([width, height], dtype=torch.float32)
                 err = ((kp2d[0].cpu() - s.keypoints2d) * scale).norm(dim=-1)  # [T, K] pixels
-                vis = s.visibility > 0
+                vis = s.visibility >= 1.0  # visible joints only, as `thfm eval` counts them
                 if vis.any():
                     sums.setdefault(f"{t}/px", []).append(float(err[vis].mean()))
                     sums.setdefault(f"{t}/pck@0.1img", []).append(float((err[vis] < 0.1 * max(height, width)).float().mean()))

@@ -53,7 +53,7 @@ class Sample:
     video: torch.Tensor  # [3, T, H, W] in [-1, 1]
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # dense task -> [3, T, H, W] in [0, 1]
     keypoints2d: torch.Tensor | None = None  # [T, K, 2] normalised (x / width, y / height)
-    visibility: torch.Tensor | None = None  # [T, K] 1 = visible (weights the 2D loss)
+    visibility: torch.Tensor | None = None  # [T, K] weight of each joint in the 2D loss (1 visible, 0.5 occluded)
     keypoints3d: torch.Tensor | None = None  # [T, K, 3] metres, root-relative
 
     @property
@@ -187,9 +187,10 @@ def load_clip(clip_dir: Path, window: int, height: int, width: int, num_joints: 
             s.keypoints2d = _pad_frames(k2, win.length)
             vis = gt["keypoints2d"].get("visibility")
             vis = np.ones(k2.shape[:2], np.float32) if vis is None else vis[sl].astype(np.float32)
-            # Joints outside the picture cannot be reached by the sigmoid head: they do not count.
+            # An occluded joint still has a well-defined position, so it trains at half weight;
+            # joints outside the picture cannot be reached by the sigmoid head and do not count.
             inside = np.all((k2 >= 0.0) & (k2 <= 1.0), axis=-1)
-            s.visibility = _pad_frames(vis * inside, win.length)
+            s.visibility = _pad_frames((0.5 + 0.5 * vis) * inside, win.length)
         if "keypoints3d" in gt:
             s.keypoints3d = _pad_frames(gt["keypoints3d"]["keypoints"][sl].astype(np.float32), win.length)
         samples.append(s)

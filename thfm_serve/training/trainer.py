@@ -74,6 +74,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 500
     val_windows: int = 8
+    eval_every: int = 0  # run `thfm eval` on the whole validation set every N steps (0: at the end only)
     save_dtype: str = "fp32"
     resume: bool = True
 
@@ -92,6 +93,8 @@ class TrainConfig:
         for name in ("vae_steps", "core_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be >= 0")
+        if self.eval_every < 0:
+            raise TrainError("eval_every must be >= 0")
         for name in ("vae_batch", "batch", "save_every", "log_every", "val_every", "vae_frames"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1")
@@ -298,10 +301,34 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
             metrics = core_stage.validate(core, decoder, val, prompts, cfg.tasks, device, tcfg.height, tcfg.width)
             log.write({"step": step + 1, "stage": "core", "validation": {k: round(v, 6) for k, v in metrics.items()}})
             logger.info("validation at step %d: %s", step + 1, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if cfg.val_data and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
+            report = evaluate(ck, cfg.val_data, Path(cfg.out) / "eval" / f"step-{step + 1:07d}", cfg.tasks)
+            log.write({"step": step + 1, "stage": "core", "eval": report.overall})
+            logger.info("thfm eval at step %d:\n%s", step + 1, report.to_markdown().split("\n\n")[0])
+            core.train()
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
             save(step + 1, "core", opt)
     bar.close()
     core.eval()
+
+
+def evaluate(ck: Checkpoint, gt_dir: Path, out: Path, tasks: list[str]):
+    """`thfm eval` of the model being trained: the in-process pipeline on every clip of gt_dir (its
+    videos, at their own frames and resolution), predictions under out/<clip>/, the report as
+    out/eval.md and out/eval.json. Returns the evaluation Report."""
+    from ..evaluation import evaluate_dirs
+    from ..pipeline import ThfmPipeline, write_results
+    from ..video import read_video
+    from .data import VIDEO_FILE, find_clips
+
+    pipe = ThfmPipeline(ck)
+    for clip in find_clips(gt_dir):
+        video = read_video(clip / VIDEO_FILE)
+        write_results(pipe.run(video.frames, tasks), out / clip.name)
+    report = evaluate_dirs(out, gt_dir, tasks)
+    (out / "eval.md").write_text(report.to_markdown())
+    (out / "eval.json").write_text(report.to_json())
+    return report
 
 
 def _short(task: str) -> str:
