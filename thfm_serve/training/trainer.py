@@ -23,7 +23,7 @@ from ..config import PRESETS, TASKS, check_resolution, latent_frames
 from ..errors import ThfmError
 from ..model import ThfmCore, VaeDecoder, VaeEncoder
 from . import core_stage, state, vae_stage
-from .data import load_samples
+from .data import find_clips, load_samples
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,10 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     autocast = PRECISIONS[cfg.precision]
+    # Cheap checks first: a wrong data folder fails before any checkpoint is written or loaded.
+    find_clips(cfg.data)
+    if cfg.val_data:
+        find_clips(cfg.val_data)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     log = _Log(run / "train_log.jsonl")
@@ -174,7 +178,7 @@ def train(cfg: TrainConfig) -> Path:
     done = 0
     saved_state = None
     if resume_from is not None:
-        saved_state = json.loads((resume_from / state.STATE_DIR / "state.json").read_text())
+        saved_state = state.load_train_state(resume_from, None, gen)  # the sampler's RNG; the optimizer below
         done = int(saved_state["step"])
     total = cfg.vae_steps + cfg.core_steps
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -319,7 +323,7 @@ def evaluate(ck: Checkpoint, gt_dir: Path, out: Path, tasks: list[str]):
     from ..evaluation import evaluate_dirs
     from ..pipeline import ThfmPipeline, write_results
     from ..video import read_video
-    from .data import VIDEO_FILE, find_clips
+    from .data import VIDEO_FILE
 
     pipe = ThfmPipeline(ck)
     for clip in find_clips(gt_dir):
