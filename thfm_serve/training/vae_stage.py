@@ -65,7 +65,7 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None
 
 
 @torch.no_grad()
-def latent_stats(vae, samples: list[Sample], max_items: int = 64) -> tuple[list[float], list[float]]:
+def latent_stats(vae, samples: list[Sample], max_items: int = 16) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the raw (unnormalised) posterior means over video and task maps."""
     z_sum = z_sq = None
     count = 0
