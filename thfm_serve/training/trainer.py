@@ -122,7 +122,8 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 class _Log:
-    """train_log.jsonl plus a periodic log line (the progress bar is for a terminal)."""
+    """RUN/train_log.jsonl: one JSON object per logged step, validation and eval (appended, so a resumed
+    run continues the same file)."""
 
     def __init__(self, path: Path):
         self.path = path
