@@ -10,11 +10,6 @@ import pytest
 
 from thfm_serve import evaluation as ev
 from thfm_serve.cli import main
-from thfm_serve.processing import OUTPUT_KEYS
-
-
-def test_keys_match_the_engine_writers():
-    assert ev.KEYS == OUTPUT_KEYS
 
 
 def test_depth_metrics_by_hand():

@@ -234,9 +234,54 @@ def test_workers_give_the_same_files(tmp_path):
     write_set(tmp_path / "one", 2, frames=2, height=16, width=16, seed=1)
     write_set(tmp_path / "two", 2, frames=2, height=16, width=16, seed=1, workers=2)
     for name in ("clip_00000", "clip_00001"):
-        assert (tmp_path / "one" / name / "normals.npz").read_bytes() == (tmp_path / "two" / name / "normals.npz").read_bytes()
+        for f in ("normals.npz", "video.mp4", "camera.json"):
+            assert (tmp_path / "one" / name / f).read_bytes() == (tmp_path / "two" / name / f).read_bytes(), f
+
+
+def test_read_clip_round_trip(tmp_path):
+    from thfm_serve.synth import list_clips, read_clip
+    from thfm_serve.synth.dataset import clip_seed
+
+    write_set(tmp_path, 1, frames=3, height=24, width=32, seed=2)
+    (folder,) = list_clips(tmp_path)
+    back = read_clip(folder)
+    clip = render_clip(clip_seed(2, 0), frames=3, height=24, width=32)
+    assert back["frames"].shape == clip.frames.shape
+    assert np.array_equal(back["depth"]["depth"], clip.depth)
+    assert np.array_equal(back["keypoints2d"]["visibility"], clip.visibility)
+    assert back["camera"]["K"] == clip.camera["K"]
+
+
+def test_image_backgrounds(tmp_path):
+    from PIL import Image
+
+    bg = tmp_path / "bg"
+    bg.mkdir()
+    Image.fromarray(np.full((20, 30, 3), (10, 200, 30), np.uint8)).save(bg / "green.png")
+    assert main(["synth", "--out", str(tmp_path / "out"), "--clips", "1", "--frames", "1", "--height", "32",
+                 "--width", "32", "--backgrounds", str(bg), "--seed", "3"]) == 0
+    cam = json.loads((tmp_path / "out" / "clip_00000" / "camera.json").read_text())
+    assert cam["scene"]["background"] == "image"
+    with np.load(tmp_path / "out" / "clip_00000" / "segmentation.npz") as z:
+        alpha = z["alpha"][0]
+    from thfm_serve.video import read_video
+
+    frame = read_video(tmp_path / "out" / "clip_00000" / "video.mp4").frames[0].astype(int)
+    top = frame[:6][alpha[:6] == 0]  # the top rows show the wall: green, shaded
+    assert len(top) and (top[:, 1] > top[:, 0] + 40).mean() > 0.9
+    (tmp_path / "empty").mkdir()
+    assert main(["synth", "--out", str(tmp_path / "x"), "--clips", "1", "--backgrounds", str(tmp_path / "empty")]) == 2
 
 
 @pytest.mark.parametrize("bad", [["--clips", "0"], ["--motions", "dance"], ["--samples", "0"], ["--height", "4"]])
 def test_bad_arguments_fail_clearly(tmp_path, bad, caplog):
     assert main(["synth", "--out", str(tmp_path / "x")] + bad) == 2
+
+
+def test_preview_sheet(tmp_path):
+    from PIL import Image
+
+    assert main(["synth", "--out", str(tmp_path), "--clips", "1", "--frames", "4", "--height", "32", "--width", "40",
+                 "--preview"]) == 0
+    with Image.open(tmp_path / "clip_00000" / "preview.png") as im:
+        assert im.size == (7 * 40, 3 * 32)  # 7 columns (video + 6 tasks), 3 frames

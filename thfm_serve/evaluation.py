@@ -32,16 +32,12 @@ import numpy as np
 
 from .config import SPARSE_TASKS, TASKS
 from .errors import ShapeError, ThfmError
+from .processing import OUTPUT_KEYS as KEYS
+from .synth.body import NUM_PARTS  # DensePose's surface parts; the I channel holds part / NUM_PARTS
 
 logger = logging.getLogger(__name__)
 
 FOREGROUND = 0.5  # alpha at or above which a pixel is the person's
-NUM_PARTS = 24  # DensePose's surface parts; the I channel holds part / NUM_PARTS
-
-# The same names as processing.OUTPUT_KEYS, kept here so that evaluation does not import torch;
-# tests/test_evaluation.py checks the two agree.
-KEYS = {"depth": "depth", "normals": "normals", "segmentation": "alpha", "densepose": "iuv",
-        "keypoints2d": "keypoints", "keypoints3d": "keypoints"}
 
 
 # --- metrics ------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help=f"comma-separated subset of {','.join(MOTIONS)} to draw from (default: all, and mixtures)")
     p.add_argument("--backgrounds", default=None, help="folder of images to use as back walls (default: procedural)")
     p.add_argument("--workers", type=int, default=1, help="render in this many processes (default 1)")
+    p.add_argument("--preview", action="store_true",
+                   help="also write <clip>/preview.png: frames next to their ground truth for every task")
     p.set_defaults(func=run)
 
 
@@ -45,5 +47,5 @@ def run(args) -> int:
     if not args.fps > 0:
         raise ThfmError(f"--fps must be positive, got {args.fps}")
     write_set(args.out, args.clips, args.frames, args.height, args.width, args.seed, args.fps, args.samples,
-              args.backgrounds, motions, args.workers)
+              args.backgrounds, motions, args.workers, args.preview)
     return 0

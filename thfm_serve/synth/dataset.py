@@ -15,6 +15,7 @@ across runs (the npz writer fixes the zip timestamps numpy would take from the c
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -45,17 +46,23 @@ def clip_seed(seed: int, index: int) -> np.random.SeedSequence:
 
 
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez_compressed with a fixed timestamp in the zip entries, so equal arrays give equal bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    """np.savez_compressed's format with a fixed timestamp in the zip entries, so equal arrays give
+    equal bytes, and deflate level 1: float maps shrink little more at higher levels, which cost
+    several times the time."""
+    with zipfile.ZipFile(path, "w") as zf:
         for key, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
 
 
-def write_clip(clip: SynthClip, out_dir: str | Path) -> Path:
-    """Write one clip's video, ground truth and camera into out_dir."""
+PREVIEW_NAME = "preview.png"
+
+
+def write_clip(clip: SynthClip, out_dir: str | Path, preview: bool = False) -> Path:
+    """Write one clip's video, ground truth and camera into out_dir (and preview.png: the frames next
+    to their ground truth, with preview=True)."""
     from ..video import encode_video
 
     out = Path(out_dir)
@@ -64,6 +71,10 @@ def write_clip(clip: SynthClip, out_dir: str | Path) -> Path:
     for task, arrays in clip.results().items():
         save_npz(out / f"{task}.npz", arrays)
     (out / CAMERA_NAME).write_text(json.dumps(clip.camera, indent=1, sort_keys=True) + "\n")
+    if preview:
+        from .preview import write_preview
+
+        write_preview(clip, out / PREVIEW_NAME)
     return out
 
 
@@ -89,17 +100,18 @@ def load_backgrounds(folder: str | Path | None, size: int = 256) -> list[np.ndar
 
 
 def _render_one(args) -> tuple[str, float]:
-    out, seed, index, kwargs = args
+    out, seed, index, kwargs, preview = args
     t0 = time.perf_counter()
     clip = render_clip(clip_seed(seed, index), **kwargs)
-    write_clip(clip, Path(out) / clip_name(index))
+    write_clip(clip, Path(out) / clip_name(index), preview)
     return clip_name(index), time.perf_counter() - t0
 
 
 def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 128, width: int = 128,
               seed: int = 0, fps: float = 24.0, samples: int = 3, backgrounds: str | Path | None = None,
-              motions: tuple[str, ...] | None = None, workers: int = 1) -> list[Path]:
-    """Render and write `clips` clips; returns their folders. workers > 1 renders in processes."""
+              motions: tuple[str, ...] | None = None, workers: int = 1, preview: bool = False) -> list[Path]:
+    """Render and write `clips` clips; returns their folders. workers > 1 renders in processes;
+    preview adds each clip's preview.png."""
     if clips < 1:
         raise ThfmError(f"--clips must be at least 1, got {clips}")
     if frames < 1 or height < 8 or width < 8:
@@ -110,7 +122,7 @@ def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 1
     out.mkdir(parents=True, exist_ok=True)
     kwargs = dict(frames=frames, height=height, width=width, fps=fps, samples=samples,
                   backgrounds=load_backgrounds(backgrounds), motions=motions)
-    jobs = [(str(out), seed, i, kwargs) for i in range(clips)]
+    jobs = [(str(out), seed, i, kwargs, preview) for i in range(clips)]
     t0 = time.perf_counter()
     if workers > 1:
         # One numpy thread per process: the work is many small array operations.
@@ -126,6 +138,27 @@ def write_set(out_dir: str | Path, clips: int, frames: int = 17, height: int = 1
     logger.info("rendered %d clips of %d frames at %dx%d in %.1f s (%.2f clips/s, %d worker%s)",
                 clips, frames, height, width, wall, clips / wall, workers, "" if workers == 1 else "s")
     return [out / name for name, _ in done]
+
+
+def read_clip(folder: str | Path) -> dict:
+    """One clip folder back in memory: {"frames": uint8 [F, H, W, 3] decoded from video.mp4, "fps",
+    "camera": camera.json, and each task's arrays under its name (the `<task>.npz` contents)}."""
+    from ..config import TASKS
+    from ..video import read_video
+
+    folder = Path(folder)
+    if not (folder / VIDEO_NAME).exists():
+        raise ThfmError(f"{folder} has no {VIDEO_NAME}")
+    video = read_video(folder / VIDEO_NAME)
+    out: dict = {"frames": video.frames, "fps": video.fps}
+    if (folder / CAMERA_NAME).exists():
+        out["camera"] = json.loads((folder / CAMERA_NAME).read_text())
+    for task in TASKS:
+        path = folder / f"{task}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                out[task] = {k: z[k] for k in z.files}
+    return out
 
 
 def list_clips(root: str | Path) -> list[Path]:

@@ -122,7 +122,8 @@ class Scene:
 
     @classmethod
     def sample(cls, rng: np.random.Generator, backgrounds: list[np.ndarray] | None = None,
-               motions: tuple[str, ...] | None = None, people: int | None = None) -> "Scene":
+               motions: tuple[str, ...] | None = None, people: int | None = None, aspect: float = 1.0) -> "Scene":
+        """aspect: height / width of the frames, so that framing holds for portrait and landscape."""
         draw = 2 if rng.random() < 0.3 else 1  # drawn even when fixed, so other draws stay the same
         n_people = draw if people is None else people
         if n_people not in (1, MAX_PEOPLE):
@@ -135,7 +136,8 @@ class Scene:
         fov_x = float(np.deg2rad(rng.uniform(40, 65)))
         # Full body in view most of the time; sometimes a closer, cropped framing.
         framing = rng.uniform(0.5, 0.85) if rng.random() < 0.2 else rng.uniform(0.95, 1.35)
-        cam_distance = float(framing * 1.1 / np.tan(fov_x / 2))
+        # the narrower of the two fields of view decides how far back a 1.8 m person fits
+        cam_distance = float(framing * 1.1 / (np.tan(fov_x / 2) * min(1.0, aspect)))
         wall = Material.sample(rng)
         if backgrounds:
             img = backgrounds[rng.integers(len(backgrounds))]
@@ -243,7 +245,7 @@ def render_clip(seed: int | np.random.SeedSequence, frames: int = 17, height: in
     if not (np.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be positive, got {fps}")
     rng = np.random.default_rng(seed)
-    scene = Scene.sample(rng, backgrounds, motions, people)
+    scene = Scene.sample(rng, backgrounds, motions, people, aspect=height / width)
     t = np.arange(frames) / fps
     posed = [p.animate(t) for p in scene.people]
     rots, centres = scene.cameras(t, posed[0][0][:, 0])
