@@ -3,6 +3,8 @@
 # it with tritonserver, run `thfm predict --url` on a clip, and write outputs and pictures.
 #
 #   scripts/demo.sh [VIDEO]      # default: a generated clip of a walking figure
+#   THFM_DEMO_CHECKPOINT=CK scripts/demo.sh   # serve CK (e.g. one `thfm train` wrote) instead, on a rendered
+#                                             # clip of an unseen seed, and print `thfm eval` against its truth
 #
 # Everything goes under runs/demo/ (THFM_DEMO_DIR overrides). Re-running reuses the checkpoint and the
 # exported models (the exporter checks their manifests) and overwrites the outputs. The random weights
@@ -18,9 +20,13 @@ THFM=("$PY" -m thfm_serve.cli)
 mkdir -p "$RUN"
 RUN="$(cd "$RUN" && pwd)"
 
-# 1. A tiny random checkpoint (kept when complete: same preset and seed give the same files).
+# 1. A tiny random checkpoint (kept when complete: same preset and seed give the same files), or the
+#    checkpoint named by THFM_DEMO_CHECKPOINT.
 CK="$RUN/checkpoint"
-if ! "$PY" -c "import sys; from thfm_serve.checkpoint import missing_parts; sys.exit(1 if missing_parts(sys.argv[1]) else 0)" "$CK" 2>/dev/null; then
+if [ -n "${THFM_DEMO_CHECKPOINT:-}" ]; then
+  CK="$(cd "$THFM_DEMO_CHECKPOINT" && pwd)"
+  log "using checkpoint $CK"
+elif ! "$PY" -c "import sys; from thfm_serve.checkpoint import missing_parts; sys.exit(1 if missing_parts(sys.argv[1]) else 0)" "$CK" 2>/dev/null; then
   log "writing a tiny random checkpoint to $CK"
   rm -rf "$CK"
   "${THFM[@]}" init-checkpoint --preset tiny --out "$CK"
@@ -32,9 +38,17 @@ log "exporting to $REPO"
 "${THFM[@]}" export --checkpoint "$CK" --repo "$REPO" --target cpu --precision fp32
 
 # 3. The clip: the argument, or one the project draws itself.
+GT=""
 if [ $# -ge 1 ]; then
   CLIP="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
   [ -f "$CLIP" ] || { log "no such file: $1"; exit 2; }
+elif [ -n "${THFM_DEMO_CHECKPOINT:-}" ]; then
+  # A rendered person with exact ground truth; seed 9999 is outside the documented training seeds.
+  GT="$RUN/ground_truth"
+  rm -rf "$GT"
+  "${THFM[@]}" synth --out "$GT" --clips 1 --frames 33 --height 128 --width 128 --seed 9999
+  GT="$GT/clip_00000"
+  CLIP="$GT/video.mp4"
 else
   CLIP="$RUN/walking.mp4"
   "$PY" -m thfm_serve.client.democlip "$CLIP" --frames 40 --width 256 --height 192
@@ -92,6 +106,10 @@ fi
 OUT="$RUN/outputs"
 rm -rf "$OUT"
 "${THFM[@]}" predict "$CLIP" --url "127.0.0.1:$GRPC_PORT" --tasks all --out "$OUT" --pictures
+if [ -n "$GT" ]; then
+  log "accuracy against the rendered ground truth (thfm eval):"
+  "${THFM[@]}" eval "$OUT" "$GT" --json "$RUN/eval.json" --markdown "$RUN/eval.md"
+fi
 
 stop_server
 trap - EXIT

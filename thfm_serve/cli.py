@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "thfm_serve.commands.evaluate",  # eval (predictions against ground truth, the paper's metrics)
     "thfm_serve.commands.batch",  # batch (a corpus of videos on Ray through a Triton fleet)
     "thfm_serve.commands.deploy",  # deploy k8s (Kubernetes manifests for a Triton fleet)
+    "thfm_serve.commands.train",  # train (THFM's recipe on clips with ground truth)
 )
 PLUGIN_GROUP = "thfm_serve.commands"  # export (checkpoint -> ONNX / TensorRT in a model repository)
 

@@ -1,0 +1,172 @@
+"""`thfm train`: targets built from ground truth, a short smoke run (losses fall, the checkpoint loads
+and predicts through the normal path), and resuming that reproduces an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from trainfix import blob_clip, write_blob_set
+
+from thfm_serve.checkpoint import load_checkpoint
+from thfm_serve.config import DENSE_TASKS, TASKS
+from thfm_serve.processing import dense_output
+from thfm_serve.training import core_stage
+from thfm_serve.training.data import DataError, depth_to_map, load_clip, load_samples
+from thfm_serve.training.trainer import TrainConfig, TrainError, train
+
+
+@pytest.fixture(scope="module")
+def blob_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("blobs")
+    write_blob_set(root / "train", clips=2, seed=0)
+    write_blob_set(root / "val", clips=1, seed=1)
+    return root
+
+
+def test_targets_follow_the_recipe(blob_data):
+    (s,) = load_clip(blob_data / "train" / "clip_0000", window=9, height=64, width=64, num_joints=24,
+                     depth_log_scale=0.5)
+    gt = blob_clip(0)
+    assert s.video.shape == (3, 9, 64, 64) and set(s.maps) == set(DENSE_TASKS) and s.tasks == list(TASKS)
+    for m in s.maps.values():
+        assert m.shape == (3, 9, 64, 64) and 0.0 <= float(m.min()) and float(m.max()) <= 1.0
+    # Normals: [-1, 1] -> [0, 1]; matte and depth repeated over the three channels.
+    np.testing.assert_allclose(s.maps["normals"].float().permute(1, 2, 3, 0).numpy() * 2 - 1, gt["normals"], atol=2e-3)
+    np.testing.assert_allclose(s.maps["segmentation"][1].float().numpy(), gt["alpha"], atol=1e-3)
+    # Keypoints2d normalised by the image size, 3D as given.
+    np.testing.assert_allclose(s.keypoints2d.numpy(), gt["kp2d"] / 64.0, atol=1e-6)
+    np.testing.assert_allclose(s.keypoints3d.numpy(), gt["kp3d"], atol=1e-6)
+
+
+def test_depth_target_inverts_through_the_engine():
+    """The squash the targets use is undone by the engine's own depth output: what comes back is
+    depth over the clip's median foreground depth (computed here directly)."""
+    gt = blob_clip(3)
+    depth, alpha = gt["depth"], gt["alpha"]
+    squashed = depth_to_map(depth, alpha, log_scale=0.5)  # [F, H, W]
+    maps = torch.from_numpy(np.repeat(squashed[:, None], 3, axis=1))
+    relative = dense_output("depth", maps, 64, 64, depth_log_scale=0.5)
+    median = np.median(depth[alpha > 0.5])
+    np.testing.assert_allclose(relative, depth / median, rtol=1e-4)
+    # No surface (infinite depth) is far, the top of the squashed range.
+    d = depth.copy()
+    d[:, 0, 0] = np.inf
+    assert np.all(depth_to_map(d, alpha, 0.5)[:, 0, 0] == 1.0)
+
+
+def test_bad_ground_truth_is_named(tmp_path):
+    write_blob_set(tmp_path, clips=1)
+    clip = tmp_path / "clip_0000"
+    np.savez(clip / "keypoints3d.npz", keypoints=np.zeros((9, 17, 3), np.float32))
+    with pytest.raises(DataError, match=r"keypoints3d.npz.*\[F, 24, 3\]"):
+        load_clip(clip, 9, 64, 64, 24, 0.5)
+    np.savez(clip / "keypoints3d.npz", keypoints=np.zeros((5, 24, 3), np.float32))
+    with pytest.raises(DataError, match="5 frames, but the video has 9"):
+        load_clip(clip, 9, 64, 64, 24, 0.5)
+    (clip / "keypoints3d.npz").unlink()
+    (s,) = load_clip(clip, 9, 64, 64, 24, 0.5)  # a clip without a task file trains the others
+    assert "keypoints3d" not in s.tasks and s.keypoints2d is not None
+    with pytest.raises(DataError, match="holds no clips"):
+        load_samples(tmp_path / "clip_0000", 9, 64, 64, 24, 0.5)
+
+
+def _config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=data / "train", out=out, preset="tiny", vae_steps=0, core_steps=6, batch=6, lr=1e-3, warmup=2,
+                save_every=3, keep=5, log_every=1, val_every=1000, threads=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _training_loss(ck_path: Path, data_root: Path) -> dict[str, float]:
+    """Mean loss per task over every training window and task (no sampling)."""
+    ck = load_checkpoint(ck_path)
+    samples = load_samples(data_root, 9, 64, 64, 24, 0.5)
+    from thfm_serve.model import VaeEncoder
+
+    data = core_stage.cache_latents(VaeEncoder(ck.vae), samples)
+    core = ck.core()
+    out: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for s in data:
+            for t in s.tasks:
+                batch = core_stage.Batch([t], s.latent[None], ck.prompt_embeds[t][None], [s])
+                pred, kp2d, kp3d = core(batch.latent, batch.text)
+                out.setdefault(t, []).append(float(core_stage.row_losses(batch, pred, kp2d, kp3d)[0]))
+    return {t: float(np.mean(v)) for t, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(blob_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    train(_config(blob_data, run, val_data=blob_data / "val", vae_steps=2, vae_batch=2, vae_crop=32, core_steps=40,
+                  save_every=20, log_every=5, val_every=40, save_dtype="fp16"))
+    return run
+
+
+def test_smoke_run_losses_fall(smoke_run, blob_data):
+    log = [json.loads(line) for line in (smoke_run / "train_log.jsonl").read_text().splitlines()]
+    core = [r for r in log if r["stage"] == "core" and "tasks" in r]
+    assert {t for r in core for t in r["tasks"]} == set(TASKS)
+    assert [r for r in log if r["stage"] == "vae"], "stage 1 logged nothing"
+    val = [r["validation"] for r in log if "validation" in r][-1]
+    assert {"segmentation/iou", "keypoints2d/px", "keypoints3d/mpjpe_mm", "depth/map_mae"} <= set(val)
+    # `thfm eval` ran at the end on the held-out clips, in the task units of the paper's metrics.
+    (report,) = [r["eval"] for r in log if "eval" in r]
+    assert set(report) == set(TASKS) and "iou" in report["segmentation"] and "mpjpe_mm" in report["keypoints3d"]
+    assert (smoke_run / "eval" / "step-0000042" / "eval.md").is_file()
+    # Same VAE before and after stage 2 (step 2 is the end of stage 1): every task's loss falls.
+    before = _training_loss(smoke_run / "step-0000002", blob_data / "train")
+    after = _training_loss(smoke_run / "checkpoint", blob_data / "train")
+    for t in TASKS:
+        assert after[t] < 0.8 * before[t], (t, before[t], after[t])
+
+
+def test_smoke_checkpoint_loads_and_predicts(smoke_run, blob_data, tmp_path):
+    from thfm_serve.cli import main
+
+    ck = smoke_run / "checkpoint"
+    with safe_open(str(ck / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # --save-dtype fp16
+    vae_cfg = json.loads((ck / "vae" / "config.json").read_text())
+    assert vae_cfg["latents_mean"] != [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
+                                       -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+    assert (ck / "text_encoder").is_dir() and (ck / "model_index.json").is_file()
+    assert not (ck / "train_state").exists()
+    out = tmp_path / "pred"
+    assert main(["predict", str(blob_data / "val" / "clip_0000" / "video.mp4"), "--checkpoint", str(ck),
+                 "--tasks", "all", "--out", str(out)]) == 0
+    with np.load(out / "segmentation.npz") as z:
+        assert z["alpha"].shape == (9, 64, 64)
+    with np.load(out / "keypoints2d.npz") as z:
+        assert z["keypoints"].shape == (9, 24, 2)
+
+
+def test_resume_reproduces_an_uninterrupted_run(blob_data, tmp_path):
+    whole = train(_config(blob_data, tmp_path / "a"))
+    run_b = tmp_path / "b"
+    train(_config(blob_data, run_b))
+    # Interrupted after step 3: the later step folder and the final checkpoint never got written.
+    shutil.rmtree(run_b / "step-0000006")
+    shutil.rmtree(run_b / "checkpoint")
+    resumed = train(_config(blob_data, run_b))
+    a, b = load_checkpoint(whole), load_checkpoint(resumed)
+    for (name, pa), (_, pb) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    for (name, pa), (_, pb) in zip(a.heads.state_dict().items(), b.heads.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    # And the resumed run did continue from step 3 rather than start over.
+    steps = [json.loads(x)["step"] for x in (run_b / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def test_bad_settings_are_refused(blob_data, tmp_path):
+    with pytest.raises(TrainError, match="exactly one of --checkpoint"):
+        train(_config(blob_data, tmp_path, checkpoint=tmp_path))
+    with pytest.raises(TrainError, match="4n\\+1"):
+        train(_config(blob_data, tmp_path, vae_frames=4))

@@ -1,0 +1,91 @@
+"""`thfm train DATA --out RUN (--checkpoint CK | --preset NAME)`: THFM's training recipe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import ThfmError
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a checkpoint into THFM on clips with ground truth (the renderer's layout)",
+        description="Stage 1 (only with --vae-steps, for a VAE without pretrained weights) trains the Wan "
+        "VAE as an autoencoder on frames and task maps; stage 2 fine-tunes the transformer at timestep 0 "
+        "(-v is the task latent; L2 in latent space for dense tasks, MLP heads on per-frame tokens for "
+        "keypoints) on multi-task batches. Checkpoints land in RUN/step-NNNNNNN/ and, at the end, "
+        "RUN/checkpoint/; a run restarted with the same --out resumes from its latest step.",
+    )
+    p.add_argument("data", type=Path, help="training clips: DATA/<clip>/video.mp4 + <task>.npz")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, train_log.jsonl)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--checkpoint", type=Path, help="checkpoint to fine-tune (e.g. a diffusers Wan2.1 + thfm/ folder)")
+    start.add_argument("--preset", help="start from a random-weight preset (written to RUN/init)")
+    p.add_argument("--val-data", type=Path, help="held-out clips for validation metrics")
+    p.add_argument("--tasks", default="all", help="comma-separated tasks to train (default: all)")
+    p.add_argument("--frames", type=int, help="model window, 4n+1 (default: the checkpoint's)")
+    p.add_argument("--height", type=int, help="model height, multiple of 16 (default: the checkpoint's)")
+    p.add_argument("--width", type=int, help="model width, multiple of 16 (default: the checkpoint's)")
+    p.add_argument("--max-clips", type=int, help="use only the first N training clips")
+    s1 = p.add_argument_group("stage 1: VAE autoencoder (small presets without pretrained weights)")
+    s1.add_argument("--vae-steps", type=int, default=0, help="steps (default 0: the VAE stays as it is)")
+    s1.add_argument("--vae-batch", type=int, default=4)
+    s1.add_argument("--vae-frames", type=int, default=5, help="frames per crop, 4n+1 (default 5)")
+    s1.add_argument("--vae-crop", type=int, default=64, help="square crop size in pixels, 0 = whole frame (default 64)")
+    s1.add_argument("--vae-lr", type=float, default=1e-3)
+    s1.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (default 1e-4)")
+    s2 = p.add_argument_group("stage 2: transformer at timestep 0")
+    s2.add_argument("--steps", type=int, default=1000, help="steps (default 1000)")
+    s2.add_argument("--batch", type=int, default=8, help="rows per batch, tasks mixed (default 8)")
+    s2.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4; ~1e-5 for real Wan weights)")
+    s2.add_argument("--weight-decay", type=float, default=0.01)
+    s2.add_argument("--warmup", type=int, default=100)
+    s2.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+                    help="loss weight of a task (repeat; default 1 each)")
+    run = p.add_argument_group("run")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="autocast precision of the forward pass (fp16 adds a gradient scaler)")
+    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--seed", type=int, default=0, help="batch sampling (and preset weights) seed")
+    run.add_argument("--save-every", type=int, default=500)
+    run.add_argument("--keep", type=int, default=2, help="step folders to keep (default 2)")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--val-every", type=int, default=500)
+    run.add_argument("--val-windows", type=int, default=8, help="held-out windows per validation (default 8)")
+    run.add_argument("--eval-every", type=int, default=0,
+                     help="run `thfm eval` on the whole --val-data set every N steps (default 0: at the end only)")
+    run.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                     help="storage precision of the final transformer and heads (default fp32)")
+    run.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="start over even if RUN has step folders")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..config import parse_tasks
+    from ..training.core_stage import parse_task_weights
+    from ..training.trainer import TrainConfig, train
+
+    try:
+        weights = parse_task_weights(args.task_weight)
+    except ValueError as e:
+        raise ThfmError(str(e)) from None
+    cfg = TrainConfig(
+        data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, val_data=args.val_data,
+        tasks=parse_tasks(args.tasks), frames=args.frames, height=args.height, width=args.width,
+        max_clips=args.max_clips, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_frames=args.vae_frames,
+        vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, core_steps=args.steps,
+        batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
+        precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
+        save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,
+        val_windows=args.val_windows, eval_every=args.eval_every, save_dtype=args.save_dtype, resume=args.resume,
+    )
+    final = train(cfg)
+    logger.info("trained checkpoint in %s", final)
+    return 0

@@ -1,0 +1,89 @@
+"""Stage 1, only for a preset without pretrained VAE weights: the Wan VAE as an autoencoder.
+
+A real Wan2.1 VAE stays frozen (THFM never trains it). A small preset starts from random weights, and
+its decoder must be able to draw task maps as well as frames, so it is trained on both: each item is
+a short random crop, in time and space, of a clip's frames or of one of its dense task maps, as a
+3-channel image in [-1, 1]. The loss is L1 reconstruction plus a small KL term. The Wan VAE is
+causal in time and fully convolutional, so crops of 4n+1 frames and a smaller size train the same
+weights the full window uses, at a fraction of the cost (the VAE, not the transformer, is the
+expensive part to train on a CPU).
+
+After training, the per-channel latent mean and std over the training windows are written into the
+VAE's config (`latents_mean`, `latents_std`, the fields Wan's pipelines normalise with), so the
+transformer sees unit-scale latents as it does with the real Wan VAE.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import DENSE_TASKS
+from .data import Sample
+
+logger = logging.getLogger(__name__)
+
+
+def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: torch.Generator) -> torch.Tensor:
+    """[3, frames, c, c] in [-1, 1]: a random crop of the window's video or of one task map."""
+    x = sample.video.float() if source == "video" else sample.maps[source].float() * 2.0 - 1.0
+    _, length, height, width = x.shape
+    frames = min(frames, length)
+    t0 = int(torch.randint(0, length - frames + 1, (1,), generator=gen))
+    x = x[:, t0 : t0 + frames]
+    if crop and crop < min(height, width):
+        y0 = int(torch.randint(0, height - crop + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, width - crop + 1, (1,), generator=gen))
+        x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
+    return x
+
+
+def vae_batch(samples: list[Sample], batch: int, frames: int, crop: int | None, gen: torch.Generator) -> torch.Tensor:
+    """A batch mixing frames and every dense task's maps (half the rows video, half task maps)."""
+    rows = []
+    for i in range(batch):
+        s = samples[int(torch.randint(0, len(samples), (1,), generator=gen))]
+        maps = [t for t in DENSE_TASKS if t in s.maps]
+        if i % 2 == 0 or not maps:
+            source = "video"
+        else:
+            source = maps[int(torch.randint(0, len(maps), (1,), generator=gen))]
+        rows.append(vae_item(s, source, frames, crop, gen))
+    return torch.stack(rows)
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 reconstruction of a posterior sample + kl_weight * KL (per element)."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=gen)
+    recon = vae.decode(z).sample
+    l1 = (recon.float() - x.float()).abs().mean()
+    kl = posterior.kl().mean() / z[0].numel()
+    loss = l1 + kl_weight * kl
+    return loss, {"vae_l1": float(l1.detach()), "vae_kl": float(kl.detach())}
+
+
+@torch.no_grad()
+def latent_stats(vae, samples: list[Sample], max_items: int = 16) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the raw (unnormalised) posterior means over video and task maps."""
+    z_sum = z_sq = None
+    count = 0
+    vae.eval()
+    for s in samples[:max_items]:
+        for x in [s.video.float()] + [m.float() * 2.0 - 1.0 for m in s.maps.values()]:
+            mu = vae.encode(x[None].to(next(vae.parameters()).device)).latent_dist.mode().double()  # [1, z, t, h, w]
+            flat = mu.transpose(0, 1).flatten(1)  # [z, N]
+            z_sum = flat.sum(1) if z_sum is None else z_sum + flat.sum(1)
+            z_sq = (flat**2).sum(1) if z_sq is None else z_sq + (flat**2).sum(1)
+            count += flat.shape[1]
+    mean = z_sum / count
+    std = (z_sq / count - mean**2).clamp_min(1e-8).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def set_latent_stats(vae, samples: list[Sample]) -> None:
+    """Write the measured latent statistics into the VAE config (saved with save_pretrained)."""
+    mean, std = latent_stats(vae, samples)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    logger.info("VAE latent statistics: mean %s, std %s", [round(m, 3) for m in mean], [round(s, 3) for s in std])
