@@ -399,5 +399,30 @@ def attention_fusion(layers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 
+def serving_tensorrt_version() -> str | None:
+    """The TensorRT version of the image a repository is served from, where it can be read:
+    THFM_SERVING_TENSORRT (set it when checking from outside the image), TRT_VERSION (set in
+    NVIDIA's TensorRT and Triton containers), or the tensorrt module if importable; else None."""
+    for var in ("THFM_SERVING_TENSORRT", "TRT_VERSION"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        return None
+
+
+def plan_version_problem(engine_manifest: Mapping[str, Any] | None, serving: str | None) -> str | None:
+    """Why a plan cannot be served by TensorRT `serving` (None when it can or nothing is known):
+    TensorRT deserialises only plans built by its own version."""
+    built = ((engine_manifest or {}).get("key") or {}).get("tensorrt_version")
+    if not built or not serving or same_engine_version(built, serving):
+        return None
+    return (f"core/1/{PLAN_NAME} was built with TensorRT {built} but the serving image has TensorRT {serving}; "
+            "rebuild it inside the image of the same release (model_repository/README.md names the container pair)")
+
+
 def describe(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest.get("key", {}), sort_keys=True)

@@ -48,6 +48,7 @@ from .config import DENSE_TASKS, SPARSE_TASKS, TASKS, ThfmConfig, check_resoluti
 from .errors import CheckpointError, ShapeError, TaskError, ThfmError
 from .export.specs import SubmodelSpec
 from .export.vae_window import decode_in_window, encode_in_window
+from .gpu_options import PARAM_VAE_MAX_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -561,12 +562,13 @@ class ModelCallError(RuntimeError):
 
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
-              embeddings: Mapping[str, np.ndarray], call: ModelCall) -> dict[str, dict[str, np.ndarray]]:
+              embeddings: Mapping[str, np.ndarray], call: ModelCall,
+              vae_max_batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     Per window: the clip is encoded once (padded to the window and cropped back: the VAE graphs
     take one frame count), the core runs once with one batch row per task, and the dense rows are
-    decoded in one call.
+    decoded in calls of at most `vae_max_batch` rows (the VAE's max_batch_size; None: one call).
     """
     from .processing import dense_output, fit_clip, plan_windows, sparse_output, task_result
 
@@ -579,7 +581,9 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
         return call(protocol.VAE_ENCODER, {ENCODER_IN: x}, [ENCODER_OUT])[ENCODER_OUT]
 
     def decode(x):
-        return call(protocol.VAE_DECODER, {DECODER_IN: x}, [DECODER_OUT])[DECODER_OUT]
+        step = vae_max_batch or len(x)
+        return np.concatenate([call(protocol.VAE_DECODER, {DECODER_IN: x[i : i + step]}, [DECODER_OUT])[DECODER_OUT]
+                               for i in range(0, len(x), step)], axis=0)
 
     windows = plan_windows(num_frames, grid.window)
     for i, win in enumerate(windows):
@@ -762,6 +766,7 @@ class EntryModel:
         self.embeddings = self.assets.embeddings()
         self.call = call
         self.output_names = frozenset(o["name"] for o in model_config.get("output", []))
+        self.vae_max_batch = _int_param(params, PARAM_VAE_MAX_BATCH, 0) or None  # absent: one call
 
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs for one request; `wanted` is request.requested_output_names() (checked against
@@ -770,7 +775,8 @@ class EntryModel:
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
         check_requested_outputs(wanted, tasks, self.output_names)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
-        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call)
+        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call,
+                            self.vae_max_batch)
         return entry_outputs(results)
 
 
