@@ -371,7 +371,7 @@ def _shape_args():
 
 
 def test_precisions_enum_is_what_the_cli_offers():
-    assert [p.value for p in Precision] == ["fp32", "bf16", "fp16", "int8"]
+    assert [p.value for p in Precision] == ["fp32", "bf16", "fp16", "int8", "fp8"]
 
 
 def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):
