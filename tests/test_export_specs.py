@@ -116,8 +116,9 @@ def test_shape_checks(cfg):
 def test_parse_precision_and_target():
     assert parse_precision("int8") is Precision.INT8
     assert parse_target("gpu") is Target.GPU
-    with pytest.raises(ThfmError, match="unknown precision 'fp8'"):
-        parse_precision("fp8")
+    assert parse_precision("fp8") is Precision.FP8
+    with pytest.raises(ThfmError, match="unknown precision 'fp4'"):
+        parse_precision("fp4")
     with pytest.raises(ThfmError, match="unknown target"):
         parse_target("tpu")
 
