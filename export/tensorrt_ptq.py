@@ -22,6 +22,11 @@ Calibration: ModelOpt's max calibrator on onnxruntime's CPU provider, over the s
 samples as the CPU recipe (clip latents x every task's prompt). ModelOpt is optional (the ``gpu``
 extra); without it the export says how to install it.
 
+ModelOpt runs in a child process (``python -m thfm_serve.export.tensorrt_ptq``): it patches
+onnxruntime.quantization's calibrators and quantizer globally when it quantises
+(``modelopt.onnx.quantization.ort_patching``), which would change the CPU recipe (quantize.py) and
+any onnxruntime calibration run later in the same process.
+
 fp8 (E4M3, per-tensor) needs a GPU with fp8 tensor cores (Hopper, Ada or newer): TensorRT builds
 it there; onnxruntime's CPU provider runs the graph here only through onnx's reference evaluator.
 """
@@ -29,8 +34,12 @@ it there; onnxruntime's CPU provider runs the graph here only through onnx's ref
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -74,7 +83,7 @@ def quantize_for_tensorrt(fp32_path: Path, out_path: Path, samples: list[dict[st
         raise ExportError(f"TensorRT quantisation mode {mode!r}: choose from {', '.join(MODES)}")
     if not samples:
         raise ExportError(f"{mode}: no calibration samples")
-    quantize = import_modelopt_quantize()
+    import_modelopt_quantize()  # fail here, with the install hint, rather than in the child process
     model = onnx.load(str(fp32_path), load_external_data=False)
     skip = excluded_nodes(model, exclude, _EXCLUDABLE)
     del model
@@ -82,18 +91,16 @@ def quantize_for_tensorrt(fp32_path: Path, out_path: Path, samples: list[dict[st
     logger.info("%s (ModelOpt, for TensorRT): calibrating on %d rows; %d nodes excluded (%s); the rest in %s", mode,
                 len(data["latent"]), len(skip), ", ".join(exclude), high_precision_dtype)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        quantize(
-            str(fp32_path), quantize_mode=mode, calibration_data=data, calibration_method="max",
-            calibration_eps=["cpu"], op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=[f"^{re.escape(n)}$" for n in skip], disable_mha_qdq=True,
-            high_precision_dtype=high_precision_dtype, use_external_data_format=external_data,
-            output_path=str(out_path), log_level="WARNING",
-        )
-    except ExportError:
-        raise
-    except Exception as e:  # ModelOpt raises plain exceptions (assertions, onnxruntime errors)
-        raise ExportError(f"{mode}: ModelOpt quantisation failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
+    with tempfile.TemporaryDirectory(prefix="thfm-modelopt-") as tmp:
+        np.savez(Path(tmp) / "calibration.npz", **data)
+        job = {"onnx": str(fp32_path), "out": str(out_path), "mode": mode, "calibration": str(Path(tmp) / "calibration.npz"),
+               "exclude": skip, "high_precision_dtype": high_precision_dtype, "external_data": bool(external_data)}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", __name__, str(Path(tmp) / "job.json")], capture_output=True,
+                              text=True)
+    if proc.returncode != 0:
+        tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()][-3:]
+        raise ExportError(f"{mode}: ModelOpt quantisation failed (exit {proc.returncode}): " + " | ".join(tail)[-600:])
     if not out_path.is_file():
         raise ExportError(f"{mode}: ModelOpt wrote no {out_path.name}")
     placement = qdq_placement(onnx.load(str(out_path), load_external_data=False))
@@ -108,6 +115,21 @@ def quantize_for_tensorrt(fp32_path: Path, out_path: Path, samples: list[dict[st
                    f"the weighted MatMuls, attention products and excluded modules unquantised, the rest {high_precision_dtype}"),
         "calibration": "ModelOpt max calibrator (onnxruntime CPU)",
     }
+
+
+def _run_job(job_path: str) -> None:
+    """The child process: ModelOpt's quantize on one job written by quantize_for_tensorrt."""
+    job = json.loads(Path(job_path).read_text())
+    quantize = import_modelopt_quantize()
+    with np.load(job["calibration"]) as npz:
+        data = {k: npz[k] for k in npz.files}
+    quantize(
+        job["onnx"], quantize_mode=job["mode"], calibration_data=data, calibration_method="max",
+        calibration_eps=["cpu"], op_types_to_quantize=list(QUANTIZED_OPS),
+        nodes_to_exclude=[f"^{re.escape(n)}$" for n in job["exclude"]], disable_mha_qdq=True,
+        high_precision_dtype=job["high_precision_dtype"], use_external_data_format=job["external_data"],
+        output_path=job["out"], log_level="WARNING",
+    )
 
 
 _FLOAT_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -191,3 +213,7 @@ def placement_problems(placement: dict[str, Any], high_precision_dtype: str) -> 
     if counts and low < 0.9 * sum(counts.values()):
         out.append(f"only {low} of {sum(counts.values())} compute ops are {want} ({dict(counts)})")
     return out
+
+
+if __name__ == "__main__":
+    _run_job(sys.argv[1])

@@ -204,3 +204,23 @@ def test_plan_is_written_whole_from_a_buffer(tmp_path):
     with pytest.raises(TypeError):  # a write that fails half-way leaves the old plan and no temporary file
         engine._write_atomic(plan, object())
     assert plan.read_bytes() == b"new plan" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_gpu_quantisation_without_modelopt_says_how_to_install_it(tmp_path, monkeypatch):
+    import builtins
+
+    from thfm_serve.export.tensorrt_ptq import quantize_for_tensorrt
+
+    real_import = builtins.__import__
+
+    def no_modelopt(name, *args, **kwargs):
+        if name.startswith("modelopt"):
+            raise ImportError("No module named 'modelopt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_modelopt)
+    sample = {"latent": np.zeros((1, 16, 1, 2, 2), np.float32), "text": np.zeros((1, 4, 8), np.float32)}
+    with pytest.raises(ExportError, match=r"ModelOpt, which is not installed: pip install 'thfm-serve\[gpu\]'"):
+        quantize_for_tensorrt(tmp_path / "model.onnx", tmp_path / "q.onnx", [sample], "int8", ())
+    with pytest.raises(ExportError, match="mode 'int4'"):
+        quantize_for_tensorrt(tmp_path / "model.onnx", tmp_path / "q.onnx", [sample], "int4", ())
