@@ -224,3 +224,30 @@ def test_gpu_quantisation_without_modelopt_says_how_to_install_it(tmp_path, monk
         quantize_for_tensorrt(tmp_path / "model.onnx", tmp_path / "q.onnx", [sample], "int8", ())
     with pytest.raises(ExportError, match="mode 'int4'"):
         quantize_for_tensorrt(tmp_path / "model.onnx", tmp_path / "q.onnx", [sample], "int4", ())
+
+
+@pytest.mark.parametrize("error,ok", [(0.0, True), (0.05, False)])
+def test_build_validates_the_plan_and_drops_one_that_fails(tmp_path, monkeypatch, error, ok):
+    """build_engine -> validate_plan on the polygraphy files next to the ONNX: the manifest carries
+    the numbers, and a plan that fails validation is deleted (Triton must not serve it)."""
+    from test_export_specs import _fake_trt as _builder_trt
+    from test_export_specs import _Recorder
+
+    monkeypatch.setattr(engine, "gpu_sm", lambda: "sm_90")
+    monkeypatch.setattr(engine, "gpu_name", lambda: "NVIDIA H100")
+    _saved(tmp_path)  # polygraphy/ next to the ONNX, as the ONNX validation leaves it
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"graph")
+    runtime, _, _ = _fake_trt(error=error)
+    trt = _builder_trt(_Recorder())
+    for name in ("Runtime", "TensorIOMode", "DataType", "nptype", "LayerInformationFormat"):
+        setattr(trt, name, getattr(runtime, name))
+    trt.__version__ = "10.8.0.43"
+    if ok:
+        manifest = engine.build_engine(onnx_path, _toy_spec(), tmp_path, trt=trt, device="cpu")
+        assert manifest["validation"]["outputs"]["y"]["ok"] and manifest["validation"]["attention"]["fused"]
+        assert (tmp_path / "model.plan").exists() and (tmp_path / engine.LAYERS_NAME).exists()
+    else:
+        with pytest.raises(ExportError, match="plan does not match PyTorch"):
+            engine.build_engine(onnx_path, _toy_spec(), tmp_path, trt=trt, device="cpu")
+        assert not (tmp_path / "model.plan").exists()
