@@ -46,7 +46,7 @@ from thfm_serve.contract.protocol import (
 from . import manifest as mf
 from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
-from .precision import check_target_precision, lowered_core, precision_summary
+from .precision import QUANTIZED, check_target_precision, default_precision, lowered_core, precision_summary
 from thfm_serve.contract.specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
 from .validate import make_runner, task_drift, torch_runner, validate_values
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
@@ -67,7 +67,7 @@ def export_repository(
     checkpoint: str | Path,
     repo: str | Path,
     target: str | Target = Target.CPU,
-    precision: str | Precision = Precision.FP32,
+    precision: str | Precision | None = None,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -87,10 +87,13 @@ def export_repository(
 
     Raises ThfmError subclasses for every user-caused problem (checkpoint, precision, target, shapes)
     and ExportError for failed validation or a missing TensorRT (after everything before it ran).
-    write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end.
+    precision: None takes the target's default (precision.DEFAULT_PRECISION: bf16 on gpu, fp32 on cpu).
+    write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end, also when
+    the engine stage stops (the configs do not depend on the plan).
     """
     t_start = time.perf_counter()
-    target, precision = parse_target(target), parse_precision(precision)
+    target = parse_target(target)
+    precision = default_precision(target) if precision is None else parse_precision(precision)
     check_target_precision(target, precision)
     chosen = _choose_models(models)
     repo = Path(repo)
@@ -106,8 +109,8 @@ def export_repository(
     height = height or cfg.height
     width = width or cfg.width
     calibration = [str(p) for p in calibration or []]
-    if calibration and precision != Precision.INT8:
-        logger.warning("--calibration is only used for int8; ignored for %s", precision.value)
+    if calibration and precision not in QUANTIZED:
+        logger.warning("--calibration is only used for int8/fp8; ignored for %s", precision.value)
 
     repo.mkdir(parents=True, exist_ok=True)
     ck_hash = mf.checkpoint_hash(checkpoint)
@@ -155,12 +158,16 @@ def export_repository(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    if target == Target.GPU and CORE in chosen:
-        report["engine"] = _engine_stage(repo, specs[CORE], build_engine, force, report)
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
-    _write_report(repo, report)
-    if write_configs:
-        _repository_hook(repo, specs, target, precision, report)
+    try:
+        if target == Target.GPU and CORE in chosen:
+            report["engine"] = _engine_stage(repo, specs[CORE], build_engine, force, report)
+    finally:
+        # The Triton configs come from the specs, not from the plan: write them even when the engine
+        # stage stops (no TensorRT here, a failed build), so the repository is complete but for the plan.
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        _write_report(repo, report)
+        if write_configs:
+            _repository_hook(repo, specs, target, precision, report)
     return report
 
 
@@ -210,13 +217,27 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
 
     key: dict[str, Any] = {"recipe": mf.RECIPE_VERSION, "checkpoint_sha256": ck_hash, "precision": spec.precision,
                            "spec": spec.to_dict()}
-    if name == CORE and precision == Precision.INT8:
+    if name == CORE and precision in QUANTIZED:
         from .calibration import PROCEDURAL_RECIPE
 
+        recipe = _tensorrt_recipe(precision) if target == Target.GPU else recipe_for(target).name
         key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
-                              "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe_for(target).name}
+                              "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe}
     return key
+
+
+def _tensorrt_recipe(precision: Precision) -> str:
+    """The GPU quantisation recipe's identity (manifests key on it): ModelOpt's version and mode."""
+    import importlib.metadata as md
+
+    from .tensorrt_ptq import HIGH_PRECISION_DTYPE
+
+    try:
+        version = md.version("nvidia-modelopt")
+    except md.PackageNotFoundError:
+        version = "not installed"
+    return f"modelopt-{version}-{precision.value}-{HIGH_PRECISION_DTYPE}"
 
 
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
@@ -227,10 +248,10 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     entry: dict[str, Any] = {"precision": spec.precision}
     if name == CORE:
         reference = lowered_core(ck.core(), Precision.FP32)
-        if precision == Precision.INT8:
+        if precision in QUANTIZED:
             fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
             entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
-                                                target, reference)
+                                                target, reference, precision)
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -248,11 +269,19 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     entry["ops"] = op_counts(onnx_path)
     entry["initializer_elements"] = initializer_dtypes(onnx_path)
     num_params = sum(p.numel() for p in module.parameters())
-    runner = make_runner(onnx_path, precision if name == CORE else Precision.FP32, num_params)
+    runner = make_runner(onnx_path, _runner_precision(name, precision, target), num_params)
     ref_run = torch_runner(reference, spec)
     extra = {}
     if name == CORE and precision in (Precision.FP16, Precision.BF16):
         extra[f"torch_{precision.value}"] = torch_runner(module, spec)
+    if runner is None and precision in QUANTIZED:
+        # A large bf16 Q/DQ graph: nothing here runs it, and the fp32 module is no proxy for it.
+        # The TensorRT plan validation compares the engine with PyTorch on the GPU host.
+        entry["runner"] = "none"
+        entry["validation"] = (f"deferred to the TensorRT plan validation: the bf16 Q/DQ graph is not executable on "
+                               f"CPU at {num_params / 1e6:.0f}M parameters")
+        entry["validate_s"] = round(time.perf_counter() - t0 - entry["export_s"], 1)
+        return entry
     if runner is None:
         # Large bf16 graph: no runtime here can execute it (see validate.py). The structure was
         # checked above; the values are PyTorch bf16's (the exported module), which the report says.
@@ -264,7 +293,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         entry["runner"] = runner.kind
         try:
             inputs = None
-            if name == CORE and precision == Precision.INT8:
+            if name == CORE and precision in QUANTIZED:
                 inputs = _clip_inputs(ck)
                 entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
                                               "encoder, the checkpoint's task embeddings")
@@ -288,6 +317,19 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     return entry
 
 
+def _runner_precision(name: str, precision: Precision, target: Target) -> Precision:
+    """The precision that picks a validation runner (validate.make_runner): the VAE is fp32; a GPU
+    int8/fp8 core is bf16 outside its Q/DQ (tensorrt_ptq.HIGH_PRECISION_DTYPE), which only onnx's
+    reference evaluator runs on CPU."""
+    if name != CORE:
+        return Precision.FP32
+    if precision in QUANTIZED and target == Target.GPU:
+        from .tensorrt_ptq import HIGH_PRECISION_DTYPE
+
+        return Precision.BF16 if HIGH_PRECISION_DTYPE == "bf16" else Precision.FP16
+    return precision
+
+
 def _clip_inputs(ck: Any):
     """Core inputs from the distribution an int8 core is calibrated on, at any base dims: a procedural
     clip of the matching frames and size through the VAE encoder (repeated over the batch) and the
@@ -305,7 +347,8 @@ def _clip_inputs(ck: Any):
 
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
-              calibration: list[str], clips: int, target: Target, reference: Any) -> dict[str, Any]:
+              calibration: list[str], clips: int, target: Target, reference: Any,
+              precision: Precision = Precision.INT8) -> dict[str, Any]:
     from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
     from .quantize import quantize_core
 
@@ -319,8 +362,15 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))
     del encoder
-    info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9,
-                         module=reference)
+    if target == Target.GPU:
+        from .quantize import DEFAULT_EXCLUDE
+        from .tensorrt_ptq import quantize_for_tensorrt
+
+        info = quantize_for_tensorrt(fp32_path, out_path, samples, precision.value, DEFAULT_EXCLUDE,
+                                     external_data=size > PROTOBUF_LIMIT * 0.9)
+    else:
+        info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9,
+                             module=reference)
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],

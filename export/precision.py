@@ -3,6 +3,10 @@
 Every exported module takes and returns float32 (specs.py: interface dtypes never change), so a
 low-precision graph casts on the way in and out.
 
+fp16 also keeps the residual stream (the hidden states between and through the blocks) in fp32:
+Wan's activations overflow fp16 there (see _residual_fp32); bf16 has fp32's range and needs no such
+island, which is one reason bf16 is the GPU default (DEFAULT_PRECISION).
+
 fp16/bf16 keep fp32 islands:
 - diffusers' ``WanTransformer3DModel._keep_in_fp32_modules`` (rope, time_embedder, scale_shift_table,
   norm1/2/3): Wan in plain fp16 is known to overflow in these; diffusers' own code already upcasts
@@ -31,8 +35,9 @@ from thfm_serve.contract.specs import Precision, Target
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16,
-                # int8 quantises the fp32 graph (Q/DQ in ONNX); the PyTorch module is the fp32 one.
-                Precision.INT8: torch.float32}
+                # int8/fp8 quantise the fp32 graph (Q/DQ in ONNX); the PyTorch module is the fp32 one.
+                Precision.INT8: torch.float32, Precision.FP8: torch.float32}
+QUANTIZED = (Precision.INT8, Precision.FP8)
 
 # Measured here (onnxruntime 1.32 CPU): fp16 graphs run. bf16 graphs are valid ONNX but the CPU
 # provider has no bfloat16 kernels for them ("Could not find an implementation for Expand(13)";
@@ -40,11 +45,21 @@ TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, P
 # TensorRT builds bf16 engines (Ampere and newer), so bf16 is a gpu precision.
 SUPPORTED = {
     Target.CPU: (Precision.FP32, Precision.FP16, Precision.INT8),
-    Target.GPU: (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8),
+    Target.GPU: (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.FP8),
 }
+# Wan was trained in bf16 and fp16 overflows in its residual stream (see lowered_core); NVIDIA's own
+# Wan TensorRT pipeline builds the transformer in bf16. fp32 stays the CPU default (no bf16 kernels).
+DEFAULT_PRECISION = {Target.CPU: Precision.FP32, Target.GPU: Precision.BF16}
+
+
+def default_precision(target: Target) -> Precision:
+    return DEFAULT_PRECISION[target]
 
 
 def check_target_precision(target: Target, precision: Precision) -> None:
+    if precision == Precision.FP8 and target != Target.GPU:
+        raise ThfmError("--precision fp8 cannot run on --target cpu: fp8 Q/DQ graphs need a GPU with fp8 tensor "
+                        "cores (Hopper, Ada or newer) through TensorRT; use --target gpu")
     if precision not in SUPPORTED[target]:
         raise ThfmError(
             f"--precision {precision.value} cannot run on --target {target.value}: onnxruntime's CPU provider "
@@ -92,6 +107,37 @@ class _Cast:
         return self._cast(output)
 
 
+class _CastFirst:
+    """Forward pre-hook casting only the first positional argument (the hidden states): an
+    attention's rotary tables and context keep their own dtypes."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return (args[0].to(self.dtype), *args[1:])
+        return args
+
+
+def _residual_fp32(low: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the residual stream between (and through) the blocks in fp32; only the attention and
+    feed-forward sub-layers compute in `dtype`.
+
+    Wan's hidden states grow past fp16's 65,504 in the residual stream, which diffusers'
+    ``WanTransformerBlock`` adds in fp32 (``hidden_states.float() + ...``) but then casts back with
+    ``.type_as(hidden_states)``. With fp32 hidden states entering the blocks that cast keeps fp32,
+    so the sum never rounds to fp16; each sub-layer casts its input down and its output back up.
+    """
+    tr = low.transformer
+    for block in tr.blocks:
+        for sub in (block.attn1, block.attn2, block.ffn):
+            sub.register_forward_pre_hook(_CastFirst(dtype))
+            sub.register_forward_hook(_Cast(torch.float32).post)
+    # The output norm keeps the fp32 type too; its projection computes in `dtype`.
+    tr.proj_out.register_forward_pre_hook(_CastFirst(dtype))
+
+
 def _keep_fp32(module: nn.Module, out_dtype: torch.dtype) -> None:
     """Make `module` an fp32 island: fp32 weights, inputs cast up, outputs cast to `out_dtype`."""
     module.float()
@@ -127,10 +173,15 @@ def lowered_core(core: nn.Module, precision: Precision) -> nn.Module:
             continue
         keep = bool(islands & set(name.split(".")))
         tensor.data = tensor.data.to(torch.float32 if keep else dtype)
-    _keep_fp32(low.transformer.patch_embedding, dtype)
+    residual_fp32 = precision == Precision.FP16
+    # fp16: the patch embedding hands fp32 tokens to the fp32 residual stream (_residual_fp32).
+    _keep_fp32(low.transformer.patch_embedding, torch.float32 if residual_fp32 else dtype)
     for head in (low.heads.head2d, low.heads.head3d):
         _keep_fp32(head, torch.float32)
-    logger.info("core in %s with fp32 islands: %s, patch_embedding, keypoint heads", precision.value, ", ".join(sorted(islands)))
+    if residual_fp32:
+        _residual_fp32(low, dtype)
+    logger.info("core in %s with fp32 islands: %s, patch_embedding, keypoint heads%s", precision.value,
+                ", ".join(sorted(islands)), ", the residual stream" if residual_fp32 else "")
     return ExportCore(low, dtype).eval()
 
 

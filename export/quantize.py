@@ -1,10 +1,15 @@
-"""INT8 core: explicit Q/DQ ONNX (QuantizeLinear/DequantizeLinear) from the fp32 ONNX.
+"""INT8 core for onnxruntime (``--target cpu``): explicit Q/DQ ONNX from the fp32 ONNX.
+
+The exporter's ``--target gpu`` int8/fp8 cores are written by NVIDIA ModelOpt instead
+(tensorrt_ptq.py: Q/DQ on the linears' inputs only, the rest bf16, what TensorRT fuses).
 
 onnxruntime.quantization.quantize_static in QDQ format, calibrated on Wan latents of calibration
 clips (calibration.py) with every task's prompt embedding. Weights are int8, symmetric, one scale
-per output channel. Activations follow the target's kernels (RECIPES):
-- gpu (TensorRT, which consumes explicitly quantised ONNX): int8 symmetric activations (TensorRT
-  takes zero points of 0 only); the linears and attention's QK^T/PV products are quantised;
+per output channel. Activations follow the kernels (RECIPES):
+- "gpu": int8 symmetric activations, the linears and attention's QK^T/PV products quantised, each
+  MatMul's output too. It was the first GPU recipe and is kept only as a comparison for
+  perf/int8_recipes.py and perf/bench_core.py: quantising outputs and Softmax per-tensor is what
+  tensorrt_ptq.py avoids;
 - cpu (onnxruntime on x86): uint8 asymmetric activations, the operand order VNNI's vpdpbusd
   multiplies natively; onnxruntime then fuses every DQ -> MatMul -> Q into QLinearMatMul. With int8
   activations part of the MatMuls stay DequantizeLinear(weight) -> float MatMul after optimisation,

@@ -116,8 +116,9 @@ def test_shape_checks(cfg):
 def test_parse_precision_and_target():
     assert parse_precision("int8") is Precision.INT8
     assert parse_target("gpu") is Target.GPU
-    with pytest.raises(ThfmError, match="unknown precision 'fp8'"):
-        parse_precision("fp8")
+    assert parse_precision("fp8") is Precision.FP8
+    with pytest.raises(ThfmError, match="unknown precision 'fp4'"):
+        parse_precision("fp4")
     with pytest.raises(ThfmError, match="unknown target"):
         parse_target("tpu")
 
@@ -205,6 +206,7 @@ def _fake_trt(rec: _Recorder):
 
         def set_timing_cache(self, cache, ignore_mismatch):
             rec.calls.append(("set_timing_cache", ignore_mismatch))
+            return True
 
         def add_optimization_profile(self, profile):
             rec.calls.append(("add_optimization_profile",))
@@ -248,30 +250,39 @@ def test_engine_build_calls_follow_the_spec(cfg, tmp_path, monkeypatch):
     from thfm_serve.export import engine
 
     monkeypatch.setattr(engine, "gpu_sm", lambda: "sm_90")
+    monkeypatch.setattr(engine, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     spec = build_specs(cfg, 5, 32, 48, precision="fp16")["core"]
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not really onnx")
     rec = _Recorder()
-    manifest = engine.build_engine(onnx_path, spec, tmp_path, trt=_fake_trt(rec))
+    manifest = engine.build_engine(onnx_path, spec, tmp_path, trt=_fake_trt(rec), validate=False)
     shapes = [c[1:] for c in rec.calls if c[0] == "set_shape"]
-    assert shapes == [(name, *prof) for name, prof in spec.trt_profile().items()]
+    # min and max from the spec; opt at the export shape with one row per task (all six).
+    want = []
+    for name, (mn, opt, mx) in spec.trt_profile().items():
+        want.append((name, mn, (6, *opt[1:]), mx))
+    assert shapes == want
     assert ("create_network", 1 << 5) in rec.calls  # STRONGLY_TYPED, nothing else (TensorRT 10)
     assert ("parse_from_file", str(onnx_path)) in rec.calls
     assert ("create_timing_cache", b"") in rec.calls
     assert manifest["key"]["precision"] == "fp16" and manifest["key"]["gpu_sm"] == "sm_90"
     assert manifest["key"]["tensorrt_version"] == "10.99.0"
-    assert manifest["key"]["profiles"]["latent"] == [[1, 16, 1, 2, 2], [1, 16, 2, 4, 6], [6, 16, 3, 8, 8]]
+    assert manifest["key"]["profiles"]["latent"] == [[1, 16, 1, 2, 2], [6, 16, 2, 4, 6], [6, 16, 3, 8, 8]]
+    assert manifest["key"]["gpu_name"] == "NVIDIA H100 80GB HBM3"
     assert (tmp_path / "model.plan").read_bytes() == b"fake-plan"
+    # The timing cache is named by TensorRT version, SM and GPU model.
+    assert manifest["timing_cache"] == "timing-trt10.99.0-sm_90-nvidia-h100-80gb-hbm3.cache"
     assert (tmp_path / manifest["timing_cache"]).read_bytes() == b"timing-cache"
+    assert not list(tmp_path.glob(".*.tmp"))  # written through temporary files, renamed into place
 
     # Same inputs: reused, no second build. The timing cache is read back on a rebuild.
     rec2 = _Recorder()
-    assert engine.build_engine(onnx_path, spec, tmp_path, previous=manifest, trt=_fake_trt(rec2)) == manifest
+    assert engine.build_engine(onnx_path, spec, tmp_path, previous=manifest, trt=_fake_trt(rec2), validate=False) == manifest
     assert ("build",) not in rec2.calls
     # A changed ONNX (or TensorRT, SM, precision, profile) invalidates the plan.
     onnx_path.write_bytes(b"a different graph")
     rec3 = _Recorder()
-    engine.build_engine(onnx_path, spec, tmp_path, previous=manifest, trt=_fake_trt(rec3))
+    engine.build_engine(onnx_path, spec, tmp_path, previous=manifest, trt=_fake_trt(rec3), validate=False)
     assert ("build",) in rec3.calls and ("create_timing_cache", b"timing-cache") in rec3.calls
 
 

@@ -171,17 +171,106 @@ def _qdq_roles(path: Path) -> dict:
 
 def test_int8_recipe_follows_the_target(exports):
     """cpu: uint8 asymmetric activations (onnxruntime's x86 u8 x s8 kernels), linears only;
-    gpu: int8 activations with zero points of 0 (TensorRT), attention products quantised too."""
+    gpu: ModelOpt's int8 symmetric Q/DQ (zero points 0, as TensorRT takes them) on the linears'
+    inputs only, the rest of the graph bf16 (tests below check the placement)."""
     cpu = _qdq_roles(exports["cores"] / "int8" / "model.onnx")
     gpu = _qdq_roles(exports["cores"] / "int8_gpu" / "model.onnx")
     assert cpu["zero_points"] and all(z.dtype == np.uint8 for z in cpu["zero_points"])
     assert any(z.item() != 0 for z in cpu["zero_points"])  # asymmetric: calibrated, not fixed at 0/128
     assert cpu["activation_products"] == []
-    assert gpu["zero_points"] and all(z.dtype == np.int8 and z.item() == 0 for z in gpu["zero_points"])
-    assert len(gpu["activation_products"]) >= 2 * 2  # QK^T and PV in every block's two attentions
+    assert gpu["zero_points"] and all(z.dtype == np.int8 and not z.any() for z in gpu["zero_points"])
+    # (ModelOpt fake-quantises weights as Q(w) -> DQ, which _qdq_roles takes for activations; the
+    # placement tests below tell them apart.)
     reports = exports["reports"]
     assert reports["int8"]["models"]["core"]["quantization"]["recipe"] == "onnxruntime-x86"
-    assert reports["int8_gpu"]["models"]["core"]["quantization"]["recipe"] == "tensorrt"
+    assert reports["int8_gpu"]["models"]["core"]["quantization"]["recipe"] == "modelopt-int8"
+
+
+def _assert_tensorrt_placement(model: onnx.ModelProto, low: str) -> dict:
+    """No Q/DQ on MatMul outputs or around Softmax, attention products unquantised, the linears'
+    inputs quantised, and every compute op outside the Q/DQ in the 16-bit type `low`."""
+    from thfm_serve.export.tensorrt_ptq import qdq_placement
+
+    p = qdq_placement(model)
+    assert p["quantized_outputs"] == [] and p["softmax_qdq"] == [] and p["activation_products"] == []
+    # Every block's q, k, v, o of two attentions and two FFN linears (tiny: 2 blocks), nothing excluded.
+    assert p["weight_matmuls"] == p["quantized_matmuls"] == 2 * (4 + 4 + 2)
+    assert p["matmuls"] - p["quantized_matmuls"] >= 2 * 2 + 2  # QK^T, PV per block, and the excluded linears
+    for op in ("MatMul", "Softmax", "Add", "LayerNormalization", "Conv"):
+        assert set(p["compute_dtypes"][op]) == {low}, (op, p["compute_dtypes"][op])
+    return p
+
+
+def test_gpu_int8_placement_lets_tensorrt_fuse_and_keeps_accuracy(exports):
+    core = exports["reports"]["int8_gpu"]["models"]["core"]
+    _assert_tensorrt_placement(onnx.load(str(exports["cores"] / "int8_gpu" / "model.onnx")), "bfloat16")
+    assert core["quantization"]["high_precision_dtype"] == "bf16"
+    # The export validation (fatal) ran the bf16 Q/DQ graph itself against PyTorch fp32 at three shapes.
+    assert core["runner"] == "onnx-reference-evaluator"
+    assert len(core["validation"]) == 3 and all(o["ok"] for v in core["validation"] for o in v["outputs"].values())
+
+
+def test_modelopt_leaves_this_process_s_onnxruntime_alone(exports):
+    """ModelOpt patches onnxruntime.quantization when it quantises; it runs in a child process, so
+    the CPU recipe in this process (which already ran the GPU export) keeps onnxruntime's own code."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    assert MinMaxCalibrater.collect_data.__module__ == "onnxruntime.quantization.calibrate"
+    assert MinMaxCalibrater.compute_data.__module__ == "onnxruntime.quantization.calibrate"
+
+
+def test_gpu_fp8_through_the_same_tool(exports, tmp_path):
+    """--precision fp8: ModelOpt's E4M3 Q/DQ with the same placement, within the export tolerances
+    (the graph run by onnx's reference evaluator, as onnxruntime's CPU provider has no bf16 kernels)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from thfm_serve.export.quantize import DEFAULT_EXCLUDE
+    from thfm_serve.contract.specs import tolerance_for
+    from thfm_serve.export.tensorrt_ptq import quantize_for_tensorrt
+
+    rng = np.random.default_rng(5)
+    text = np.load(exports["cores"] / "fp32" / "task_embeddings.npz")
+    text = np.stack([text[k] for k in text.files]).astype(np.float32)
+    latent = rng.standard_normal((len(text), 16, 2, 4, 6)).astype(np.float32)
+    out = tmp_path / "fp8.onnx"
+    info = quantize_for_tensorrt(exports["cores"] / "fp32" / "model.onnx", out, [{"latent": latent, "text": text}],
+                                 "fp8", DEFAULT_EXCLUDE)
+    model = onnx.load(str(out))
+    assert info["recipe"] == "modelopt-fp8"
+    assert any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in model.graph.initializer)
+    _assert_tensorrt_placement(model, "bfloat16")
+    feed = {"latent": latent[:2], "text": text[:2]}
+    got = dict(zip([o.name for o in model.graph.output], ReferenceEvaluator(model).run(None, feed)))
+    ref = _run_onnx(exports["cores"] / "fp32" / "model.onnx", feed, "fp32")
+    for name, kind in (("pred_latent", "latent"), ("kp2d", "keypoints"), ("kp3d", "keypoints")):
+        ok, max_abs, _ = tolerance_for("fp8", kind).check(np.asarray(got[name], np.float32), ref[name])
+        assert ok, (name, max_abs)
+
+
+def test_fp16_keeps_the_residual_stream_in_fp32(exports):
+    """The fp16 graph: every residual Add at block level is fp32, the linears inside run in fp16."""
+    from thfm_serve.export.quantize import node_scopes
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(exports["cores"] / "fp16" / "model.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    block_adds, block_casts, linears = [], [], []
+    for n in model.graph.node:
+        scopes = node_scopes(n)
+        module = scopes[-2] if len(scopes) > 1 else ""  # the last scope is the op itself
+        parts = module.split(".")
+        if len(parts) == 4 and parts[:3] == ["core", "transformer", "blocks"]:  # the block's own ops
+            if n.op_type == "Add":
+                block_adds.append(types.get(n.output[0]))
+            if n.op_type == "Cast":
+                block_casts.append(next(a.i for a in n.attribute if a.name == "to"))
+        if n.op_type == "MatMul" and ".blocks." in module and (".ffn" in module or ".to_" in module):
+            linears.append(types.get(n.output[0]))
+    # Residual adds (self-attention, cross-attention, feed-forward) and the modulation: all fp32, and
+    # nothing in a block casts the hidden states down to fp16 (the sub-layers do that themselves).
+    assert len(block_adds) >= 2 * 3  # tiny: 2 blocks
+    assert set(block_adds) == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.FLOAT16 not in block_casts
+    assert linears and set(linears) == {onnx.TensorProto.FLOAT16}
 
 
 def test_low_precision_reports(exports):
@@ -211,6 +300,16 @@ def test_gpu_target_without_tensorrt_fails_after_the_onnx_stage(exports, tmp_pat
     assert report["models"]["core"]["status"] == "reused"
     with pytest.raises(ExportError, match="TensorRT"):
         export_repository(exports["checkpoint"], repo, "gpu", "bf16", **SHAPE, write_configs=False)
+    # The Triton configs do not depend on the plan: they are written although the engine stage stopped,
+    # and the repository then lacks only the plan. No --precision on gpu means bf16.
+    assert not (repo / "core" / "config.pbtxt").exists()
+    with pytest.raises(ExportError, match="TensorRT"):
+        export_repository(exports["checkpoint"], repo, "gpu", None, **SHAPE)
+    assert (repo / "core" / "config.pbtxt").is_file() and (repo / "thfm" / "config.pbtxt").is_file()
+    report = json.loads((repo / "export_report.json").read_text())
+    assert report["precision"] == "bf16" and report["models"]["core"]["status"] == "reused"
+    manifest = json.loads((repo / "thfm_repository.json").read_text())
+    assert manifest["target"] == "gpu" and manifest["precision"] == "bf16"
 
 
 def _config(exports):
@@ -230,7 +329,8 @@ def _cli(args, caplog):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--precision", "fp4"], "unknown precision 'fp4'"),
+    (["--precision", "fp8"], "fp8 cannot run on --target cpu"),
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--precision", "bf16"], "cannot run on --target cpu"),
     (["--frames", "6"], "not of the form 4n+1"),
@@ -317,7 +417,7 @@ def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):
 def test_int8_calibration_method_per_recipe(exports):
     q = {tag: exports["reports"][tag]["models"]["core"]["quantization"] for tag in ("int8", "int8_gpu")}
     assert q["int8"]["calibration"].startswith("torch forward hooks")  # linears only: hooks see them all
-    assert q["int8_gpu"]["calibration"] == "onnxruntime MinMax calibrator"  # QK^T/PV have no module to hook
+    assert q["int8_gpu"]["calibration"] == "ModelOpt max calibrator (onnxruntime CPU)"
     # A calibrated graph is validated on inputs like its calibration data, every other one on random inputs.
     assert "through the VAE encoder" in exports["reports"]["int8"]["models"]["core"]["validation_inputs"]
     assert "validation_inputs" not in exports["reports"]["fp32"]["models"]["core"]

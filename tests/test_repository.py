@@ -108,7 +108,8 @@ def test_entry_config_carries_the_protocol_parameters(specs):
     # The overlap is the windowing policy's default for a 9-frame window (an eighth of it, at least 1).
     assert params == {protocol.PARAM_WINDOW_FRAMES: "9", protocol.PARAM_HEIGHT: "64", protocol.PARAM_WIDTH: "64",
                       protocol.PARAM_OVERLAP: "1", protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
-                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20)}
+                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20),
+                      protocol.PARAM_VAE_MAX_BATCH: "6"}
     assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS]
     assert [t.optional for t in cfg.input] == [True, True, False]
     assert [t.name for t in cfg.output] == [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]

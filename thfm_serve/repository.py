@@ -41,6 +41,7 @@ from .contract.specs import Precision, SubmodelSpec, Target, parse_precision, pa
 from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, TASKS
 from .errors import CheckpointError, ThfmError
 from .serving.assets import load_task_embeddings, read_manifest
+from .gpu_options import VaeGpuOptions, vae_batch_cap
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
     k = cfg.num_joints
     grid_params = grid.to_params()
     configs: dict[str, dict[str, Any]] = {}
+    vae_batch = _vae_batch(target, grid, enc.max_batch)
 
     # preprocess: the ensembles' first step. Its outputs are shaped as the spec tensors they feed.
     configs[protocol.PREPROCESS] = {
@@ -230,7 +232,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # The ensembles' batch axis is the clip's windows, so a request may take max_batch windows.
-        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_MAX_WINDOWS: enc.max_batch}),
+        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_MAX_WINDOWS: vae_batch}),
     }
 
     # vae_encoder / core / vae_decoder: the exported graphs, batched (batch axis dropped from dims).
@@ -242,7 +244,7 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
             conf.update(platform="tensorrt_plan", default_model_filename="model.plan")
         else:
             conf.update(platform="onnxruntime_onnx", default_model_filename=protocol.ONNX_FILE)
-        conf["max_batch_size"] = spec.max_batch
+        conf["max_batch_size"] = spec.max_batch if spec.name == protocol.CORE else vae_batch
         conf["input"] = [_spec_tensor(spec, n, True) for n in spec.input_names]
         conf["output"] = [_spec_tensor(spec, n, True) for n in spec.output_names]
         if spec.name in DYNAMIC_BATCHED:
@@ -250,6 +252,8 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         conf["instance_group"] = _instances("KIND_CPU" if target == Target.CPU else "KIND_GPU")
         if target == Target.CPU:
             conf["parameters"] = _params({protocol.PARAM_THREADS: threads})
+        elif spec.name != protocol.CORE:
+            conf["parameters"] = _params(VaeGpuOptions().to_params())
         configs[spec.name] = conf
 
     configs[protocol.POSTPROCESS_DENSE] = {
@@ -283,9 +287,14 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # protocol.PARAM_*: a client reads these (get_model_config) to plan its windows and sizes.
-        "parameters": _params({**grid_params, **limits.to_params()}),
+        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_VAE_MAX_BATCH: vae_batch}),
     }
     return {name: _header(name, target, precision) + to_pbtxt(conf) + "\n" for name, conf in configs.items()}
+
+
+def _vae_batch(target: Target, grid: Grid, max_batch: int) -> int:
+    """Rows per VAE call: the spec's max batch on CPU, capped on a GPU (gpu_options.vae_batch_cap)."""
+    return max_batch if target == Target.CPU else vae_batch_cap(grid.window, grid.height, grid.width, max_batch)
 
 
 # The core output a keypoint task takes from its own core step (that step's row has the task's prompt).
@@ -506,8 +515,12 @@ def missing_artifacts(repo: Path, manifest: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def check_repository(repo: str | Path, target: str | Target | None = None) -> dict[str, Any]:
-    """The manifest of a servable THFM repository; CheckpointError naming what is wrong otherwise."""
+def check_repository(repo: str | Path, target: str | Target | None = None,
+                     tensorrt_version: str | None = None) -> dict[str, Any]:
+    """The manifest of a servable THFM repository; CheckpointError naming what is wrong otherwise.
+
+    For a gpu repository the plan's TensorRT version must be the serving image's (tensorrt_version,
+    or what engine_version_problem can detect)."""
     repo = Path(repo)
     if not repo.is_dir():
         raise CheckpointError(f"model repository {repo} is not a directory")
@@ -519,4 +532,18 @@ def check_repository(repo: str | Path, target: str | Target | None = None) -> di
     missing = missing_artifacts(repo, manifest)
     if missing:
         raise CheckpointError(f"{repo} is not a complete THFM repository: " + "; ".join(missing))
+    if manifest.get("target") == Target.GPU.value:
+        problem = engine_version_problem(repo, tensorrt_version)
+        if problem:
+            raise CheckpointError(f"{repo}: {problem}")
     return manifest
+
+
+def engine_version_problem(repo: str | Path, serving: str | None = None) -> str | None:
+    """A GPU repository's TensorRT plan against the serving TensorRT (default: the version this
+    process can see, export.engine.serving_tensorrt_version); None when they agree or either is unknown."""
+    from .export import manifest as export_manifest
+    from .export.engine import plan_version_problem, serving_tensorrt_version
+
+    core = export_manifest.read_manifest(Path(repo) / protocol.CORE / VERSION) or {}
+    return plan_version_problem(core.get("engine"), serving or serving_tensorrt_version())

@@ -116,6 +116,7 @@ class EntryParams:
     max_frames: int | None
     max_pixels: int | None
     max_request_bytes: int | None
+    vae_max_batch: int | None = None  # rows per VAE decoder call; None: all dense rows in one call
 
     @property
     def grid(self) -> Grid:
@@ -151,6 +152,7 @@ def read_params(params: Mapping[str, str]) -> EntryParams:
         max_frames=optional(protocol.PARAM_MAX_FRAMES),
         max_pixels=optional(protocol.PARAM_MAX_PIXELS),
         max_request_bytes=optional(protocol.PARAM_MAX_REQUEST_BYTES),
+        vae_max_batch=optional(protocol.PARAM_VAE_MAX_BATCH),
     )
 
 

@@ -41,6 +41,7 @@ PARAM_OVERLAP = "window_overlap"  # frames shared by neighbouring windows (contr
 PARAM_THREADS = "intra_op_threads"
 # Config parameter of preprocess: the most windows one ensemble request may take (the VAE's max batch).
 PARAM_MAX_WINDOWS = "max_windows"
+PARAM_VAE_MAX_BATCH = "vae_max_batch"  # entry model: rows per VAE call (capped on a GPU, gpu_options)
 
 # Tensor names between the models (the ensembles' wiring).
 CLIP = "clip"  # FP32 [W, 3, T, H, W]: W full windows in [-1, 1]

@@ -83,12 +83,14 @@ from .entry import ModelCall, ModelCallError, entry_outputs, local_call, names_t
 from .glue import (  # noqa: F401
     MAX_ERROR_CHARS,
     bls_call,
+    bls_request_options,
     clip_message,
     error_response,
     execute_each,
     execute_onnx,
     guarded,
     make_response,
+    output_array,
     request_inputs,
 )
 from .handlers import EntryModel, PostprocessModel, PreprocessModel  # noqa: F401

@@ -38,12 +38,14 @@ class ModelCallError(RuntimeError):
 
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
-              embeddings: Mapping[str, np.ndarray], call: ModelCall) -> dict[str, dict[str, np.ndarray]]:
+              embeddings: Mapping[str, np.ndarray], call: ModelCall,
+              vae_max_batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     The same window loop (processing.run_clip) and windowing policy (the grid's window and overlap);
     the VAE graphs take one frame count, so a clip shorter than the window is padded to it and
-    cropped back (contract.vae_window: exact, the Wan VAE is causal in time).
+    cropped back (contract.vae_window: exact, the Wan VAE is causal in time). The dense rows are
+    decoded in calls of at most `vae_max_batch` rows (the VAE's max_batch_size; None: one call).
     """
     from ..processing import run_clip
 
@@ -61,7 +63,9 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
 
     def decode(latent: np.ndarray) -> np.ndarray:
         def run(x):
-            return call(protocol.VAE_DECODER, {DECODER_IN: x}, [DECODER_OUT])[DECODER_OUT]
+            step = vae_max_batch or len(x)
+            return np.concatenate([call(protocol.VAE_DECODER, {DECODER_IN: x[i : i + step]}, [DECODER_OUT])[DECODER_OUT]
+                                   for i in range(0, len(x), step)], axis=0)
 
         return decode_in_window(run, latent, grid.window)
 

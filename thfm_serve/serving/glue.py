@@ -91,16 +91,47 @@ def execute_onnx(requests, onnx: OnnxModel, pb_utils) -> list:
 
 
 def bls_call(pb_utils) -> ModelCall:
-    """A ModelCall through Triton's BLS (the entry model calling the other models of the repository)."""
+    """A ModelCall through Triton's BLS (the entry model calling the other models of the repository).
+
+    On a GPU server the core (TensorRT) and the VAE (onnxruntime CUDA) answer with tensors in GPU
+    memory, where ``as_numpy()`` raises; the request therefore asks for its outputs in CPU memory
+    (bls_request_options), and output_array still takes a GPU tensor through DLPack should a
+    backend ignore the preference.
+    """
 
     def call(name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(
             model_name=name, requested_output_names=list(outputs),
-            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()])
+            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+            **bls_request_options(pb_utils))
         response = request.exec()
         if response.has_error():
             raise ModelCallError(f"model {name!r} failed: {response.error().message()}")
-        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+        return {n: output_array(pb_utils.get_output_tensor_by_name(response, n), name, n) for n in outputs}
 
     return call
 
+
+def bls_request_options(pb_utils) -> dict[str, Any]:
+    """InferenceRequest keywords that make a BLS response come back in CPU memory.
+
+    ``preferred_memory`` exists in the python backend since Triton 23.02 (the 2.51 stub bundled
+    here has it); the entry model runs on CPU, so CPU outputs are what it reads.
+    """
+    preferred = getattr(pb_utils, "PreferredMemory", None)
+    cpu = getattr(pb_utils, "TRITONSERVER_MEMORY_CPU", None)
+    if preferred is None or cpu is None:
+        return {}
+    return {"preferred_memory": preferred(cpu, 0)}
+
+
+def output_array(tensor, model: str, name: str) -> np.ndarray:
+    """A BLS output tensor as a numpy array, copied from GPU memory through DLPack when needed."""
+    if tensor is None:
+        raise ModelCallError(f"model {model!r} returned no output {name!r}")
+    is_cpu = getattr(tensor, "is_cpu", None)
+    if is_cpu is None or is_cpu():
+        return tensor.as_numpy()
+    import torch  # the python models import torch already (thfm_serve.processing)
+
+    return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import DENSE_TASKS, SPARSE_TASKS
 from ..contract import protocol
-from ..contract.params import _int_param, grid_from_params, limits_from_params, model_parameters
+from ..contract.params import _int_param, grid_from_params, limits_from_params, model_parameters, read_params
 from ..contract.protocol import GEOMETRY, KP2D, KP3D, MAPS_PREFIX, PARAM_MAX_WINDOWS
 from ..errors import ShapeError
 from .assets import load_assets, repository_root
@@ -31,6 +31,7 @@ class EntryModel:
         self.embeddings = self.assets.embeddings()
         self.call = call
         self.output_names = frozenset(o["name"] for o in model_config.get("output", []))
+        self.vae_max_batch = read_params(params).vae_max_batch
 
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs for one request; `wanted` is request.requested_output_names() (checked against
@@ -39,7 +40,8 @@ class EntryModel:
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
         check_requested_outputs(wanted, tasks, self.output_names)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
-        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call)
+        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call,
+                            self.vae_max_batch)
         return entry_outputs(results)
 
 

@@ -1,0 +1,62 @@
+"""Serving options of a ``--target gpu`` repository that have no meaning on CPU.
+
+The Wan VAE runs in Triton's onnxruntime backend with the CUDA execution provider; its
+``config.pbtxt`` carries the provider options below as model parameters (the onnxruntime backend
+reads ``cudnn_conv_algo_search``, ``arena_extend_strategy`` and ``gpu_mem_limit`` from there):
+
+- cuDNN convolution algorithm search: EXHAUSTIVE. The Wan VAE is a stack of 3D convolutions at one
+  fixed window and resolution per repository (the model grid), so the one-off search at the first
+  call of each shape is paid once and the fastest algorithm is used from then on (onnxruntime's
+  default is also EXHAUSTIVE; it is written out so that a change of default cannot slip in).
+- arena extend strategy: kSameAsRequested. The default kNextPowerOfTwo rounds each arena growth up
+  to a power of two, which for the VAE's GB-sized activations reserves up to twice what is used.
+- gpu_mem_limit: the arena's cap, so the VAE leaves room for the TensorRT core on the same GPU.
+
+The VAE batch is capped (``vae_batch_cap``) so that one call holds at most the pixels of one
+default clip (81 frames at 480x832, the clip THFM was trained and benchmarked on): a full-resolution
+Wan VAE window is the largest activation in the whole path, and six of them (one per task) do not
+fit next to the core on one GPU. Smaller model grids keep a larger batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ThfmError
+
+# The default clip (model-recipe: 81 frames at 480x832) is what one VAE call may hold.
+DEFAULT_CLIP_PIXELS = 81 * 480 * 832
+
+_CONV_SEARCH = {"exhaustive": "0", "heuristic": "1", "default": "2"}
+_ARENA = {"next_power_of_two": "0", "same_as_requested": "1"}
+
+
+@dataclass(frozen=True)
+class VaeGpuOptions:
+    conv_algo_search: str = "exhaustive"
+    arena_extend_strategy: str = "same_as_requested"
+    gpu_mem_limit_bytes: int = 32 << 30  # 32 GiB: a window at the default clip with headroom; the core takes the rest
+
+    def validate(self) -> "VaeGpuOptions":
+        if self.conv_algo_search not in _CONV_SEARCH:
+            raise ThfmError(f"VAE conv algorithm search {self.conv_algo_search!r}: choose from {', '.join(_CONV_SEARCH)}")
+        if self.arena_extend_strategy not in _ARENA:
+            raise ThfmError(f"VAE arena strategy {self.arena_extend_strategy!r}: choose from {', '.join(_ARENA)}")
+        if int(self.gpu_mem_limit_bytes) < 1 << 30:
+            raise ThfmError(f"VAE gpu_mem_limit {self.gpu_mem_limit_bytes} bytes is below 1 GiB")
+        return self
+
+    def to_params(self) -> dict[str, str]:
+        """The onnxruntime backend's CUDA execution provider parameters (config.pbtxt `parameters`)."""
+        self.validate()
+        return {"cudnn_conv_algo_search": _CONV_SEARCH[self.conv_algo_search],
+                "arena_extend_strategy": _ARENA[self.arena_extend_strategy],
+                "gpu_mem_limit": str(int(self.gpu_mem_limit_bytes))}
+
+
+def vae_batch_cap(window: int, height: int, width: int, max_batch: int) -> int:
+    """Rows per VAE call on a GPU: as many windows as fit in one default clip's pixels, at least 1,
+    at most the spec's max batch."""
+    if min(window, height, width, max_batch) < 1:
+        raise ThfmError(f"VAE batch cap of a {window}x{height}x{width} window, max batch {max_batch}: sizes must be positive")
+    return max(1, min(int(max_batch), DEFAULT_CLIP_PIXELS // (window * height * width)))
