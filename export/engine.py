@@ -40,11 +40,13 @@ import numpy as np
 from thfm_serve.config import TASKS
 from thfm_serve.errors import ExportError
 
+from thfm_serve.contract import protocol
 from thfm_serve.contract.specs import SubmodelSpec
+from thfm_serve.gpu_options import plan_version_problem, same_engine_version, serving_tensorrt_version  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-PLAN_NAME = "model.plan"
+PLAN_NAME = protocol.PLAN_FILE
 LAYERS_NAME = "engine_layers.json"
 WORKSPACE_BYTES = 8 << 30
 # TensorRT 10 removed implicit batch and the EXPLICIT_BATCH flag, added strongly typed networks with
@@ -77,15 +79,6 @@ def check_tensorrt_version(trt: Any) -> str:
                           "(strongly typed networks, bf16/fp8 Q/DQ, execute_async_v3); use the NVIDIA container "
                           "named in model_repository/README.md")
     return version
-
-
-def same_engine_version(built: str, serving: str) -> bool:
-    """A plan runs only on the TensorRT it was built with: major.minor.patch must agree (the build
-    number after them may differ, as between NVIDIA's containers and wheels of one release)."""
-    def head(v: str) -> tuple[str, ...]:
-        return tuple(str(v).split(".")[:3])
-
-    return head(built) == head(serving)
 
 
 def gpu_sm() -> str | None:
@@ -397,31 +390,6 @@ def attention_fusion(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"fused": not softmax, "unfused_softmax": len(softmax), "fused_kernel_layers": len(kernels),
             "examples": softmax[:3] or kernels[:3]}
 
-
-
-def serving_tensorrt_version() -> str | None:
-    """The TensorRT version of the image a repository is served from, where it can be read:
-    THFM_SERVING_TENSORRT (set it when checking from outside the image), TRT_VERSION (set in
-    NVIDIA's TensorRT and Triton containers), or the tensorrt module if importable; else None."""
-    for var in ("THFM_SERVING_TENSORRT", "TRT_VERSION"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        import tensorrt
-
-        return str(tensorrt.__version__)
-    except ImportError:
-        return None
-
-
-def plan_version_problem(engine_manifest: Mapping[str, Any] | None, serving: str | None) -> str | None:
-    """Why a plan cannot be served by TensorRT `serving` (None when it can or nothing is known):
-    TensorRT deserialises only plans built by its own version."""
-    built = ((engine_manifest or {}).get("key") or {}).get("tensorrt_version")
-    if not built or not serving or same_engine_version(built, serving):
-        return None
-    return (f"core/1/{PLAN_NAME} was built with TensorRT {built} but the serving image has TensorRT {serving}; "
-            "rebuild it inside the image of the same release (model_repository/README.md names the container pair)")
 
 
 def describe(manifest: dict[str, Any]) -> str:

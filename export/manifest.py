@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from thfm_serve.contract import protocol
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = protocol.MODEL_MANIFEST
 # Bump when the export recipe changes in a way that changes the ONNX (islands, quantisation,
 # cleanup passes): every existing artifact then counts as stale.
 RECIPE_VERSION = 3  # 2: attention through ThfmAttnProcessor (no ScatterND rotary); int8 recipe per target; 3: hook calibration

@@ -35,8 +35,8 @@ def test_export_options_from_flags():
     assert opts.limits == {"max_frames": 120, "max_in_flight": 3}
     kw = opts.export_kwargs()
     assert kw["build_engine"] is False and kw["models"] == ["core"] and "calibration_clips" not in kw
-    with pytest.raises(ThfmError, match="unknown precision 'fp8'"):
-        ExportOptions("ck", "r", precision="fp8").validate()
+    with pytest.raises(ThfmError, match="unknown precision 'fp4'"):
+        ExportOptions("ck", "r", precision="fp4").validate()
     with pytest.raises(ThfmError, match="max_frames must be a positive integer"):
         ExportOptions("ck", "r", limits={"max_frames": 0}).validate()
     with pytest.raises(ThfmError, match="--no-configs"):

@@ -20,8 +20,11 @@ fit next to the core on one GPU. Smaller model grids keep a larger batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any, Mapping
 
+from .contract.protocol import CORE, PLAN_FILE
 from .errors import ThfmError
 
 # The default clip (model-recipe: 81 frames at 480x832) is what one VAE call may hold.
@@ -60,3 +63,39 @@ def vae_batch_cap(window: int, height: int, width: int, max_batch: int) -> int:
     if min(window, height, width, max_batch) < 1:
         raise ThfmError(f"VAE batch cap of a {window}x{height}x{width} window, max batch {max_batch}: sizes must be positive")
     return max(1, min(int(max_batch), DEFAULT_CLIP_PIXELS // (window * height * width)))
+
+
+# --- version binding: a TensorRT plan runs only in the TensorRT that built it -----------------------
+
+def same_engine_version(built: str, serving: str) -> bool:
+    """A plan runs only on the TensorRT it was built with: major.minor.patch must agree (the build
+    number after them may differ, as between NVIDIA's containers and wheels of one release)."""
+    def head(v: str) -> tuple[str, ...]:
+        return tuple(str(v).split(".")[:3])
+
+    return head(built) == head(serving)
+
+
+def serving_tensorrt_version() -> str | None:
+    """The TensorRT version of the image a repository is served from, where it can be read:
+    THFM_SERVING_TENSORRT (set it when checking from outside the image), TRT_VERSION (set in
+    NVIDIA's TensorRT and Triton containers), or the tensorrt module if importable; else None."""
+    for var in ("THFM_SERVING_TENSORRT", "TRT_VERSION"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        return None
+
+
+def plan_version_problem(engine_manifest: Mapping[str, Any] | None, serving: str | None) -> str | None:
+    """Why a plan cannot be served by TensorRT `serving` (None when it can or nothing is known):
+    TensorRT deserialises only plans built by its own version."""
+    built = ((engine_manifest or {}).get("key") or {}).get("tensorrt_version")
+    if not built or not serving or same_engine_version(built, serving):
+        return None
+    return (f"{CORE}/1/{PLAN_FILE} was built with TensorRT {built} but the serving image has TensorRT {serving}; "
+            "rebuild it inside the image of the same release (model_repository/README.md names the container pair)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.params import Limits
-from .contract.specs import MAX_BATCH, Precision, Target, parse_precision, parse_target
+from .contract.specs import MAX_BATCH, Target, parse_precision, parse_target
 from .errors import ThfmError
 
 # Request-limit flags of `thfm export` use destinations LIMIT_PREFIX + <Limits field>.
@@ -32,7 +32,7 @@ class ExportOptions:
     checkpoint: str
     repo: str
     target: str = Target.CPU.value
-    precision: str = Precision.FP32.value
+    precision: str | None = None  # None: the target's default (the exporter's: fp32 on cpu, bf16 on gpu)
     frames: int | None = None  # the export window (default: the checkpoint's)
     height: int | None = None
     width: int | None = None
@@ -55,7 +55,8 @@ class ExportOptions:
 
     def validate(self) -> "ExportOptions":
         parse_target(self.target)
-        parse_precision(self.precision)
+        if self.precision is not None:
+            parse_precision(self.precision)
         if self.limits:
             Limits(**self.limits).validate()  # a bad value fails before minutes of export
             if self.no_configs:

@@ -541,9 +541,9 @@ def check_repository(repo: str | Path, target: str | Target | None = None,
 
 def engine_version_problem(repo: str | Path, serving: str | None = None) -> str | None:
     """A GPU repository's TensorRT plan against the serving TensorRT (default: the version this
-    process can see, export.engine.serving_tensorrt_version); None when they agree or either is unknown."""
-    from .export import manifest as export_manifest
-    from .export.engine import plan_version_problem, serving_tensorrt_version
+    process can see, gpu_options.serving_tensorrt_version); None when they agree or either is unknown."""
+    from .gpu_options import plan_version_problem, serving_tensorrt_version
 
-    core = export_manifest.read_manifest(Path(repo) / protocol.CORE / VERSION) or {}
+    path = Path(repo) / protocol.CORE / VERSION / protocol.MODEL_MANIFEST
+    core = json.loads(path.read_text()) if path.is_file() else {}
     return plan_version_problem(core.get("engine"), serving or serving_tensorrt_version())

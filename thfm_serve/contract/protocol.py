@@ -70,3 +70,4 @@ THFM_CONFIG = "thfm_config.json"
 MODEL_VERSION = "1"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
+MODEL_MANIFEST = "manifest.json"  # per model version folder: what was exported or built, and its key
