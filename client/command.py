@@ -85,6 +85,7 @@ def run_remote(args, tasks: list[str]) -> int:
             info = await client.info()
             _check_geometry(args, info)
             return await client.predict(args.video, tasks, overlap=overlap, send=send, progress=not quiet,
+                                        output_size=getattr(args, "output_size", None) or "input",
                                         max_frames=getattr(args, "max_frames", None))
 
     pred = asyncio.run(go())

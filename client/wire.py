@@ -52,6 +52,7 @@ class ServerInfo:
     max_pixels: int | None
     max_request_bytes: int | None
     tasks: tuple[str, ...] = field(default=TASKS)
+    max_response_bytes: int | None = None
 
     def same_model(self, other: "ServerInfo") -> list[str]:
         """The fields on which two servers disagree (they must serve the same export)."""
@@ -93,6 +94,7 @@ def parse_model_config(url: str, model: str, config: dict) -> ServerInfo:
         max_pixels=param(protocol.PARAM_MAX_PIXELS, False),
         max_request_bytes=param(protocol.PARAM_MAX_REQUEST_BYTES, False),
         tasks=served,
+        max_response_bytes=param(protocol.PARAM_MAX_RESPONSE_BYTES, False),
     )
 
 
@@ -103,10 +105,13 @@ class Payload:
     tasks: tuple[str, ...]
     video: bytes | None = None
     frames: np.ndarray | None = None
+    output_size: str = protocol.OUTPUT_SIZE_INPUT  # protocol.INPUT_OUTPUT_SIZE
 
     def __post_init__(self):
         if (self.video is None) == (self.frames is None):
             raise ValueError("a payload carries exactly one of video bytes or frames")
+        if self.output_size not in protocol.OUTPUT_SIZES:
+            raise ValueError(f"output_size must be one of {protocol.OUTPUT_SIZES}, got {self.output_size!r}")
 
     @property
     def nbytes(self) -> int:
@@ -161,22 +166,29 @@ def check_fits(nbytes: int, what: str) -> None:
         )
 
 
-def group_tasks(tasks, frames: int, height: int, width: int) -> list[tuple[str, ...]]:
+def group_tasks(tasks, frames: int, height: int, width: int,
+                max_response_bytes: int | None = None) -> list[tuple[str, ...]]:
     """Split the tasks over several requests per window when one response would pass gRPC's 2 GiB
-    limit (dense maps at the input resolution: normals of 81 frames of 1080p are 2.0 GB).
+    limit (dense maps at the input resolution: normals of 81 frames of 1080p are 2.0 GB) or the
+    server's max_response_bytes.
 
     Greedy in task order; dense tasks are the big ones. Each group costs one more encoder+core pass
     on the server, so one group is used whenever it fits.
     """
     budget = GRPC_MAX_MESSAGE - 2 * _MESSAGE_SLACK
+    if max_response_bytes:
+        budget = min(budget, int(max_response_bytes))
     groups: list[list[str]] = []
     size = 0
     for t in tasks:
         one = response_bytes([t], frames, height, width)
         if one > budget:
+            limit = (f"the server's max_response_bytes={max_response_bytes}" if budget == max_response_bytes
+                     else "gRPC's 2 GiB message limit")
             raise ShapeError(
                 f"the {t} result for one window ({frames} frames of {width}x{height}) would be "
-                f"{one / 2**30:.2f} GiB, above gRPC's 2 GiB message limit; downscale the video"
+                f"{one / 2**30:.2f} GiB, above {limit}; ask for the outputs at the model grid "
+                f"(output_size={protocol.OUTPUT_SIZE_MODEL!r}, `--output-size model`) or downscale the video"
             )
         if groups and size + one <= budget:
             groups[-1].append(t)

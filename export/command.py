@@ -49,6 +49,9 @@ def register(sub) -> None:
                         help="pixels per frame, height x width (default 1920*1080)")
     limits.add_argument("--max-request-bytes", type=int, metavar="N",
                         help="bytes of video or raw frames per request (default 256 MiB)")
+    limits.add_argument("--max-response-bytes", type=int, metavar="N",
+                        help="bytes of one response, float32 outputs of every task asked for (default 1 GiB; "
+                        "at most 2 GiB less 1 MiB, gRPC's ceiling)")
     limits.add_argument("--max-in-flight", type=int, metavar="N",
                         help="requests waiting at the entry model before new ones are rejected as busy (default 8)")
     p.set_defaults(func=run)
@@ -57,7 +60,8 @@ def register(sub) -> None:
 def _limit_changes(args) -> dict[str, int]:
     """Limits given on the command line, as serving.Limits field names."""
     names = {"max_request_frames": "max_frames", "max_request_pixels": "max_pixels",
-             "max_request_bytes": "max_request_bytes", "max_in_flight": "max_in_flight"}
+             "max_request_bytes": "max_request_bytes", "max_in_flight": "max_in_flight",
+             "max_response_bytes": "max_response_bytes"}
     return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}
 
 
@@ -72,7 +76,7 @@ def run(args) -> int:
 
         Limits(**changes).validate()  # a bad value fails before minutes of export
         if args.no_configs:
-            raise ThfmError("--max-request-*/--max-in-flight go into the Triton configs, which --no-configs skips")
+            raise ThfmError("--max-request-*/--max-response-bytes/--max-in-flight go into the Triton configs, which --no-configs skips")
     report = export_repository(
         args.checkpoint, args.repo, args.target, args.precision, args.frames, args.height, args.width, args.calibration,
         models=args.only, build_engine=not args.no_engine, force=args.force, max_batch=args.max_batch,

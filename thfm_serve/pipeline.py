@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .budget import output_resolution
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import DENSE_TASKS, SPARSE_TASKS, check_resolution, latent_frames, parse_tasks
 from .processing import dense_output, fit_clip, plan_windows, sparse_output, task_result, validate_frames
+from .protocol import OUTPUT_SIZE_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,15 @@ class ThfmPipeline:
         width: int | None = None,
         window: int | None = None,
         prompts: dict[str, str] | None = None,
+        output_size: str = OUTPUT_SIZE_INPUT,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames and resolution."""
+        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames; dense maps at the
+        input's resolution, or at the model grid with output_size="model" (the served models' option)."""
         frames = validate_frames(frames)
         tasks = parse_tasks(tasks, self.ck.tasks)
         h, w, window = self.resolve(height, width, window)
         num_frames, in_h, in_w = frames.shape[:3]
+        out_h, out_w = output_resolution(output_size, (in_h, in_w), (h, w))
         text = self.embeddings(tasks, prompts)
         parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
         windows = plan_windows(num_frames, window)
@@ -90,7 +95,7 @@ class ThfmPipeline:
             for j, t in enumerate(tasks):
                 if t in DENSE_TASKS:
                     m = maps[dense_idx.index(j)].permute(1, 0, 2, 3)[keep]  # [F, 3, h, w]
-                    parts[t].append(dense_output(t, m, in_h, in_w, self.cfg.depth_log_scale))
+                    parts[t].append(dense_output(t, m, out_h, out_w, self.cfg.depth_log_scale))
                 else:
                     kp = (kp2d if t == "keypoints2d" else kp3d)[j][keep]
                     parts[t].append(sparse_output(t, kp, in_h, in_w))

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import protocol
+from . import budget, protocol
 from .config import DENSE_TASKS, SPARSE_TASKS, TASKS, ThfmConfig, check_resolution, latent_frames
 from .errors import CheckpointError, ShapeError, TaskError, ThfmError
 from .export.specs import SubmodelSpec
@@ -119,16 +119,23 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per frame
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests waiting per front model (see above)
+    # The size of one response (frames x output pixels x channels x 4 bytes per task), checked by
+    # thfm_serve.budget before any model work; at most gRPC's message ceiling.
+    max_response_bytes: int = budget.DEFAULT_MAX_RESPONSE_BYTES
 
     def validate(self) -> "Limits":
         for name, value in asdict(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ThfmError(f"limit {name} must be a positive integer, got {value!r}")
+        if self.max_response_bytes > budget.MAX_RESPONSE_CEILING:
+            raise ThfmError(f"limit max_response_bytes={self.max_response_bytes} is above what one gRPC message "
+                            f"can carry ({budget.MAX_RESPONSE_CEILING} bytes: 2 GiB less framing)")
         return self
 
     def to_params(self) -> dict[str, str]:
         return {protocol.PARAM_MAX_FRAMES: str(self.max_frames), protocol.PARAM_MAX_PIXELS: str(self.max_pixels),
-                protocol.PARAM_MAX_REQUEST_BYTES: str(self.max_request_bytes)}
+                protocol.PARAM_MAX_REQUEST_BYTES: str(self.max_request_bytes),
+                protocol.PARAM_MAX_RESPONSE_BYTES: str(self.max_response_bytes)}
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,9 @@ def grid_from_params(params: Mapping[str, str]) -> Grid:
 def limits_from_params(params: Mapping[str, str]) -> Limits:
     return Limits(_int_param(params, protocol.PARAM_MAX_FRAMES, DEFAULT_MAX_FRAMES),
                   _int_param(params, protocol.PARAM_MAX_PIXELS, DEFAULT_MAX_PIXELS),
-                  _int_param(params, protocol.PARAM_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES)).validate()
+                  _int_param(params, protocol.PARAM_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES),
+                  max_response_bytes=_int_param(params, protocol.PARAM_MAX_RESPONSE_BYTES,
+                                                budget.DEFAULT_MAX_RESPONSE_BYTES)).validate()
 
 
 # --- repository assets ----------------------------------------------------------------------------
@@ -561,16 +570,19 @@ class ModelCallError(RuntimeError):
 
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
-              embeddings: Mapping[str, np.ndarray], call: ModelCall) -> dict[str, dict[str, np.ndarray]]:
+              embeddings: Mapping[str, np.ndarray], call: ModelCall,
+              output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     Per window: the clip is encoded once (padded to the window and cropped back: the VAE graphs
     take one frame count), the core runs once with one batch row per task, and the dense rows are
-    decoded in one call.
+    decoded in one call. Dense maps come out at output_hw (default: the input's size); keypoints
+    are in input pixels either way.
     """
     from .processing import dense_output, fit_clip, plan_windows, sparse_output, task_result
 
     num_frames, in_h, in_w = frames.shape[:3]
+    out_h, out_w = output_hw or (in_h, in_w)
     text = np.stack([embeddings[t] for t in tasks])  # [N, L, D]
     dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
     parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
@@ -593,7 +605,7 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
         for j, t in enumerate(tasks):
             if t in DENSE_TASKS:
                 m = maps[dense_idx.index(j)].transpose(1, 0, 2, 3)[keep]  # [f, 3, h, w]
-                parts[t].append(dense_output(t, m, in_h, in_w, cfg.depth_log_scale))
+                parts[t].append(dense_output(t, m, out_h, out_w, cfg.depth_log_scale))
             else:
                 kp = core[CORE_OUT[1] if t == "keypoints2d" else CORE_OUT[2]][j][keep]
                 parts[t].append(sparse_output(t, kp, in_h, in_w))
@@ -720,7 +732,7 @@ def bls_call(pb_utils) -> ModelCall:
 class EntryModel:
     """The `thfm` entry model: settings parsed and assets loaded once, in initialize."""
 
-    input_names = (protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS)
+    input_names = (protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS, protocol.INPUT_OUTPUT_SIZE)
 
     def __init__(self, model_config: Mapping[str, Any], model_dir: str | Path, call: ModelCall):
         params = model_parameters(model_config)
@@ -737,8 +749,13 @@ class EntryModel:
         rather than a silently empty response)."""
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
         check_requested_outputs(wanted, tasks, self.output_names)
+        output_size = budget.read_output_size(inputs.get(protocol.INPUT_OUTPUT_SIZE))
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
-        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call)
+        output_hw = budget.output_resolution(output_size, frames.shape[1:3], (self.grid.height, self.grid.width))
+        budget.check_response(tasks, frames.shape[0], output_hw, len(self.assets.config.joint_names),
+                              self.limits.max_response_bytes, grid_hw=(self.grid.height, self.grid.width),
+                              window=self.grid.window)
+        results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call, output_hw)
         return entry_outputs(results)
 
 
@@ -774,9 +791,14 @@ class PreprocessModel:
         self.max_windows = _int_param(params, PARAM_MAX_WINDOWS)
         assets = load_assets(repository_root(model_dir))
         self.embeddings = assets.embeddings()
+        self.joints = len(assets.config.joint_names)
 
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str]) -> dict[str, np.ndarray]:
+        wanted = list(wanted)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
+        # The ensemble's tasks are those whose prompt it wires up; it answers at the input's size.
+        tasks = [t for t in self.embeddings if TEXT_PREFIX + t in wanted]
+        budget.check_response(tasks, frames.shape[0], frames.shape[1:3], self.joints, self.limits.max_response_bytes)
         return preprocess(frames, self.grid, self.embeddings, self.max_windows, wanted)
 
 

@@ -26,6 +26,9 @@ def register(sub) -> None:
                    help="free-form prompt for a task (in-process, needs the checkpoint's text encoder)")
     p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process)")
     p.add_argument("--max-frames", type=int, default=None, help="refuse videos longer than this")
+    p.add_argument("--output-size", choices=("input", "model"), default="input",
+                   help="resolution of the dense maps: the input video's (default) or the model grid's "
+                   "(smaller answers for large videos; keypoints stay in input pixels)")
     p.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=False,
                    help="also write pictures to look at: <out>/pictures/<task>.mp4 and a contact sheet "
                    "<task>.png per task (default: off)")
@@ -83,7 +86,7 @@ def run(args) -> int:
     if missing:
         raise CheckpointError(f"checkpoint {args.checkpoint} is missing {', '.join(missing)}")
     pipe = ThfmPipeline.from_checkpoint(args.checkpoint, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts)
+    results = pipe.run(video.frames, tasks, args.height, args.width, args.window, prompts, output_size=args.output_size)
     for path in write_results(results, args.out):
         logger.info("wrote %s", path)
     if args.pictures:

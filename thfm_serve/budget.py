@@ -1,0 +1,126 @@
+"""How big a response will be, decided from the request before any model work.
+
+Outputs come back float32 at the input's frames and, by default, the input's resolution, so a small
+encoded video can ask for a very large answer: 600 frames of 640x360 as normals are 1.66 GB, and one
+81-frame window of 1080p depth is over 0.6 GB. No request limit on frames, pixels or bytes bounds
+that, so the response gets its own limit, `max_response_bytes`, checked against the exact size
+computed here (frames x output pixels x channels x 4 bytes per task, plus the keypoints).
+
+A request can ask for its dense outputs at the model grid instead of the input size (input
+OUTPUT_SIZE = "model"): a 1080p clip through a 480x832 grid then answers about 5x smaller, and the
+maps are what the model actually resolved (the input-size ones are those, resized).
+
+Numpy only: this runs in the entry and preprocess models and in the client, none of which need torch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .config import DENSE_TASKS, SPARSE_TASKS
+from .errors import ShapeError
+from .protocol import INPUT_OUTPUT_SIZE, OUTPUT_SIZE_INPUT, OUTPUT_SIZE_MODEL, OUTPUT_SIZES
+
+# gRPC's hard ceiling for one message: a signed 32-bit length. Protobuf framing, tensor names and
+# shapes come on top of the tensor bytes; 1 MiB covers them with room to spare.
+GRPC_MAX_MESSAGE = 2**31 - 1
+MESSAGE_SLACK = 1 << 20
+MAX_RESPONSE_CEILING = GRPC_MAX_MESSAGE - MESSAGE_SLACK
+
+# Default response limit. 1 GiB holds a full Wan window (81 frames) at the paper's 480x832 with all
+# six tasks (0.96 GiB), or 81 frames of 1080p depth (0.63 GiB); bigger answers are split by the
+# client (fewer tasks per request) or asked for at the model grid.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
+
+# Channels per pixel of each dense output (processing.OUTPUT_KEYS layouts) and coordinates per
+# joint of each sparse one.
+DENSE_CHANNELS = {"depth": 1, "normals": 3, "segmentation": 1, "densepose": 3}
+SPARSE_COORDS = {"keypoints2d": 2, "keypoints3d": 3}
+# joint_names travels as BYTES: 4 bytes of length plus the name; 64 bytes a name is generous.
+_JOINT_NAME_BYTES = 64
+
+
+def task_bytes(task: str, frames: int, height: int, width: int, joints: int) -> int:
+    """Bytes of one task's float32 output for `frames` frames (dense maps at height x width)."""
+    if task in DENSE_CHANNELS:
+        return 4 * int(frames) * int(height) * int(width) * DENSE_CHANNELS[task]
+    if task in SPARSE_COORDS:
+        return 4 * int(frames) * int(joints) * SPARSE_COORDS[task]
+    raise ShapeError(f"unknown task {task!r}")
+
+
+def response_bytes(tasks: Iterable[str], frames: int, height: int, width: int, joints: int) -> int:
+    """The size of a response: every task's output plus the joint names when a keypoint task is in it."""
+    tasks = list(tasks)
+    total = sum(task_bytes(t, frames, height, width, joints) for t in tasks)
+    if any(t in SPARSE_TASKS for t in tasks):
+        total += int(joints) * _JOINT_NAME_BYTES
+    return total
+
+
+def read_output_size(value: np.ndarray | None) -> str:
+    """The OUTPUT_SIZE input (BYTES [1], or absent) -> one of OUTPUT_SIZES."""
+    if value is None:
+        return OUTPUT_SIZE_INPUT
+    items = np.asarray(value, dtype=np.object_).reshape(-1)
+    if items.size != 1:
+        raise ShapeError(f"{INPUT_OUTPUT_SIZE!r} must be one BYTES element, one of {', '.join(OUTPUT_SIZES)}; "
+                         f"got {items.size} elements")
+    raw = items[0]
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    if text not in OUTPUT_SIZES:
+        raise ShapeError(f"{INPUT_OUTPUT_SIZE!r} is {text[:40]!r}; choose {' or '.join(repr(s) for s in OUTPUT_SIZES)}")
+    return text
+
+
+def output_resolution(output_size: str, input_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the dense outputs for an OUTPUT_SIZES choice."""
+    if output_size == OUTPUT_SIZE_INPUT:
+        return int(input_hw[0]), int(input_hw[1])
+    if output_size == OUTPUT_SIZE_MODEL:
+        return int(grid_hw[0]), int(grid_hw[1])
+    raise ShapeError(f"output size {output_size!r}; choose one of {', '.join(OUTPUT_SIZES)}")
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def check_response(tasks: Sequence[str], frames: int, output_hw: tuple[int, int], joints: int,
+                   max_response_bytes: int, *, grid_hw: tuple[int, int] | None = None,
+                   window: int | None = None) -> int:
+    """The response's size in bytes; ShapeError, saying how big it would be and what to change, when it
+    is above max_response_bytes.
+
+    grid_hw and window only feed the advice: the size the answer would have at the model grid, and
+    the frames per request a client would have to cut the clip into.
+    """
+    height, width = output_hw
+    total = response_bytes(tasks, frames, height, width, joints)
+    if total <= max_response_bytes:
+        return total
+    per_task = ", ".join(f"{t} {_size(task_bytes(t, frames, height, width, joints))}" for t in tasks)
+    advice = []
+    per_frame = response_bytes(tasks, 1, height, width, joints)
+    fit = max_response_bytes // per_frame if per_frame else 0
+    if fit >= 1:
+        cut = f"at most {fit} frames per request"
+        if window:
+            cut += f" (the client cuts clips into windows of {window})"
+        advice.append(cut)
+    if grid_hw is not None and any(t in DENSE_TASKS for t in tasks):
+        at_grid = response_bytes(tasks, frames, grid_hw[0], grid_hw[1], joints)
+        if at_grid < total:  # the model grid is smaller than the input
+            advice.append(f"{INPUT_OUTPUT_SIZE}={OUTPUT_SIZE_MODEL!r} ({grid_hw[1]}x{grid_hw[0]}: {_size(at_grid)})")
+    if len(tasks) > 1:
+        advice.append("fewer tasks per request")
+    raise ShapeError(
+        f"the response would be {total} bytes ({_size(total)}: {frames} frames at {width}x{height}; {per_task}), "
+        f"above the limit max_response_bytes={max_response_bytes} ({_size(max_response_bytes)}); "
+        f"ask for {', or '.join(advice) if advice else 'a smaller clip'}")
