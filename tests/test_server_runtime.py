@@ -265,6 +265,30 @@ def test_stop_leaves_no_process(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.timeout(60)
+def test_stop_removes_the_region_of_a_stub_killed_with_sigkill(tmp_path):
+    from thfm_serve.server import python_stub_regions
+
+    write_model(tmp_path / "repo", "add_sub")
+    server = TritonServer(make_config(tmp_path / "repo"), log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        stub = next(p for p in group_members(server.pid) if "triton_python_backend_stub" in cmdline(p))
+        regions = python_stub_regions([stub])
+        assert regions and all((Path("/dev/shm") / n).exists() for n in regions)
+        os.kill(stub, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.dead_stubs() != ["add_sub_0_0"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.dead_stubs() == ["add_sub_0_0"]
+    finally:
+        # As serve_forever restarts a server whose stub died: killed at once, no graceful shutdown
+        # that could clean up after the stub.
+        server.stop(timeout_s=0)
+    assert not [n for n in regions if (Path("/dev/shm") / n).exists()]
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
 def test_explicit_mode_allows_unload(tmp_path):
     import tritonclient.grpc as grpcclient
 

@@ -343,6 +343,22 @@ def _shm_regions(pids: Iterable[int]) -> set[str]:
     return names
 
 
+def remove_regions(names: Iterable[str]) -> list[str]:
+    """Unlink python-backend regions from /dev/shm (only names with the backend's prefix); the removed ones."""
+    removed = []
+    for name in names:
+        if not name.startswith(_SHM_PREFIX) or "/" in name:
+            continue
+        try:
+            Path("/dev/shm", name).unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d python-backend shared-memory region(s) left in /dev/shm", len(removed))
+    return removed
+
+
 def python_stub_regions(pids: Iterable[int]) -> set[str]:
     """Names (in /dev/shm) of the python-backend shared-memory regions the given processes were started with."""
     return _shm_regions(pids)
@@ -454,6 +470,9 @@ class TritonServer:
         self._starts = 0
         # The python-backend stubs seen when the server became ready (pid -> instance name).
         self._stubs: dict[int, str] = {}
+        # Their shared-memory regions (names in /dev/shm), remembered so that stop() removes those of
+        # stubs that died since: a stub killed with SIGKILL is gone from the process group by then.
+        self._regions: set[str] = set()
 
     # -- addresses
 
@@ -543,6 +562,7 @@ class TritonServer:
                 )
             if self.is_ready():
                 self._stubs = python_stubs(self._proc.pid)
+                self._regions = python_stub_regions(self._stubs)
                 log.info("tritonserver ready in %.1f s (pid %d)", time.monotonic() - t0, self._proc.pid)
                 return
             if cancel is not None and cancel.is_set():
@@ -628,12 +648,12 @@ class TritonServer:
                     proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
-            shm = _shm_regions(group_members(pgid))
+            shm = _shm_regions(group_members(pgid)) | self._regions
             self._kill_group(pgid)
             proc.wait()
-            # Regions are removed by a clean shutdown; after a SIGKILL they would stay in /dev/shm.
-            for name in shm:
-                Path("/dev/shm", name).unlink(missing_ok=True)
+            # Regions are removed by a clean shutdown; those of a stub killed with SIGKILL (or of a
+            # server killed so) would stay in /dev/shm and pile up over restarts.
+            remove_regions(shm)
             rc = proc.returncode
             self._stopped = True
             log.info("tritonserver stopped (exit code %s)", rc)
