@@ -122,6 +122,68 @@ def test_shared_memory_trace_and_logging_apis_are_refused(server):
         client.close()
 
 
+@pytest.mark.server
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["s3cret-admin-key-0123", None], ids=["operator-key", "random-key"])
+def test_the_restricted_api_key_is_on_no_command_line(tmp_path, key):
+    """Every local user can read /proc/<pid>/cmdline; the key must not be there, yet tritonserver must
+    have it: the restricted APIs answer a request carrying it and refuse one without."""
+    from tritonclient.utils import InferenceServerException
+
+    from test_server_runtime import make_config, write_model
+    from thfm_serve import argv_secret
+    from thfm_serve.server import RESTRICTED_HEADER, TritonServer, group_members
+
+    write_model(tmp_path / "repo", "add_sub")
+    cfg = make_config(tmp_path / "repo", restricted_key=key)
+    _, env = server_command(cfg)
+    secret = env[argv_secret.ENV_NAME]
+    with TritonServer(cfg, log_path=tmp_path / "server.log") as server:
+        pids = group_members(server.pid)
+        assert server.pid in pids and len(pids) >= 2  # tritonserver and its stub
+        for pid in pids:
+            assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+            # Nor left in the environment, for the server's own user (or the stubs) to find.
+            assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+        server_cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert f"{RESTRICTED_HEADER}={argv_secret.PLACEHOLDER}".encode() in server_cmdline
+        if key is None:
+            return  # the random key exists nowhere else; its use is shown with the operator's key
+        client = grpc_client(server.grpc_url)
+        grpc_header = "triton-grpc-protocol-" + RESTRICTED_HEADER  # how tritonserver's gRPC side names it
+        try:
+            with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+                client.get_trace_settings()
+            with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+                client.get_trace_settings(headers={grpc_header: argv_secret.PLACEHOLDER})
+            assert client.get_trace_settings(headers={grpc_header: key}) is not None
+        finally:
+            client.close()
+        req = urllib.request.Request(f"http://{server.http_url}/v2/trace/setting", headers={RESTRICTED_HEADER: key})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+
+
+def test_the_preloaded_helper_fills_the_argument_and_keeps_it_out_of_cmdline(tmp_path):
+    """The mechanism on its own, with python3 as the program: main() sees the secret, /proc does not."""
+    import subprocess
+    import sys
+
+    from thfm_serve import argv_secret
+
+    code = ("import sys, os; c = open('/proc/self/cmdline', 'rb').read(); e = open('/proc/self/environ', 'rb').read(); "
+            "print(sys.argv[1]); print(b'k3y-value-42' in c, b'k3y-value-42' in e, os.environ.get('THFM_TRITON_SECRET'))")
+    argv, env = argv_secret.hide([sys.executable, "-c", code, "--flag=k3y-value-42"], dict(os.environ), "k3y-value-42",
+                                 tmp_path)
+    assert argv[-1] == f"--flag={argv_secret.PLACEHOLDER}"
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["--flag=k3y-value-42", "False", "False", "None"], out.stderr
+    # Without the variable the helper refuses to run the program rather than let it see the placeholder.
+    env.pop(argv_secret.ENV_NAME)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78 and "no THFM_TRITON_SECRET" in out.stderr
+
+
 # --- request size caps ----------------------------------------------------------------------------
 
 def test_request_caps_are_in_every_front_model(tmp_path):

@@ -388,15 +388,21 @@ def test_stop_kills_group_after_timeout(tmp_path):
 def test_restricted_apis(tmp_path):
     from thfm_serve.server import DEFAULT_RESTRICTED_APIS, RESTRICTED_HEADER
 
-    argv, _ = server_command(ServerConfig(repo=tmp_path))
+    from thfm_serve import argv_secret
+
+    argv, env = server_command(ServerConfig(repo=tmp_path))
     grpc = [a for a in argv if a.startswith("--grpc-restricted-protocol=")]
     http = [a for a in argv if a.startswith("--http-restricted-api=")]
     assert len(grpc) == len(http) == 1
     apis, key = grpc[0].split("=", 1)[1].split(":", 1)
     assert apis.split(",") == list(DEFAULT_RESTRICTED_APIS) and key.startswith(RESTRICTED_HEADER + "=")
-    assert len(key.split("=", 1)[1]) >= 24  # random per start
-    argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_key="s3cret-key"))
-    assert any(a.endswith(f":{RESTRICTED_HEADER}=s3cret-key") for a in argv)
+    # The key is not on the command line: a placeholder is, and the key travels in the environment.
+    assert key.split("=", 1)[1] == argv_secret.PLACEHOLDER
+    assert len(env[argv_secret.ENV_NAME]) >= 24  # random per start
+    assert env[argv_secret.ENV_NAME] not in " ".join(argv)
+    argv, env = server_command(ServerConfig(repo=tmp_path, restricted_key="s3cret-key"))
+    assert any(a.endswith(f":{RESTRICTED_HEADER}={argv_secret.PLACEHOLDER}") for a in argv)
+    assert env[argv_secret.ENV_NAME] == "s3cret-key" and "s3cret-key" not in " ".join(argv)
     argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_apis=()))
     assert not any(a.startswith(("--grpc-restricted", "--http-restricted")) for a in argv)
     for kw in ({"restricted_apis": ("bogus",)}, {"restricted_apis": "trace"}, {"restricted_key": "a b"}):

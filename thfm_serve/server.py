@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from thfm_serve import argv_secret
 from thfm_serve.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
         # held 300-400 MB more per request. 0 frees them with the request (measured: tests/test_memory.py).
         "--grpc-infer-allocation-pool-size=0",
     ]
+    key = None
     if cfg.restricted_apis:
         key = cfg.restricted_key or secrets.token_urlsafe(24)
         apis = ",".join(cfg.restricted_apis)
@@ -303,6 +305,10 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
     # mmapped either way. An operator's own MALLOC_* settings win.
     for name, value in MALLOC_ENV.items():
         env.setdefault(name, value)
+    if key is not None:
+        # The key reaches tritonserver through its environment (owner-only), not its command line
+        # (readable by every local user); see thfm_serve/argv_secret.py.
+        argv, env = argv_secret.hide(argv, env, key, backend_directory())
     return argv, env
 
 
@@ -537,6 +543,9 @@ class TritonServer:
                 close_fds=True,
             )
         try:
+            secret = env.get(argv_secret.ENV_NAME)
+            if secret and argv_secret.cmdline_holds(self._proc.pid, secret):
+                raise ServerError("tritonserver's command line holds the restricted-API key; refusing to serve")
             self.wait_ready(timeout_s, cancel=cancel)
         except BaseException:
             # Keep the log of a failed start even if it is a temporary file: the message points at it.
