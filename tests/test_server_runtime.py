@@ -395,7 +395,11 @@ def test_restricted_apis(tmp_path):
     http = [a for a in argv if a.startswith("--http-restricted-api=")]
     assert len(grpc) == len(http) == 1
     apis, key = grpc[0].split("=", 1)[1].split(":", 1)
-    assert apis.split(",") == list(DEFAULT_RESTRICTED_APIS) and key.startswith(RESTRICTED_HEADER + "=")
+    # With model control "none" the repository API is restricted too (it could only refuse, misworded).
+    assert apis.split(",") == [*DEFAULT_RESTRICTED_APIS, "model-repository"] and key.startswith(RESTRICTED_HEADER + "=")
+    argv_explicit, _ = server_command(ServerConfig(repo=tmp_path, model_control="explicit"))
+    explicit = [a for a in argv_explicit if a.startswith("--grpc-restricted-protocol=")][0]
+    assert "model-repository" not in explicit
     # The key is not on the command line: a placeholder is, and the key travels in the environment.
     assert key.split("=", 1)[1] == argv_secret.PLACEHOLDER
     assert len(env[argv_secret.ENV_NAME]) >= 24  # random per start

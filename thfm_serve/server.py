@@ -276,7 +276,13 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
     key = None
     if cfg.restricted_apis:
         key = cfg.restricted_key or secrets.token_urlsafe(24)
-        apis = ",".join(cfg.restricted_apis)
+        restricted = list(cfg.restricted_apis)
+        if cfg.model_control == "none" and "model-repository" not in restricted:
+            # Without model control the repository API can only list models and refuse load/unload, and
+            # tritonserver 2.51 words that refusal "... not allowed if polling is enabled", which is
+            # wrong here; restricted, it answers "This protocol/API is restricted" instead.
+            restricted.append("model-repository")
+        apis = ",".join(restricted)
         argv += [f"--grpc-restricted-protocol={apis}:{RESTRICTED_HEADER}={key}",
                  f"--http-restricted-api={apis}:{RESTRICTED_HEADER}={key}"]
     if cfg.model_control == "explicit" and not _has_flag(cfg.extra_args, "--load-model"):
