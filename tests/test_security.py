@@ -148,6 +148,7 @@ def test_the_restricted_api_key_is_on_no_command_line(tmp_path, key):
             assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
             # Nor left in the environment, for the server's own user (or the stubs) to find.
             assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+        assert argv_secret.helper_loaded(server.pid)
         server_cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
         assert f"{RESTRICTED_HEADER}={argv_secret.PLACEHOLDER}".encode() in server_cmdline
         if key is None:

@@ -118,6 +118,14 @@ def hide(argv: list[str], env: dict[str, str], secret: str, cache_dir: Path) -> 
     return hidden, env
 
 
+def helper_loaded(pid: int) -> bool:
+    """Whether the helper is mapped into a process (else it would take the placeholder as the key)."""
+    try:
+        return "/thfm_argv_secret-" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def cmdline_holds(pid: int, secret: str) -> bool:
     """Whether a process's command line (as any local user reads it) contains `secret`."""
     try:

@@ -553,6 +553,10 @@ class TritonServer:
             if secret and argv_secret.cmdline_holds(self._proc.pid, secret):
                 raise ServerError("tritonserver's command line holds the restricted-API key; refusing to serve")
             self.wait_ready(timeout_s, cancel=cancel)
+            if secret and self._proc.poll() is None and not argv_secret.helper_loaded(self._proc.pid):
+                # Without the helper tritonserver took the placeholder, which everyone can read, as the key.
+                raise ServerError("the helper that passes the restricted-API key to tritonserver was not loaded "
+                                  f"(LD_PRELOAD={env.get('LD_PRELOAD')!r}); refusing to serve")
         except BaseException:
             # Keep the log of a failed start even if it is a temporary file: the message points at it.
             self._own_log = False
