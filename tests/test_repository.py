@@ -101,14 +101,15 @@ def test_submodel_configs_follow_the_export_specs(specs, target):
 
 
 def test_entry_config_carries_the_protocol_parameters(specs):
-    limits = serving.Limits(max_frames=100, max_pixels=640 * 480, max_request_bytes=1 << 20)
+    limits = serving.Limits(max_frames=100, max_pixels=640 * 480, max_request_bytes=1 << 20, max_response_bytes=3 << 20)
     cfg = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits)[protocol.ENTRY_MODEL])
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {protocol.PARAM_WINDOW_FRAMES: "9", protocol.PARAM_HEIGHT: "64", protocol.PARAM_WIDTH: "64",
                       protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
-                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20)}
-    assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS]
-    assert [t.optional for t in cfg.input] == [True, True, False]
+                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20), protocol.PARAM_MAX_RESPONSE_BYTES: str(3 << 20)}
+    assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS,
+                                           protocol.INPUT_OUTPUT_SIZE]
+    assert [t.optional for t in cfg.input] == [True, True, False, True]
     assert [t.name for t in cfg.output] == [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]
     # Defaults are safe (bounded) and what serving reads back.
     default = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), serving.Limits())[protocol.ENTRY_MODEL])
