@@ -151,7 +151,8 @@ def test_health_ready_and_metadata(client, repo):
         assert client.is_model_ready(name), name
     meta = client.get_model_metadata(protocol.ENTRY_MODEL, as_json=True)
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
-        protocol.INPUT_VIDEO: "BYTES", protocol.INPUT_FRAMES: "UINT8", protocol.INPUT_TASKS: "BYTES"}
+        protocol.INPUT_VIDEO: "BYTES", protocol.INPUT_FRAMES: "UINT8", protocol.INPUT_TASKS: "BYTES",
+        protocol.INPUT_OUTPUT_SIZE: "BYTES"}
     assert [o["name"] for o in meta["outputs"]] == [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]
     config = client.get_model_config(protocol.ENTRY_MODEL, as_json=True)["config"]
     params = {k: v["string_value"] for k, v in config["parameters"].items()}
