@@ -159,7 +159,8 @@ def test_health_ready_and_metadata(client, repo):
     assert params == {protocol.PARAM_WINDOW_FRAMES: str(WINDOW), protocol.PARAM_HEIGHT: str(HEIGHT),
                       protocol.PARAM_WIDTH: str(WIDTH),
                       protocol.PARAM_MAX_FRAMES: "40", protocol.PARAM_MAX_PIXELS: str(96 * 96),
-                      protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20)}
+                      protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20),
+                      protocol.PARAM_MAX_RESPONSE_BYTES: str(LIMITS.max_response_bytes)}
     for name in (protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE):
         assert client.get_model_metadata(name, as_json=True)["platform"] == "ensemble"
 
