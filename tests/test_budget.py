@@ -105,3 +105,30 @@ def test_all_may_be_repeated_or_mixed():
     assert parse_tasks("all,all") == list(TASKS)
     with pytest.raises(TaskError, match="unknown task 'flow'"):
         parse_tasks(["all", "flow"])
+
+
+def test_a_declared_frame_count_is_refused_from_the_headers(tmp_path, monkeypatch):
+    """mp4 declares its frame count: the answer is sized before a frame is decoded. mkv does not: the
+    check waits for the decode (still before any model work)."""
+    from thfm_serve import video as video_mod
+    from thfm_serve.video import encode_video
+
+    limits = serving.Limits(max_frames=100, max_pixels=96 * 96, max_response_bytes=4 << 20)
+    frames = np.zeros((40, 96, 96, 3), np.uint8)
+    encode_video(frames, tmp_path / "clip.mp4")
+    encode_video(frames, tmp_path / "clip.mkv")
+    mp4 = np.array([(tmp_path / "clip.mp4").read_bytes()], dtype=np.object_)
+    mkv = np.array([(tmp_path / "clip.mkv").read_bytes()], dtype=np.object_)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(video_mod, "_decode", no_decoding)
+    with pytest.raises(ShapeError, match=r"the response would be 4423680 bytes .* above the limit max_response_bytes"):
+        budget.check_declared_video(mp4, ["normals"], "input", (32, 32), 24, limits, 5)
+    # At the model grid the same clip fits; depth fits at the input size.
+    budget.check_declared_video(mp4, ["normals"], "model", (32, 32), 24, limits, 5)
+    budget.check_declared_video(mp4, ["depth"], "input", (32, 32), 24, limits, 5)
+    # No declared count, no data, or not a video: left to the decode.
+    for value in (mkv, None, np.array([b"junk" * 10], dtype=np.object_)):
+        budget.check_declared_video(value, ["normals"], "input", (32, 32), 24, limits, 5)

@@ -124,3 +124,28 @@ def check_response(tasks: Sequence[str], frames: int, output_hw: tuple[int, int]
         f"the response would be {total} bytes ({_size(total)}: {frames} frames at {width}x{height}; {per_task}), "
         f"above the limit max_response_bytes={max_response_bytes} ({_size(max_response_bytes)}); "
         f"ask for {', or '.join(advice) if advice else 'a smaller clip'}")
+
+
+def check_declared_video(video: np.ndarray | None, tasks: Sequence[str], output_size: str, grid_hw: tuple[int, int],
+                         joints: int, limits, window: int | None = None) -> None:
+    """The response check from the video's headers, before anything is decoded: a container that
+    declares its frame count (mp4, mov) is refused at once when its answer would be too big. Videos
+    that do not declare it, or whose headers break another limit (decoding reports those), are
+    checked after decoding, still before any model work.
+    """
+    if video is None:
+        return
+    arr = np.asarray(video)
+    data = arr.reshape(-1)[0] if arr.dtype == np.object_ and arr.size == 1 else None
+    if not isinstance(data, (bytes, bytearray)) or not data or len(data) > limits.max_request_bytes:
+        return  # read_clip names those problems
+    from .video import declared_geometry
+
+    geometry = declared_geometry(bytes(data))
+    if geometry is None or geometry[0] is None:
+        return
+    frames, height, width = geometry
+    if frames > limits.max_frames or height * width > limits.max_pixels:
+        return
+    check_response(tasks, frames, output_resolution(output_size, (height, width), grid_hw), joints,
+                   limits.max_response_bytes, grid_hw=grid_hw, window=window)

@@ -750,11 +750,13 @@ class EntryModel:
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
         check_requested_outputs(wanted, tasks, self.output_names)
         output_size = budget.read_output_size(inputs.get(protocol.INPUT_OUTPUT_SIZE))
+        joints, grid_hw = len(self.assets.config.joint_names), (self.grid.height, self.grid.width)
+        budget.check_declared_video(inputs.get(protocol.INPUT_VIDEO), tasks, output_size, grid_hw, joints, self.limits,
+                                    self.grid.window)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
-        output_hw = budget.output_resolution(output_size, frames.shape[1:3], (self.grid.height, self.grid.width))
-        budget.check_response(tasks, frames.shape[0], output_hw, len(self.assets.config.joint_names),
-                              self.limits.max_response_bytes, grid_hw=(self.grid.height, self.grid.width),
-                              window=self.grid.window)
+        output_hw = budget.output_resolution(output_size, frames.shape[1:3], grid_hw)
+        budget.check_response(tasks, frames.shape[0], output_hw, joints, self.limits.max_response_bytes,
+                              grid_hw=grid_hw, window=self.grid.window)
         results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call, output_hw)
         return entry_outputs(results)
 

@@ -27,7 +27,7 @@ import av
 import av.sidedata.sidedata
 import numpy as np
 
-from .errors import ShapeError, VideoError
+from .errors import ShapeError, ThfmError, VideoError
 
 logger = logging.getLogger(__name__)
 
@@ -447,6 +447,23 @@ def decode_video_bytes(
 
 # --------------------------------------------------------------------------------------------
 # Probing
+
+
+def declared_geometry(data: bytes) -> tuple[int | None, int, int] | None:
+    """(frames declared by the container or None, height, width) from the headers alone, nothing
+    decoded; None when the headers do not say (or the data does not open: decoding reports that).
+
+    Width and height are the coded ones: rotation metadata swaps them but not their product, which
+    is all a size budget needs.
+    """
+    try:
+        container, stream = _open(data, "<bytes>")
+    except ThfmError:
+        return None
+    with container:
+        if not stream.width or not stream.height:
+            return None
+        return _declared_frames(stream), int(stream.height), int(stream.width)
 
 
 def probe_video(path_or_bytes) -> dict:
