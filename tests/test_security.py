@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -164,8 +165,15 @@ def test_the_restricted_api_key_is_on_no_command_line(tmp_path, key):
         finally:
             client.close()
         req = urllib.request.Request(f"http://{server.http_url}/v2/trace/setting", headers={RESTRICTED_HEADER: key})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 200
+        for attempt in range(50):  # readiness is polled over gRPC; the HTTP port may open a moment later
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    assert r.status == 200
+                break
+            except urllib.error.URLError as e:
+                if isinstance(e, urllib.error.HTTPError) or attempt == 49:
+                    raise
+                time.sleep(0.1)
 
 
 def test_the_preloaded_helper_fills_the_argument_and_keeps_it_out_of_cmdline(tmp_path):
