@@ -250,7 +250,9 @@ CASES: list[Case] = [
          "'output_size' is 'huge'; choose 'input' or 'model'"),
     Case("ensemble: big answer", "thfm_dense, frames [40,96,96,3] (every dense task)",
          infer(protocol.DENSE_ENSEMBLE, frames=np.zeros((40, 96, 96, 3), np.uint8)),
-         "preprocess: the response would be"),
+         "preprocess: the response would be 11796480 bytes (11.2 MiB: 40 frames at 96x96; depth 1.4 MiB, normals "
+         "4.2 MiB, segmentation 1.4 MiB, densepose 4.2 MiB), above the limit max_response_bytes=4194304 (4.0 MiB); ask "
+         "for at most 14 frames per request, or the tasks you need from the 'thfm' model (which also takes output_size)"),
     Case("request bytes", "video of max_request_bytes + 1", infer(video=b"\0" * ((2 << 20) + 1), tasks=["depth"]),
          "2097153 bytes, above the limit max_request_bytes=2097152"),
     Case("64 MB request", "video of 64 MiB", infer(video=b"\0" * (64 << 20), tasks=["depth"]),

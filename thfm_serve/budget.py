@@ -94,12 +94,13 @@ def _size(n: int) -> str:
 
 def check_response(tasks: Sequence[str], frames: int, output_hw: tuple[int, int], joints: int,
                    max_response_bytes: int, *, grid_hw: tuple[int, int] | None = None,
-                   window: int | None = None) -> int:
+                   window: int | None = None, fixed_tasks: str | None = None) -> int:
     """The response's size in bytes; ShapeError, saying how big it would be and what to change, when it
     is above max_response_bytes.
 
     grid_hw and window only feed the advice: the size the answer would have at the model grid, and
-    the frames per request a client would have to cut the clip into.
+    the frames per request a client would have to cut the clip into. fixed_tasks names the model to
+    use instead when the caller's tasks are not the client's choice (an ensemble computes all of its own).
     """
     height, width = output_hw
     total = response_bytes(tasks, frames, height, width, joints)
@@ -118,7 +119,9 @@ def check_response(tasks: Sequence[str], frames: int, output_hw: tuple[int, int]
         at_grid = response_bytes(tasks, frames, grid_hw[0], grid_hw[1], joints)
         if at_grid < total:  # the model grid is smaller than the input
             advice.append(f"{INPUT_OUTPUT_SIZE}={OUTPUT_SIZE_MODEL!r} ({grid_hw[1]}x{grid_hw[0]}: {_size(at_grid)})")
-    if len(tasks) > 1:
+    if fixed_tasks:
+        advice.append(f"the tasks you need from the {fixed_tasks!r} model (which also takes {INPUT_OUTPUT_SIZE})")
+    elif len(tasks) > 1:
         advice.append("fewer tasks per request")
     raise ShapeError(
         f"the response would be {total} bytes ({_size(total)}: {frames} frames at {width}x{height}; {per_task}), "

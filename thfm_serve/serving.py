@@ -800,7 +800,8 @@ class PreprocessModel:
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
         # The ensemble's tasks are those whose prompt it wires up; it answers at the input's size.
         tasks = [t for t in self.embeddings if TEXT_PREFIX + t in wanted]
-        budget.check_response(tasks, frames.shape[0], frames.shape[1:3], self.joints, self.limits.max_response_bytes)
+        budget.check_response(tasks, frames.shape[0], frames.shape[1:3], self.joints, self.limits.max_response_bytes,
+                              fixed_tasks=protocol.ENTRY_MODEL)
         return preprocess(frames, self.grid, self.embeddings, self.max_windows, wanted)
 
 
