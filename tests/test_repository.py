@@ -668,12 +668,15 @@ def test_export_command_takes_the_request_limits(tmp_path, specs, monkeypatch):
     monkeypatch.setattr(build, "export_repository", fake_export)
     argv = ["export", "--checkpoint", str(tmp_path), "--repo", str(repo)]
     assert cli_main(argv + ["--max-request-frames", "120", "--max-request-pixels", "640000",
-                            "--max-request-bytes", "1000000", "--max-in-flight", "3"]) == 0
+                            "--max-request-bytes", "1000000", "--max-in-flight", "3",
+                            "--max-response-bytes", "5000000"]) == 0
     assert current_limits(repo) == serving.Limits(max_frames=120, max_pixels=640000, max_request_bytes=1000000,
-                                                  max_in_flight=3)
+                                                  max_in_flight=3, max_response_bytes=5000000)
     assert cli_main(argv) == 0  # no flags: the repository keeps its limits
-    assert current_limits(repo).max_frames == 120
+    assert current_limits(repo).max_frames == 120 and current_limits(repo).max_response_bytes == 5000000
     assert cli_main(argv + ["--max-in-flight", "0"]) == 2 and len(calls) == 2
+    # Above gRPC's message ceiling: refused before the export runs.
+    assert cli_main(argv + ["--max-response-bytes", str(2**31)]) == 2 and len(calls) == 2
 
 
 def test_task_lists_are_bounded():
