@@ -132,3 +132,16 @@ def test_a_declared_frame_count_is_refused_from_the_headers(tmp_path, monkeypatc
     # No declared count, no data, or not a video: left to the decode.
     for value in (mkv, None, np.array([b"junk" * 10], dtype=np.object_)):
         budget.check_declared_video(value, ["normals"], "input", (32, 32), 24, limits, 5)
+
+
+def test_predict_command_takes_output_size(tiny_checkpoint, tmp_path):
+    from thfm_serve.cli import main
+    from thfm_serve.video import encode_video
+
+    encode_video(np.random.default_rng(2).integers(0, 256, (3, 40, 56, 3), dtype=np.uint8), tmp_path / "c.mp4")
+    for size, shape in (("model", (3, 64, 64)), ("input", (3, 40, 56))):
+        out = tmp_path / size
+        assert main(["predict", str(tmp_path / "c.mp4"), "--checkpoint", str(tiny_checkpoint), "--tasks", "depth",
+                     "--out", str(out), "--output-size", size]) == 0
+        with np.load(out / "depth.npz") as data:
+            assert data["depth"].shape == shape
