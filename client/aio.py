@@ -108,13 +108,14 @@ class AsyncThfmClient:
             raise server_message_error(str(e)) from None
 
     async def predict(self, video, tasks="all", *, overlap: int | None = None, send: str = "video",
+                      output_size: str = "input",
                       progress=False, max_frames: int | None = None) -> Prediction:
         """See ThfmClient.predict. Decoding the file runs in a worker thread."""
         t0 = time.monotonic()
         info = await self.info()
         tasks = resolve_tasks(tasks, info)
         clip = await asyncio.to_thread(load_clip, video, max_frames, info.max_pixels)
-        run = Run(clip, tasks, info, overlap=overlap, send=send)
+        run = Run(clip, tasks, info, overlap=overlap, send=send, output_size=output_size)
         sched = WindowScheduler(run.keys, self.urls, self.max_in_flight, self.retries,
                                 cooldown_start_s=self.cooldown_s)
         for u, msg in self._down.items():

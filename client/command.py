@@ -59,7 +59,8 @@ def run_remote(opts: "PredictOptions", tasks: list[str]) -> int:
             info = await client.info()
             opts.check_served_grid(info.window_frames, info.height, info.width)
             return await client.predict(opts.video, tasks, overlap=opts.overlap, send=opts.send,
-                                        progress=not opts.quiet, max_frames=opts.max_frames)
+                                        progress=not opts.quiet, output_size=opts.output_size,
+                                        max_frames=opts.max_frames)
 
     pred = asyncio.run(go())
     for path in write_npz(pred.results, opts.out):

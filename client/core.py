@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thfm_serve.contract import protocol
 from thfm_serve.contract.geometry import validate_frames
 from thfm_serve.contract.tasks import SPARSE_TASKS, parse_tasks, task_result
 from thfm_serve.errors import ServerError, ShapeError, ThfmError
@@ -99,15 +100,20 @@ class Run:
     """One clip's requests and results (see the module docstring). Keys are (window, group)."""
 
     def __init__(self, clip: Clip, tasks: list[str], info: wire.ServerInfo, overlap: int | None = None,
-                 send: str = "video"):
+                 send: str = "video", output_size: str = protocol.OUTPUT_SIZE_INPUT):
         if send not in wire.SEND_MODES:
             raise ThfmError(f"send must be one of {wire.SEND_MODES}, got {send!r}")
+        if output_size not in protocol.OUTPUT_SIZES:
+            raise ThfmError(f"output_size must be one of {protocol.OUTPUT_SIZES}, got {output_size!r}")
         self.clip = clip
         self.tasks = list(tasks)
         self.info = info
         self.send = send
+        self.output_size = output_size
         n, h, w = clip.frames.shape[:3]
         self.num_frames, self.height, self.width = n, h, w
+        # Dense maps come back at the input's size or, asked for, at the model grid.
+        self.out_height, self.out_width = (h, w) if output_size == protocol.OUTPUT_SIZE_INPUT else (info.height, info.width)
         window = info.window_frames
         # The server's overlap unless told otherwise: the same plan the server and the in-process
         # pipeline use, so the stitched result equals theirs.
@@ -120,7 +126,7 @@ class Run:
         if info.max_pixels and h * w > info.max_pixels:
             raise ShapeError(f"{clip.source}: frame size {w}x{h} = {h * w} pixels is above the server's "
                              f"limit max_pixels={info.max_pixels}")
-        self.groups = wire.group_tasks(self.tasks, longest, h, w)
+        self.groups = wire.group_tasks(self.tasks, longest, self.out_height, self.out_width, info.max_response_bytes)
         if len(self.groups) > 1:
             logger.info("results too large for one gRPC message per window: tasks go in %d requests per "
                         "window (%s)", len(self.groups), " | ".join(",".join(g) for g in self.groups))
@@ -144,7 +150,7 @@ class Run:
             # Lossless H.264 of pure noise can come out slightly above raw; real footage is ~10%. The
             # encoded size is checked again per request (payload), and the channel grows if needed.
             self.request_bound = max(raw + raw // 8, self._source_bytes or 0) + 4096
-        self.response_bound = max(wire.response_bytes(g, longest, h, w) for g in self.groups)
+        self.response_bound = max(wire.response_bytes(g, longest, self.out_height, self.out_width) for g in self.groups)
         self.stitchers = {t: Stitcher(self.plan, n) for t in self.tasks}
         self.joint_names: list[str] | None = None
         self.sent_bytes = 0
@@ -170,7 +176,7 @@ class Run:
             with self._lock:
                 self._payloads.setdefault(index, body)
         tasks = self.groups[group]
-        p = wire.Payload(tuple(tasks), video=body.video, frames=body.frames)
+        p = wire.Payload(tuple(tasks), video=body.video, frames=body.frames, output_size=self.output_size)
         wire.check_fits(p.nbytes, f"{self.describe(key)}: the request")
         if self.info.max_request_bytes and p.nbytes > self.info.max_request_bytes:
             raise ShapeError(
@@ -196,7 +202,7 @@ class Run:
         index, group = key
         win = self.plan[index]
         for t in self.groups[group]:
-            arr = wire.check_output(t, outputs[t], win.frames, self.height, self.width)
+            arr = wire.check_output(t, outputs[t], win.frames, self.out_height, self.out_width)
             if t in SPARSE_TASKS:
                 if names is None or len(names) != arr.shape[1]:
                     raise ServerError(f"{t}: {arr.shape[1]} joints but joint_names lists {len(names or [])}")

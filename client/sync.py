@@ -116,6 +116,7 @@ class ThfmClient:
     # -- a whole clip
 
     def predict(self, video, tasks="all", *, overlap: int | None = None, send: str = "video",
+                output_size: str = "input",
                 progress=False, max_frames: int | None = None) -> Prediction:
         """Run a clip (path, Video or uint8 frames [F, H, W, 3]) through the servers, window by window.
 
@@ -125,7 +126,7 @@ class ThfmClient:
         info = self.info()
         tasks = resolve_tasks(tasks, info)
         clip = load_clip(video, max_frames=max_frames, max_pixels=info.max_pixels)
-        run = Run(clip, tasks, info, overlap=overlap, send=send)
+        run = Run(clip, tasks, info, overlap=overlap, send=send, output_size=output_size)
         sched = WindowScheduler(run.keys, self.urls, self.max_in_flight, self.retries,
                                 cooldown_start_s=self.cooldown_s)
         for u, msg in self._down.items():

@@ -136,6 +136,10 @@ def build_inputs(payload: wire.Payload):
     t = grpcclient.InferInput(protocol.INPUT_TASKS, [len(payload.tasks)], "BYTES")
     t.set_data_from_numpy(tasks)
     inputs.append(t)
+    if payload.output_size != protocol.OUTPUT_SIZE_INPUT:
+        o = grpcclient.InferInput(protocol.INPUT_OUTPUT_SIZE, [1], "BYTES")
+        o.set_data_from_numpy(np.array([payload.output_size.encode()], dtype=np.object_))
+        inputs.append(o)
     return inputs
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thfm_serve.contract import protocol
-from thfm_serve.contract.params import model_parameters, read_params
+from thfm_serve.contract.params import GRPC_MAX_MESSAGE, MESSAGE_SLACK, model_parameters, read_params
 from thfm_serve.contract.tasks import SPARSE_TASKS, TASKS, frame_shape
 from thfm_serve.errors import ServerError, ShapeError, ThfmError
 
@@ -28,10 +28,8 @@ WINDOW_PIX_FMT = "rgb24"
 
 SEND_MODES = ("video", "frames")
 
-# gRPC's hard ceiling for one message (a signed 32-bit length).
-GRPC_MAX_MESSAGE = 2**31 - 1
-# Headroom over the tensor bytes for protobuf framing, tensor names and the task list.
-_MESSAGE_SLACK = 1 << 20
+# gRPC's ceiling for one message and the headroom over the tensor bytes (framing, names, task list).
+GRPC_MAX_MESSAGE, _MESSAGE_SLACK = GRPC_MAX_MESSAGE, MESSAGE_SLACK
 # Floor for a channel's limits: config and error replies are small, and an oddly small limit
 # helps nobody. gRPC's own default receive limit is 4 MiB.
 _MIN_MESSAGE = 4 << 20
@@ -54,6 +52,7 @@ class ServerInfo:
     max_request_bytes: int | None
     tasks: tuple[str, ...] = field(default=TASKS)
     overlap: int | None = None  # frames neighbouring windows share (None: the policy's default)
+    max_response_bytes: int | None = None
 
     def same_model(self, other: "ServerInfo") -> list[str]:
         """The fields on which two servers disagree (they must serve the same export)."""
@@ -89,6 +88,7 @@ def parse_model_config(url: str, model: str, config: dict) -> ServerInfo:
         max_request_bytes=known(p.max_request_bytes),
         tasks=served,
         overlap=p.overlap,
+        max_response_bytes=known(p.max_response_bytes),
     )
 
 
@@ -99,10 +99,13 @@ class Payload:
     tasks: tuple[str, ...]
     video: bytes | None = None
     frames: np.ndarray | None = None
+    output_size: str = protocol.OUTPUT_SIZE_INPUT  # protocol.INPUT_OUTPUT_SIZE
 
     def __post_init__(self):
         if (self.video is None) == (self.frames is None):
             raise ValueError("a payload carries exactly one of video bytes or frames")
+        if self.output_size not in protocol.OUTPUT_SIZES:
+            raise ValueError(f"output_size must be one of {protocol.OUTPUT_SIZES}, got {self.output_size!r}")
 
     @property
     def nbytes(self) -> int:
@@ -149,22 +152,29 @@ def check_fits(nbytes: int, what: str) -> None:
         )
 
 
-def group_tasks(tasks, frames: int, height: int, width: int) -> list[tuple[str, ...]]:
+def group_tasks(tasks, frames: int, height: int, width: int,
+                max_response_bytes: int | None = None) -> list[tuple[str, ...]]:
     """Split the tasks over several requests per window when one response would pass gRPC's 2 GiB
-    limit (dense maps at the input resolution: normals of 81 frames of 1080p are 2.0 GB).
+    limit (dense maps at the input resolution: normals of 81 frames of 1080p are 2.0 GB) or the
+    server's max_response_bytes.
 
     Greedy in task order; dense tasks are the big ones. Each group costs one more encoder+core pass
     on the server, so one group is used whenever it fits.
     """
     budget = GRPC_MAX_MESSAGE - 2 * _MESSAGE_SLACK
+    if max_response_bytes:
+        budget = min(budget, int(max_response_bytes))
     groups: list[list[str]] = []
     size = 0
     for t in tasks:
         one = response_bytes([t], frames, height, width)
         if one > budget:
+            limit = (f"the server's max_response_bytes={max_response_bytes}" if budget == max_response_bytes
+                     else "gRPC's 2 GiB message limit")
             raise ShapeError(
                 f"the {t} result for one window ({frames} frames of {width}x{height}) would be "
-                f"{one / 2**30:.2f} GiB, above gRPC's 2 GiB message limit; downscale the video"
+                f"{one / 2**30:.2f} GiB, above {limit}; ask for the outputs at the model grid "
+                f"(output_size={protocol.OUTPUT_SIZE_MODEL!r}, `--output-size model`) or downscale the video"
             )
         if groups and size + one <= budget:
             groups[-1].append(t)

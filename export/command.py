@@ -50,6 +50,9 @@ def register(sub) -> None:
                         help="pixels per frame, height x width (default 1920*1080)")
     limits.add_argument("--max-request-bytes", dest=LIMIT_PREFIX + "max_request_bytes", type=int, metavar="N",
                         help="bytes of video or raw frames per request (default 256 MiB)")
+    limits.add_argument("--max-response-bytes", dest=LIMIT_PREFIX + "max_response_bytes", type=int, metavar="N",
+                        help="bytes of one response, float32 outputs of every task asked for (default 1 GiB; "
+                        "at most 2 GiB less 1 MiB, gRPC's ceiling)")
     limits.add_argument("--max-in-flight", dest=LIMIT_PREFIX + "max_in_flight", type=int, metavar="N",
                         help="requests waiting at the entry model before new ones are rejected as busy (default 8)")
     p.set_defaults(func=run)

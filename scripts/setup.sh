@@ -52,4 +52,10 @@ for base in libb64 libcudart; do
   case "$base" in libb64) name=libb64.so.0d ;; libcudart) name=libcudart.so.12 ;; esac
   if [ -n "$src" ] && [ ! -e "$PA_DIR/lib/$name" ]; then ln -sf "$src" "$PA_DIR/lib/$name"; fi
 done
+# `thfm serve` passes the restricted-API key to tritonserver through a helper preloaded into it
+# (thfm_serve/argv_secret.py), built once with the system C compiler; build it now so that a host
+# without one is found at set-up rather than at the first `thfm serve`.
+if ! "$VPY" -c "from thfm_serve.argv_secret import shim_path; from thfm_serve.server import backend_directory; shim_path(backend_directory())" 2>/dev/null; then
+  log "WARNING: no C compiler (cc): thfm serve needs one once, to build its key helper (apt-get install gcc)"
+fi
 log "ready: $VENV"

@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small limits so that cases can pass them cheaply; max_in_flight=2 so that a burst of requests
 # overflows the entry model's queue.
-LIMITS = Limits(max_frames=40, max_pixels=96 * 96, max_request_bytes=2 << 20, max_in_flight=2)
+# max_response_bytes=4 MiB: 40 frames of 96x96 as normals (4.4 MB) are over it, as depth (1.5 MB) under.
+LIMITS = Limits(max_frames=40, max_pixels=96 * 96, max_request_bytes=2 << 20, max_in_flight=2,
+                max_response_bytes=4 << 20)
 TABLE = "catalogue of bad inputs (tests/test_bad_inputs.py)"
 HEADER = ("case", "input", "outcome")
 
@@ -98,6 +100,12 @@ def media(tmp_path_factory) -> dict[str, bytes]:
     m["10000 frames"] = video("many.mp4", np.zeros((10000, 16, 16, 3), np.uint8))
     # One black 8K frame compresses to ~8 kB but would decode to 100 MB: rejected from the header.
     m["8K"] = video("huge.mp4", np.zeros((1, 4320, 7680, 3), np.uint8))
+    # 40 black frames of 96x96: a few kB that would answer 4.4 MB of normals.
+    m["40x96x96"] = video("small_big_answer.mp4", np.zeros((40, 96, 96, 3), np.uint8))
+    # Two MPEG-TS segments back to back: 3 frames of 16x16, then 4 of 112x112 (12544 > max_pixels).
+    encode_video(_frames(3, 16, 16), d / "a.ts")
+    encode_video(np.zeros((4, 112, 112, 3), np.uint8), d / "b.ts")
+    m["size change"] = (d / "a.ts").read_bytes() + (d / "b.ts").read_bytes()
     Image.fromarray(_frames(1, 40, 56)[0]).save(d / "image.png")
     Image.fromarray(_frames(1, 40, 56)[0]).save(d / "image.jpg")
     m["png"], m["jpg"] = (d / "image.png").read_bytes(), (d / "image.jpg").read_bytes()
@@ -186,6 +194,10 @@ def shape(task: str, *dims: int) -> Callable[[dict[str, np.ndarray]], None]:
     return check
 
 
+def _output_size(value: bytes):
+    return tensor(protocol.INPUT_OUTPUT_SIZE, np.array([value], dtype=np.object_), "BYTES")
+
+
 def _core(latent: np.ndarray, text: np.ndarray) -> Callable[[Ctx], dict[str, np.ndarray]]:
     return infer(protocol.CORE, raw=raw(lambda: tensor("latent", latent, "FP32"), lambda: tensor("text", text, "FP32")))
 
@@ -217,6 +229,30 @@ CASES: list[Case] = [
          "video has 10000 frames (declared by the container), above the limit max_frames=40"),
     Case("8K frame (bomb)", "mp4, one 7680x4320 frame in 8 kB", infer(video=lambda c: c.media["8K"], tasks=["depth"]),
          "frame size 7680x4320 = 33177600 pixels is above the limit max_pixels=9216"),
+    Case("frame size changes", "MPEG-TS: 3 frames 16x16, then 4 frames 112x112",
+         infer(video=lambda c: c.media["size change"], tasks=["depth"]),
+         "frame 3 is 112x112 = 12544 pixels (the stream changes size mid-way), above the limit max_pixels=9216"),
+    Case("small video, big answer", "mp4 of 40 black 96x96 frames, normals",
+         infer(video=lambda c: c.media["40x96x96"], tasks=["normals"]),
+         "the response would be 4423680 bytes (4.2 MiB: 40 frames at 96x96; normals 4.2 MiB), above the limit "
+         "max_response_bytes=4194304"),
+    Case("big answer, frames", "frames [40,96,96,3], depth + normals + keypoints3d",
+         infer(frames=np.zeros((40, 96, 96, 3), np.uint8), tasks=["depth", "normals", "keypoints3d"]),
+         "the response would be 5911296 bytes (5.6 MiB: 40 frames at 96x96; depth 1.4 MiB, normals 4.2 MiB, "
+         "keypoints3d 11.2 KiB), above the limit max_response_bytes=4194304 (4.0 MiB); ask for at most 28 frames "
+         "per request (the client cuts clips into windows of 5), or output_size='model' (32x32: 652.8 KiB), or "
+         "fewer tasks per request"),
+    Case("big answer at the model grid", "the same video, output_size 'model'",
+         infer(raw=lambda c: grpc_inputs(video=c.media["40x96x96"], tasks=["normals"]) + [_output_size(b"model")]),
+         check=shape("normals", 40, 32, 32, 3)),
+    Case("bad output_size", "output_size 'huge'",
+         infer(raw=lambda c: grpc_inputs(frames=_frames(2), tasks=["depth"]) + [_output_size(b"huge")]),
+         "'output_size' is 'huge'; choose 'input' or 'model'"),
+    Case("ensemble: big answer", "thfm_dense, frames [40,96,96,3] (every dense task)",
+         infer(protocol.DENSE_ENSEMBLE, frames=np.zeros((40, 96, 96, 3), np.uint8)),
+         "preprocess: the response would be 11796480 bytes (11.2 MiB: 40 frames at 96x96; depth 1.4 MiB, normals "
+         "4.2 MiB, segmentation 1.4 MiB, densepose 4.2 MiB), above the limit max_response_bytes=4194304 (4.0 MiB); ask "
+         "for at most 14 frames per request, or the tasks you need from the 'thfm' model (which also takes output_size)"),
     Case("request bytes", "video of max_request_bytes + 1", infer(video=b"\0" * ((2 << 20) + 1), tasks=["depth"]),
          "2097153 bytes, above the limit max_request_bytes=2097152"),
     Case("64 MB request", "video of 64 MiB", infer(video=b"\0" * (64 << 20), tasks=["depth"]),
@@ -298,6 +334,8 @@ CASES: list[Case] = [
          check=shape("depth", 2, 32, 40)),
     Case("'all'", "tasks ['all']", infer(frames=_frames(2), tasks=["all"]),
          check=lambda out: [shape("normals", 2, 32, 40, 3)(out), shape("keypoints3d", 2, 24, 3)(out)]),
+    Case("'all' twice", "tasks ['all', 'all']", infer(frames=_frames(2), tasks=["all", "all"]),
+         check=lambda out: [shape("depth", 2, 32, 40)(out), shape("keypoints2d", 2, 24, 2)(out)]),
     Case("1 MB task name", "tasks ['x' * 1000000]", infer(frames=_frames(2), tasks=["x" * 1_000_000]),
          "task name of 1000000 bytes"),
     Case("100000 tasks", "tasks ['depth'] * 100000", infer(frames=_frames(2), tasks=["depth"] * 100_000),

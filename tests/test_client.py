@@ -205,15 +205,23 @@ def test_message_limits_and_task_groups():
         [("depth", "segmentation", "keypoints2d")]
     assert wire.group_tasks(["depth", "segmentation", "keypoints2d"], 145, 1080, 1920) == \
         [("depth",), ("segmentation", "keypoints2d")]
+    # The server's max_response_bytes splits further: 81 frames of 1080p depth are 0.63 GiB.
+    assert wire.group_tasks(["depth", "segmentation", "keypoints2d"], 81, 1080, 1920, 1 << 30) == \
+        [("depth",), ("segmentation", "keypoints2d")]
+    with pytest.raises(ShapeError, match=r"above the server's max_response_bytes=536870912; ask for the outputs at "
+                                         r"the model grid \(output_size='model', `--output-size model`\)"):
+        wire.group_tasks(["depth"], 81, 1080, 1920, 512 << 20)
 
 
 def test_model_config_parsing():
     cfg = {"config": {"name": "thfm", "parameters": {
         "window_frames": {"string_value": "9"}, "height": {"string_value": "64"}, "width": {"string_value": "64"},
         "max_frames": {"string_value": "0"}, "max_pixels": {"string_value": "1000000"},
+        "max_response_bytes": {"string_value": "4096"},
     }, "output": [{"name": "depth"}, {"name": "keypoints2d"}, {"name": "joint_names"}]}}
     info = wire.parse_model_config("h:1", "thfm", cfg)
     assert (info.window_frames, info.height, info.width, info.max_frames, info.max_pixels) == (9, 64, 64, None, 1000000)
+    assert info.max_response_bytes == 4096
     assert info.tasks == ("depth", "keypoints2d")
     del cfg["config"]["parameters"]["window_frames"]
     with pytest.raises(ServerError, match="window_frames"):

@@ -141,6 +141,23 @@ def test_overlap_zero_matches_the_in_process_pipeline(two_servers, tiny_pipeline
 
 
 @pytest.mark.timeout(600)
+def test_output_size_model_matches_the_in_process_pipeline(two_servers, tiny_pipeline, tmp_path):
+    """Dense maps at the model grid (64x64 for the tiny checkpoint), through the client and in process."""
+    video = tmp_path / "clip.mp4"
+    make_clip(video, frames=12, height=48, width=40)
+    frames = read_video(video).frames
+    tasks = ["depth", "normals", "keypoints2d"]
+    ref = tiny_pipeline.run(frames, tasks, output_size="model")
+    with ThfmClient([s.grpc_url for s in two_servers]) as c:
+        got = c.predict(video, tasks, overlap=0, output_size="model").results
+    assert got["depth"]["depth"].shape == (12, 64, 64) and got["normals"]["normals"].shape == (12, 64, 64, 3)
+    assert got["keypoints2d"]["keypoints"].shape == (12, 24, 2)  # in input pixels, as without the option
+    for t in tasks:
+        k = OUTPUT_KEYS[t]
+        assert np.allclose(got[t][k], ref[t][k], atol=2e-4, rtol=1e-4), (t, np.abs(got[t][k] - ref[t][k]).max())
+
+
+@pytest.mark.timeout(600)
 def test_a_server_killed_mid_run(two_servers, tiny_repo, tmp_path_factory, tmp_path):
     video = tmp_path / "long.mp4"
     make_clip(video, frames=60, height=32, width=32)

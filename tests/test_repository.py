@@ -102,16 +102,17 @@ def test_submodel_configs_follow_the_export_specs(specs, target):
 
 
 def test_entry_config_carries_the_protocol_parameters(specs):
-    limits = serving.Limits(max_frames=100, max_pixels=640 * 480, max_request_bytes=1 << 20)
+    limits = serving.Limits(max_frames=100, max_pixels=640 * 480, max_request_bytes=1 << 20, max_response_bytes=3 << 20)
     cfg = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits)[protocol.ENTRY_MODEL])
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     # The overlap is the windowing policy's default for a 9-frame window (an eighth of it, at least 1).
     assert params == {protocol.PARAM_WINDOW_FRAMES: "9", protocol.PARAM_HEIGHT: "64", protocol.PARAM_WIDTH: "64",
                       protocol.PARAM_OVERLAP: "1", protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
-                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20),
+                      protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20), protocol.PARAM_MAX_RESPONSE_BYTES: str(3 << 20),
                       protocol.PARAM_VAE_MAX_BATCH: "6"}
-    assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS]
-    assert [t.optional for t in cfg.input] == [True, True, False]
+    assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS,
+                                           protocol.INPUT_OUTPUT_SIZE]
+    assert [t.optional for t in cfg.input] == [True, True, False, True]
     assert [t.name for t in cfg.output] == [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]
     # Defaults are safe (bounded) and what serving reads back.
     default = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), serving.Limits())[protocol.ENTRY_MODEL])
@@ -661,12 +662,15 @@ def test_export_command_takes_the_request_limits(tmp_path, specs, monkeypatch):
     monkeypatch.setattr(build, "export_repository", fake_export)
     argv = ["export", "--checkpoint", str(tmp_path), "--repo", str(repo)]
     assert cli_main(argv + ["--max-request-frames", "120", "--max-request-pixels", "640000",
-                            "--max-request-bytes", "1000000", "--max-in-flight", "3"]) == 0
+                            "--max-request-bytes", "1000000", "--max-in-flight", "3",
+                            "--max-response-bytes", "5000000"]) == 0
     assert current_limits(repo) == serving.Limits(max_frames=120, max_pixels=640000, max_request_bytes=1000000,
-                                                  max_in_flight=3)
+                                                  max_in_flight=3, max_response_bytes=5000000)
     assert cli_main(argv) == 0  # no flags: the repository keeps its limits
-    assert current_limits(repo).max_frames == 120
+    assert current_limits(repo).max_frames == 120 and current_limits(repo).max_response_bytes == 5000000
     assert cli_main(argv + ["--max-in-flight", "0"]) == 2 and len(calls) == 2
+    # Above gRPC's message ceiling: refused before the export runs.
+    assert cli_main(argv + ["--max-response-bytes", str(2**31)]) == 2 and len(calls) == 2
 
 
 def test_task_lists_are_bounded():

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -84,16 +85,19 @@ def test_load_and_unload_are_refused_by_default(server):
     client = grpc_client(server.grpc_url)
     try:
         for call in (lambda: client.unload_model(protocol.ENTRY_MODEL), lambda: client.load_model(protocol.CORE)):
-            with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+            with pytest.raises(InferenceServerException, match="This protocol is restricted") as err:
                 call()
-        # HTTP too: the repository API refuses (503 in tritonserver 2.51) and changes nothing.
+            # Not tritonserver's own wording, which blames polling (model control is "none").
+            assert "polling" not in str(err.value)
+        # HTTP too: the repository API refuses and changes nothing.
         for action in ("unload", "load"):
             req = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/{protocol.ENTRY_MODEL}/{action}",
                                          data=b"{}", method="POST")
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(req, timeout=10)
-            assert err.value.code in (400, 403, 503)
-            assert "explicit model load / unload is not allowed" in err.value.read().decode()
+            assert err.value.code == 403
+            body = err.value.read().decode()
+            assert "This API is restricted" in body and "polling" not in body
         assert client.is_model_ready(protocol.ENTRY_MODEL) and client.is_model_ready(protocol.CORE)
     finally:
         client.close()
@@ -120,6 +124,76 @@ def test_shared_memory_trace_and_logging_apis_are_refused(server):
         assert client.get_inference_statistics(protocol.ENTRY_MODEL)
     finally:
         client.close()
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["s3cret-admin-key-0123", None], ids=["operator-key", "random-key"])
+def test_the_restricted_api_key_is_on_no_command_line(tmp_path, key):
+    """Every local user can read /proc/<pid>/cmdline; the key must not be there, yet tritonserver must
+    have it: the restricted APIs answer a request carrying it and refuse one without."""
+    from tritonclient.utils import InferenceServerException
+
+    from test_server_runtime import make_config, write_model
+    from thfm_serve import argv_secret
+    from thfm_serve.server import RESTRICTED_HEADER, TritonServer, group_members
+
+    write_model(tmp_path / "repo", "add_sub")
+    cfg = make_config(tmp_path / "repo", restricted_key=key)
+    _, env = server_command(cfg)
+    secret = env[argv_secret.ENV_NAME]
+    with TritonServer(cfg, log_path=tmp_path / "server.log") as server:
+        pids = group_members(server.pid)
+        assert server.pid in pids and len(pids) >= 2  # tritonserver and its stub
+        for pid in pids:
+            assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+            # Nor left in the environment, for the server's own user (or the stubs) to find.
+            assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+        assert argv_secret.helper_loaded(server.pid)
+        server_cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert f"{RESTRICTED_HEADER}={argv_secret.PLACEHOLDER}".encode() in server_cmdline
+        if key is None:
+            return  # the random key exists nowhere else; its use is shown with the operator's key
+        client = grpc_client(server.grpc_url)
+        grpc_header = "triton-grpc-protocol-" + RESTRICTED_HEADER  # how tritonserver's gRPC side names it
+        try:
+            with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+                client.get_trace_settings()
+            with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+                client.get_trace_settings(headers={grpc_header: argv_secret.PLACEHOLDER})
+            assert client.get_trace_settings(headers={grpc_header: key}) is not None
+        finally:
+            client.close()
+        req = urllib.request.Request(f"http://{server.http_url}/v2/trace/setting", headers={RESTRICTED_HEADER: key})
+        for attempt in range(50):  # readiness is polled over gRPC; the HTTP port may open a moment later
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    assert r.status == 200
+                break
+            except urllib.error.URLError as e:
+                if isinstance(e, urllib.error.HTTPError) or attempt == 49:
+                    raise
+                time.sleep(0.1)
+
+
+def test_the_preloaded_helper_fills_the_argument_and_keeps_it_out_of_cmdline(tmp_path):
+    """The mechanism on its own, with python3 as the program: main() sees the secret, /proc does not."""
+    import subprocess
+    import sys
+
+    from thfm_serve import argv_secret
+
+    code = ("import sys, os; c = open('/proc/self/cmdline', 'rb').read(); e = open('/proc/self/environ', 'rb').read(); "
+            "print(sys.argv[1]); print(b'k3y-value-42' in c, b'k3y-value-42' in e, os.environ.get('THFM_TRITON_SECRET'))")
+    argv, env = argv_secret.hide([sys.executable, "-c", code, "--flag=k3y-value-42"], dict(os.environ), "k3y-value-42",
+                                 tmp_path)
+    assert argv[-1] == f"--flag={argv_secret.PLACEHOLDER}"
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["--flag=k3y-value-42", "False", "False", "None"], out.stderr
+    # Without the variable the helper refuses to run the program rather than let it see the placeholder.
+    env.pop(argv_secret.ENV_NAME)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78 and "no THFM_TRITON_SECRET" in out.stderr
 
 
 # --- request size caps ----------------------------------------------------------------------------

@@ -268,6 +268,30 @@ def test_stop_leaves_no_process(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.timeout(60)
+def test_stop_removes_the_region_of_a_stub_killed_with_sigkill(tmp_path):
+    from thfm_serve.server import python_stub_regions
+
+    write_model(tmp_path / "repo", "add_sub")
+    server = TritonServer(make_config(tmp_path / "repo"), log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        stub = next(p for p in group_members(server.pid) if "triton_python_backend_stub" in cmdline(p))
+        regions = python_stub_regions([stub])
+        assert regions and all((Path("/dev/shm") / n).exists() for n in regions)
+        os.kill(stub, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while server.dead_stubs() != ["add_sub_0_0"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.dead_stubs() == ["add_sub_0_0"]
+    finally:
+        # As serve_forever restarts a server whose stub died: killed at once, no graceful shutdown
+        # that could clean up after the stub.
+        server.stop(timeout_s=0)
+    assert not [n for n in regions if (Path("/dev/shm") / n).exists()]
+
+
+@pytest.mark.server
+@pytest.mark.timeout(60)
 def test_explicit_mode_allows_unload(tmp_path):
     import tritonclient.grpc as grpcclient
 
@@ -367,15 +391,25 @@ def test_stop_kills_group_after_timeout(tmp_path):
 def test_restricted_apis(tmp_path):
     from thfm_serve.server import DEFAULT_RESTRICTED_APIS, RESTRICTED_HEADER
 
-    argv, _ = server_command(ServerConfig(repo=tmp_path))
+    from thfm_serve import argv_secret
+
+    argv, env = server_command(ServerConfig(repo=tmp_path))
     grpc = [a for a in argv if a.startswith("--grpc-restricted-protocol=")]
     http = [a for a in argv if a.startswith("--http-restricted-api=")]
     assert len(grpc) == len(http) == 1
     apis, key = grpc[0].split("=", 1)[1].split(":", 1)
-    assert apis.split(",") == list(DEFAULT_RESTRICTED_APIS) and key.startswith(RESTRICTED_HEADER + "=")
-    assert len(key.split("=", 1)[1]) >= 24  # random per start
-    argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_key="s3cret-key"))
-    assert any(a.endswith(f":{RESTRICTED_HEADER}=s3cret-key") for a in argv)
+    # With model control "none" the repository API is restricted too (it could only refuse, misworded).
+    assert apis.split(",") == [*DEFAULT_RESTRICTED_APIS, "model-repository"] and key.startswith(RESTRICTED_HEADER + "=")
+    argv_explicit, _ = server_command(ServerConfig(repo=tmp_path, model_control="explicit"))
+    explicit = [a for a in argv_explicit if a.startswith("--grpc-restricted-protocol=")][0]
+    assert "model-repository" not in explicit
+    # The key is not on the command line: a placeholder is, and the key travels in the environment.
+    assert key.split("=", 1)[1] == argv_secret.PLACEHOLDER
+    assert len(env[argv_secret.ENV_NAME]) >= 24  # random per start
+    assert env[argv_secret.ENV_NAME] not in " ".join(argv)
+    argv, env = server_command(ServerConfig(repo=tmp_path, restricted_key="s3cret-key"))
+    assert any(a.endswith(f":{RESTRICTED_HEADER}={argv_secret.PLACEHOLDER}") for a in argv)
+    assert env[argv_secret.ENV_NAME] == "s3cret-key" and "s3cret-key" not in " ".join(argv)
     argv, _ = server_command(ServerConfig(repo=tmp_path, restricted_apis=()))
     assert not any(a.startswith(("--grpc-restricted", "--http-restricted")) for a in argv)
     for kw in ({"restricted_apis": ("bogus",)}, {"restricted_apis": "trace"}, {"restricted_key": "a b"}):

@@ -151,14 +151,16 @@ def test_health_ready_and_metadata(client, repo):
         assert client.is_model_ready(name), name
     meta = client.get_model_metadata(protocol.ENTRY_MODEL, as_json=True)
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {
-        protocol.INPUT_VIDEO: "BYTES", protocol.INPUT_FRAMES: "UINT8", protocol.INPUT_TASKS: "BYTES"}
+        protocol.INPUT_VIDEO: "BYTES", protocol.INPUT_FRAMES: "UINT8", protocol.INPUT_TASKS: "BYTES",
+        protocol.INPUT_OUTPUT_SIZE: "BYTES"}
     assert [o["name"] for o in meta["outputs"]] == [protocol.OUTPUT_FOR_TASK[t] for t in TASKS] + [protocol.OUTPUT_JOINT_NAMES]
     config = client.get_model_config(protocol.ENTRY_MODEL, as_json=True)["config"]
     params = {k: v["string_value"] for k, v in config["parameters"].items()}
     assert params == {protocol.PARAM_WINDOW_FRAMES: str(WINDOW), protocol.PARAM_HEIGHT: str(HEIGHT),
                       protocol.PARAM_WIDTH: str(WIDTH), protocol.PARAM_OVERLAP: "1",  # the default for 5 frames
                       protocol.PARAM_MAX_FRAMES: "40", protocol.PARAM_MAX_PIXELS: str(96 * 96),
-                      protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20)}
+                      protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20),
+                      protocol.PARAM_MAX_RESPONSE_BYTES: str(LIMITS.max_response_bytes)}
     for name in (protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE):
         assert client.get_model_metadata(name, as_json=True)["platform"] == "ensemble"
 

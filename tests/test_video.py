@@ -485,3 +485,31 @@ def test_real_sample_image_is_rejected():
         pytest.skip("astronaut.png missing")
     with pytest.raises(VideoError, match="is an image, not a video"):
         read_video(png)
+
+
+def _size_changing_stream(tmp_path, small: int = 3, big: int = 4) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Two MPEG-TS segments back to back (what `cat a.ts b.ts` makes): 16x16 frames, then 160x128."""
+    a = np.full((small, 16, 16, 3), 80, np.uint8)
+    b = np.full((big, 128, 160, 3), 160, np.uint8)
+    encode_video(a, tmp_path / "a.ts")
+    encode_video(b, tmp_path / "b.ts")
+    return (tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes(), a, b
+
+
+def test_every_frame_is_checked_against_max_pixels(tmp_path):
+    data, a, b = _size_changing_stream(tmp_path)
+    # Without a limit both segments decode; the big frames are scaled to the first frame's size.
+    video = decode_video_bytes(data)
+    assert video.frames.shape == (len(a) + len(b), 16, 16, 3)
+    # The first frame (16x16) and the header are within the limit; frame 3 (160x128) is not.
+    with pytest.raises(ShapeError, match=r"<bytes>: frame 3 is 160x128 = 20480 pixels \(the stream changes size "
+                                         r"mid-way\), above the limit max_pixels=9216"):
+        decode_video_bytes(data, max_pixels=96 * 96)
+    # A limit that holds the big frames lets the stream through.
+    assert decode_video_bytes(data, max_pixels=160 * 128).frames.shape[0] == len(a) + len(b)
+
+
+def test_frame_limit_counts_every_segment(tmp_path):
+    data, a, b = _size_changing_stream(tmp_path, small=2, big=5)
+    with pytest.raises(ShapeError, match=r"more than 4 frames, above the limit max_frames=4"):
+        decode_video_bytes(data, max_frames=4)

@@ -122,6 +122,7 @@ class PredictOptions:
     prompt: tuple[str, ...] = ()  # TASK=TEXT, in-process only
     bf16: bool = False  # in-process only
     max_frames: int | None = None
+    output_size: str = "input"  # dense maps at the input's size or the model grid's (contract.protocol.OUTPUT_SIZES)
     pictures: bool = False
     send: str = "video"  # served: "video" (lossless re-encode) or "frames"
     max_in_flight: int | None = None

@@ -194,8 +194,12 @@ def fetch_model_config(url: str, model: str, timeout_s: float = 10.0) -> dict[st
         if not client.is_server_live(client_timeout=timeout_s):
             raise ThfmError(f"Triton at {url} is not live")
         if not client.is_model_ready(model, client_timeout=timeout_s):
-            names = [m.get("name") for m in client.get_model_repository_index(as_json=True).get("models", [])]
-            raise ThfmError(f"model {model!r} is not ready on {url}; the server has {sorted(set(names))}")
+            try:
+                names = [m.get("name") for m in client.get_model_repository_index(as_json=True).get("models", [])]
+                has = f"; the server has {sorted(set(names))}"
+            except InferenceServerException:  # `thfm serve` restricts the repository API
+                has = ""
+            raise ThfmError(f"model {model!r} is not ready on {url}{has}")
         return client.get_model_config(model, as_json=True, client_timeout=timeout_s)["config"]
     except InferenceServerException as e:
         raise ThfmError(f"Triton at {url}: {e.message() if hasattr(e, 'message') else e}") from None

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .budget import output_resolution
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import check_resolution, latent_frames, parse_tasks
 from .processing import run_clip, validate_frames
+from .contract.protocol import OUTPUT_SIZE_INPUT
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,16 @@ class ThfmPipeline:
         window: int | None = None,
         prompts: dict[str, str] | None = None,
         overlap: int | None = None,
+        output_size: str = OUTPUT_SIZE_INPUT,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames and resolution.
+        """frames: uint8 [F, H, W, 3] -> {task: {key: array}} at the input's frames; dense maps at the
+        input's resolution, or at the model grid with output_size="model" (the served models' option).
 
         overlap: frames shared by neighbouring windows (None: the policy's default, as served)."""
         frames = validate_frames(frames)
         tasks = parse_tasks(tasks, self.ck.tasks)
         h, w, window = self.resolve(height, width, window)
+        output_hw = output_resolution(output_size, frames.shape[1:3], (h, w))
         logger.info("%d frames at %dx%d in windows of %d", frames.shape[0], h, w, window)
         text = self.embeddings(tasks, prompts).float().numpy()
 
@@ -93,7 +98,7 @@ class ThfmPipeline:
             return self.decoder(torch.from_numpy(latent)).numpy()
 
         return run_clip(frames, tasks, text, h, w, window, overlap, self.cfg.depth_log_scale, self.cfg.joint_names,
-                        encode, core, decode)
+                        encode, core, decode, output_hw)
 
 
 def write_results(results: dict[str, dict[str, np.ndarray]], out_dir: str | Path) -> list[Path]:

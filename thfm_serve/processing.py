@@ -91,9 +91,10 @@ Decode = Callable[[np.ndarray], np.ndarray]
 
 def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height: int, width: int, window: int,
              overlap: int | None, depth_log_scale: float, joint_names: Sequence[str], encode: Encode, core: Core,
-             decode: Decode) -> dict[str, dict[str, np.ndarray]]:
+             decode: Decode, output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Every requested task on a clip: frames uint8 [F, H, W, 3] -> {task: {key: array}} at the input's
-    frames and resolution. The in-process pipeline and the served entry model both run this.
+    frames; dense maps at output_hw (default: the input's resolution; budget.output_resolution), keypoints
+    in input pixels either way. The in-process pipeline and the served entry model both run this.
 
     Per window of the one windowing policy (contract.windows): the clip is fitted to the model grid
     and encoded once, the core runs once with one batch row per task (text [N, L, D], one row per
@@ -101,6 +102,7 @@ def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height:
     the input's resolution and stitched (cross-faded over the overlap) in frame order.
     """
     num_frames, in_h, in_w = frames.shape[:3]
+    out_h, out_w = output_hw or (in_h, in_w)
     dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
 
     def run_window(win, part: np.ndarray) -> dict[str, np.ndarray]:
@@ -113,7 +115,7 @@ def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height:
         for j, t in enumerate(tasks):
             if t in DENSE_TASKS:
                 m = maps[dense_idx.index(j)].transpose(1, 0, 2, 3)[: win.frames]  # [f, 3, h, w]
-                out[t] = dense_output(t, m, in_h, in_w, depth_log_scale)
+                out[t] = dense_output(t, m, out_h, out_w, depth_log_scale)
             else:
                 kp = (kp2d if t == "keypoints2d" else kp3d)[j][: win.frames]
                 out[t] = sparse_output(t, kp, in_h, in_w)

@@ -282,7 +282,8 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
     outputs = [_task_output(t, k) for t in tasks] + ([_joint_names_output(k)] if sparse else [])
     configs[protocol.ENTRY_MODEL] = {
         "name": protocol.ENTRY_MODEL, "backend": "python", "max_batch_size": 0,
-        "input": _clip_inputs() + [_tensor(protocol.INPUT_TASKS, "bytes", [-1])],
+        "input": _clip_inputs() + [_tensor(protocol.INPUT_TASKS, "bytes", [-1]),
+                                   _tensor(protocol.INPUT_OUTPUT_SIZE, "bytes", [1], optional=True)],
         "output": outputs,
         "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from thfm_serve import argv_secret
 from thfm_serve.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ MODEL_CONTROL_MODES = ("none", "explicit")
 RESTRICTABLE_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
                      "statistics", "trace", "logging")
 DEFAULT_RESTRICTED_APIS = ("shared-memory", "trace", "logging")
+# glibc malloc settings for tritonserver and its stubs (see server_command).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "32768", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
 RESTRICTED_HEADER = "thfm-admin-key"  # gRPC clients send it as "triton-grpc-protocol-thfm-admin-key"
 
 
@@ -265,10 +268,21 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
         "--pinned-memory-pool-byte-size=0",
         "--cuda-memory-pool-byte-size=0:0",
         f"--log-verbose={cfg.log_verbose}",
+        # The gRPC frontend keeps this many request/response objects for reuse (default 8), each with
+        # the buffers of the largest message it carried: after a few refused 300 MB requests the server
+        # held 300-400 MB more per request. 0 frees them with the request (measured: tests/test_memory.py).
+        "--grpc-infer-allocation-pool-size=0",
     ]
+    key = None
     if cfg.restricted_apis:
         key = cfg.restricted_key or secrets.token_urlsafe(24)
-        apis = ",".join(cfg.restricted_apis)
+        restricted = list(cfg.restricted_apis)
+        if cfg.model_control == "none" and "model-repository" not in restricted:
+            # Without model control the repository API can only list models and refuse load/unload, and
+            # tritonserver 2.51 words that refusal "... not allowed if polling is enabled", which is
+            # wrong here; restricted, it answers "This protocol/API is restricted" instead.
+            restricted.append("model-repository")
+        apis = ",".join(restricted)
         argv += [f"--grpc-restricted-protocol={apis}:{RESTRICTED_HEADER}={key}",
                  f"--http-restricted-api={apis}:{RESTRICTED_HEADER}={key}"]
     if cfg.model_control == "explicit" and not _has_flag(cfg.extra_args, "--load-model"):
@@ -287,6 +301,20 @@ def server_command(cfg: ServerConfig) -> tuple[list[str], dict[str, str]]:
         lib_paths.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_paths)
     env["PATH"] = os.pathsep.join(p for p in (str(_venv_bin()), env.get("PATH", "")) if p)
+    # glibc's malloc raises its mmap threshold to the size of the largest block freed (up to 32 MB)
+    # and keeps freed heap memory (128 KiB and more at the top of each arena) for reuse, so the
+    # buffers of a large message stay resident after the request: tritonserver grew by 64-160 MB per
+    # 300 MB request, up to 355 MB, with the allocation pool already off. A fixed 32 KiB threshold
+    # serves large buffers by mmap, which gives them back on free, and trim threshold and top pad 0
+    # give back freed heap tops at once; tritonserver then stays at ~10 MB of private memory through
+    # the same requests (tests/test_memory.py). The stubs inherit the settings; their big arrays are
+    # mmapped either way. An operator's own MALLOC_* settings win.
+    for name, value in MALLOC_ENV.items():
+        env.setdefault(name, value)
+    if key is not None:
+        # The key reaches tritonserver through its environment (owner-only), not its command line
+        # (readable by every local user); see thfm_serve/argv_secret.py.
+        argv, env = argv_secret.hide(argv, env, key, backend_directory())
     return argv, env
 
 
@@ -325,6 +353,27 @@ def _shm_regions(pids: Iterable[int]) -> set[str]:
             continue
         names.update(a.decode() for a in args if a.startswith(_SHM_PREFIX.encode()))
     return names
+
+
+def remove_regions(names: Iterable[str]) -> list[str]:
+    """Unlink python-backend regions from /dev/shm (only names with the backend's prefix); the removed ones."""
+    removed = []
+    for name in names:
+        if not name.startswith(_SHM_PREFIX) or "/" in name:
+            continue
+        try:
+            Path("/dev/shm", name).unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d python-backend shared-memory region(s) left in /dev/shm", len(removed))
+    return removed
+
+
+def python_stub_regions(pids: Iterable[int]) -> set[str]:
+    """Names (in /dev/shm) of the python-backend shared-memory regions the given processes were started with."""
+    return _shm_regions(pids)
 
 
 _STUB_BINARY = "triton_python_backend_stub"
@@ -433,6 +482,9 @@ class TritonServer:
         self._starts = 0
         # The python-backend stubs seen when the server became ready (pid -> instance name).
         self._stubs: dict[int, str] = {}
+        # Their shared-memory regions (names in /dev/shm), remembered so that stop() removes those of
+        # stubs that died since: a stub killed with SIGKILL is gone from the process group by then.
+        self._regions: set[str] = set()
 
     # -- addresses
 
@@ -497,7 +549,14 @@ class TritonServer:
                 close_fds=True,
             )
         try:
+            secret = env.get(argv_secret.ENV_NAME)
+            if secret and argv_secret.cmdline_holds(self._proc.pid, secret):
+                raise ServerError("tritonserver's command line holds the restricted-API key; refusing to serve")
             self.wait_ready(timeout_s, cancel=cancel)
+            if secret and self._proc.poll() is None and not argv_secret.helper_loaded(self._proc.pid):
+                # Without the helper tritonserver took the placeholder, which everyone can read, as the key.
+                raise ServerError("the helper that passes the restricted-API key to tritonserver was not loaded "
+                                  f"(LD_PRELOAD={env.get('LD_PRELOAD')!r}); refusing to serve")
         except BaseException:
             # Keep the log of a failed start even if it is a temporary file: the message points at it.
             self._own_log = False
@@ -522,6 +581,7 @@ class TritonServer:
                 )
             if self.is_ready():
                 self._stubs = python_stubs(self._proc.pid)
+                self._regions = python_stub_regions(self._stubs)
                 log.info("tritonserver ready in %.1f s (pid %d)", time.monotonic() - t0, self._proc.pid)
                 return
             if cancel is not None and cancel.is_set():
@@ -607,12 +667,12 @@ class TritonServer:
                     proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     log.warning("tritonserver did not stop in %.0f s; killing its process group", timeout_s)
-            shm = _shm_regions(group_members(pgid))
+            shm = _shm_regions(group_members(pgid)) | self._regions
             self._kill_group(pgid)
             proc.wait()
-            # Regions are removed by a clean shutdown; after a SIGKILL they would stay in /dev/shm.
-            for name in shm:
-                Path("/dev/shm", name).unlink(missing_ok=True)
+            # Regions are removed by a clean shutdown; those of a stub killed with SIGKILL (or of a
+            # server killed so) would stay in /dev/shm and pile up over restarts.
+            remove_regions(shm)
             rc = proc.returncode
             self._stopped = True
             log.info("tritonserver stopped (exit code %s)", rc)

@@ -27,7 +27,7 @@ import av
 import av.sidedata.sidedata
 import numpy as np
 
-from .errors import ShapeError, VideoError
+from .errors import ShapeError, ThfmError, VideoError
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +281,13 @@ def _decode(path_or_bytes, max_frames: int | None, max_pixels: int | None) -> Vi
                         f"{source}: video has {total}, above the limit max_frames={max_frames}"
                     )
                 if (frame.width, frame.height) != size:
-                    # Mid-stream resolution change (rare; some streams/concatenations). Scale back
-                    # to the first frame's size so the output stays one array.
+                    # Mid-stream resolution change (rare; some streams/concatenations). The limit
+                    # holds for every frame, not only the first: a stream can open with a tiny frame
+                    # and switch to huge ones (concatenated MPEG-TS), and each of those would be
+                    # decoded and converted at full size before being scaled down.
+                    if max_pixels is not None:
+                        _check_pixels(source, frame.width, frame.height, max_pixels, index=n)
+                    # Scale back to the first frame's size so the output stays one array.
                     if not rescaled:
                         logger.warning(
                             "%s: frame %d is %dx%d, first frame was %dx%d; rescaling to the first",
@@ -368,13 +373,14 @@ def _warn_if_short(source, container, stream, n, declared, timestamps, fps) -> N
         )
 
 
-def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None:
+def _check_pixels(source: str, width: int, height: int, max_pixels: int, index: int | None = None) -> None:
     pixels = int(width) * int(height)
     if pixels > max_pixels:
-        raise ShapeError(
-            f"{source}: frame size {width}x{height} = {pixels} pixels is above the limit "
-            f"max_pixels={max_pixels}"
-        )
+        if index is None:
+            what = f"frame size {width}x{height} = {pixels} pixels is"
+        else:
+            what = f"frame {index} is {width}x{height} = {pixels} pixels (the stream changes size mid-way),"
+        raise ShapeError(f"{source}: {what} above the limit max_pixels={max_pixels}")
 
 
 def _fill_timestamps(times: list[float | None], fps: float | None) -> np.ndarray:
@@ -441,6 +447,23 @@ def decode_video_bytes(
 
 # --------------------------------------------------------------------------------------------
 # Probing
+
+
+def declared_geometry(data: bytes) -> tuple[int | None, int, int] | None:
+    """(frames declared by the container or None, height, width) from the headers alone, nothing
+    decoded; None when the headers do not say (or the data does not open: decoding reports that).
+
+    Width and height are the coded ones: rotation metadata swaps them but not their product, which
+    is all a size budget needs.
+    """
+    try:
+        container, stream = _open(data, "<bytes>")
+    except ThfmError:
+        return None
+    with container:
+        if not stream.width or not stream.height:
+            return None
+        return _declared_frames(stream), int(stream.height), int(stream.width)
 
 
 def probe_video(path_or_bytes) -> dict:

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="frames shared by neighbouring windows, cross-faded when stitched (default: the "
                    "served model's, about 1/8 of the model window; the same policy in-process and served)")
     p.add_argument("--max-frames", type=int, default=None, help="refuse videos longer than this")
+    p.add_argument("--output-size", choices=("input", "model"), default="input",
+                   help="resolution of the dense maps: the input video's (default) or the model grid's "
+                   "(smaller answers for large videos; keypoints stay in input pixels)")
     p.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=False,
                    help="also write pictures to look at: <out>/pictures/<task>.mp4 and a contact sheet "
                    "<task>.png per task (default: off)")
@@ -75,7 +78,8 @@ def run(args) -> int:
     if missing:
         raise CheckpointError(f"checkpoint {opts.checkpoint} is missing {', '.join(missing)}")
     pipe = ThfmPipeline.from_checkpoint(opts.checkpoint, dtype=torch.bfloat16 if opts.bf16 else torch.float32)
-    results = pipe.run(video.frames, tasks, opts.height, opts.width, opts.window, prompts, overlap=opts.overlap)
+    results = pipe.run(video.frames, tasks, opts.height, opts.width, opts.window, prompts, overlap=opts.overlap,
+                       output_size=opts.output_size)
     for path in write_results(results, opts.out):
         logger.info("wrote %s", path)
     if opts.pictures:

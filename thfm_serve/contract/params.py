@@ -29,6 +29,16 @@ DEFAULT_MAX_REQUEST_BYTES = 256 << 20
 # It also covers a client at concurrency 8 (perf_analyzer's usual sweep) without a rejection.
 DEFAULT_MAX_IN_FLIGHT = 8
 
+# gRPC's hard ceiling for one message: a signed 32-bit length. Protobuf framing, tensor names and
+# shapes come on top of the tensor bytes; 1 MiB covers them with room to spare.
+GRPC_MAX_MESSAGE = 2**31 - 1
+MESSAGE_SLACK = 1 << 20
+MAX_RESPONSE_CEILING = GRPC_MAX_MESSAGE - MESSAGE_SLACK
+# Default response limit. 1 GiB holds a full Wan window (81 frames) at the paper's 480x832 with all
+# six tasks (0.96 GiB), or 81 frames of 1080p depth (0.63 GiB); bigger answers are split by the
+# client (fewer tasks per request) or asked for at the model grid.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -44,16 +54,23 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per frame
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests waiting per front model (see above)
+    # The size of one response (frames x output pixels x channels x 4 bytes per task), checked by
+    # thfm_serve.budget before any model work; at most gRPC's message ceiling.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def validate(self) -> "Limits":
         for name, value in asdict(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ThfmError(f"limit {name} must be a positive integer, got {value!r}")
+        if self.max_response_bytes > MAX_RESPONSE_CEILING:
+            raise ThfmError(f"limit max_response_bytes={self.max_response_bytes} is above what one gRPC message "
+                            f"can carry ({MAX_RESPONSE_CEILING} bytes: 2 GiB less framing)")
         return self
 
     def to_params(self) -> dict[str, str]:
         return {protocol.PARAM_MAX_FRAMES: str(self.max_frames), protocol.PARAM_MAX_PIXELS: str(self.max_pixels),
-                protocol.PARAM_MAX_REQUEST_BYTES: str(self.max_request_bytes)}
+                protocol.PARAM_MAX_REQUEST_BYTES: str(self.max_request_bytes),
+                protocol.PARAM_MAX_RESPONSE_BYTES: str(self.max_response_bytes)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class EntryParams:
     max_frames: int | None
     max_pixels: int | None
     max_request_bytes: int | None
+    max_response_bytes: int | None = None
     vae_max_batch: int | None = None  # rows per VAE decoder call; None: all dense rows in one call
 
     @property
@@ -125,17 +143,20 @@ class EntryParams:
     @property
     def limits(self) -> Limits:
         """Limits with the defaults for what the config leaves out."""
-        return _limits(self.max_frames, self.max_pixels, self.max_request_bytes)
+        return _limits(self.max_frames, self.max_pixels, self.max_request_bytes, self.max_response_bytes)
 
 
 def _optional(params: Mapping[str, str], name: str) -> int | None:
     return _int_param(params, name) if str(params.get(name, "")).strip() else None
 
 
-def _limits(max_frames: int | None, max_pixels: int | None, max_request_bytes: int | None) -> Limits:
+def _limits(max_frames: int | None, max_pixels: int | None, max_request_bytes: int | None,
+            max_response_bytes: int | None = None) -> Limits:
     return Limits(DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
                   DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                  DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes).validate()
+                  DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes,
+                  max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES if max_response_bytes is None
+                  else max_response_bytes).validate()
 
 
 def read_params(params: Mapping[str, str]) -> EntryParams:
@@ -152,6 +173,7 @@ def read_params(params: Mapping[str, str]) -> EntryParams:
         max_frames=optional(protocol.PARAM_MAX_FRAMES),
         max_pixels=optional(protocol.PARAM_MAX_PIXELS),
         max_request_bytes=optional(protocol.PARAM_MAX_REQUEST_BYTES),
+        max_response_bytes=optional(protocol.PARAM_MAX_RESPONSE_BYTES),
         vae_max_batch=optional(protocol.PARAM_VAE_MAX_BATCH),
     )
 
@@ -163,4 +185,5 @@ def grid_from_params(params: Mapping[str, str]) -> Grid:
 def limits_from_params(params: Mapping[str, str]) -> Limits:
     """The request limits alone (a config without a grid may carry them), defaults for absent ones."""
     return _limits(*(_optional(params, n) for n in
-                     (protocol.PARAM_MAX_FRAMES, protocol.PARAM_MAX_PIXELS, protocol.PARAM_MAX_REQUEST_BYTES)))
+                     (protocol.PARAM_MAX_FRAMES, protocol.PARAM_MAX_PIXELS, protocol.PARAM_MAX_REQUEST_BYTES,
+                      protocol.PARAM_MAX_RESPONSE_BYTES)))

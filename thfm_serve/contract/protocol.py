@@ -24,6 +24,12 @@ POSTPROCESS_SPARSE = "postprocess_sparse"
 INPUT_VIDEO = "video"  # BYTES [1]: an encoded video file (mp4, mov, webm, ...)
 INPUT_FRAMES = "frames"  # UINT8 [F, H, W, 3]: RGB frames in displayed orientation
 INPUT_TASKS = "tasks"  # BYTES [N]: task names, e.g. [b"depth", b"keypoints2d"]
+# Optional: BYTES [1], the resolution of the dense outputs: "input" (the default: the input's displayed
+# size) or "model" (the model grid, PARAM_HEIGHT x PARAM_WIDTH). Keypoints are in input pixels either way.
+INPUT_OUTPUT_SIZE = "output_size"
+OUTPUT_SIZE_INPUT = "input"
+OUTPUT_SIZE_MODEL = "model"
+OUTPUT_SIZES = (OUTPUT_SIZE_INPUT, OUTPUT_SIZE_MODEL)
 
 # Entry-model outputs: one per task, named after it, plus the joint names for keypoint tasks.
 OUTPUT_FOR_TASK = {t: t for t in TASKS}
@@ -36,6 +42,7 @@ PARAM_WIDTH = "width"
 PARAM_MAX_FRAMES = "max_frames"  # request limits (configurable when the repository is written)
 PARAM_MAX_PIXELS = "max_pixels"  # per frame
 PARAM_MAX_REQUEST_BYTES = "max_request_bytes"
+PARAM_MAX_RESPONSE_BYTES = "max_response_bytes"  # the size of one response (thfm_serve.budget)
 PARAM_OVERLAP = "window_overlap"  # frames shared by neighbouring windows (contract.windows)
 # Config parameter of the onnxruntime models: intra-op threads (0 = onnxruntime's default, one per core).
 PARAM_THREADS = "intra_op_threads"

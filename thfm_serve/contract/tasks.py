@@ -45,17 +45,18 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...], available: list[str] | 
     items = [t.strip() for t in items if t.strip()]
     if not items:
         raise TaskError(f"no task given; choose from {', '.join(available)} (or 'all')")
-    if items == ["all"]:
-        return list(available)
     out: list[str] = []
     for t in items:
+        if t == "all":
+            continue
         if t not in TASKS:
             raise TaskError(f"unknown task {t!r}; choose from {', '.join(TASKS)} (or 'all')")
         if t not in available:
             raise TaskError(f"task {t!r} is not provided by this checkpoint (it has {', '.join(available)})")
         if t not in out:
             out.append(t)
-    return out
+    # 'all' may be repeated or sit next to task names (each still checked above): it means every task.
+    return list(available) if "all" in items else out
 
 
 def task_result(task: str, array: np.ndarray, joint_names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -39,13 +39,15 @@ class ModelCallError(RuntimeError):
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
               embeddings: Mapping[str, np.ndarray], call: ModelCall,
-              vae_max_batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+              vae_max_batch: int | None = None,
+              output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     The same window loop (processing.run_clip) and windowing policy (the grid's window and overlap);
     the VAE graphs take one frame count, so a clip shorter than the window is padded to it and
     cropped back (contract.vae_window: exact, the Wan VAE is causal in time). The dense rows are
     decoded in calls of at most `vae_max_batch` rows (the VAE's max_batch_size; None: one call).
+    Dense maps come out at output_hw (default: the input's size); keypoints are in input pixels.
     """
     from ..processing import run_clip
 
@@ -70,7 +72,7 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
         return decode_in_window(run, latent, grid.window)
 
     return run_clip(frames, tasks, text, grid.height, grid.width, grid.window, grid.window_overlap,
-                    cfg.depth_log_scale, cfg.joint_names, encode, core, decode)
+                    cfg.depth_log_scale, cfg.joint_names, encode, core, decode, output_hw)
 
 
 def entry_outputs(results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from ..config import DENSE_TASKS, SPARSE_TASKS
 from ..contract import protocol
 from ..contract.params import _int_param, grid_from_params, limits_from_params, model_parameters, read_params
 from ..contract.protocol import GEOMETRY, KP2D, KP3D, MAPS_PREFIX, PARAM_MAX_WINDOWS
+from .. import budget
 from ..errors import ShapeError
 from .assets import load_assets, repository_root
 from .ensemble import postprocess_dense, postprocess_sparse, preprocess
@@ -21,7 +22,7 @@ from .requests import check_requested_outputs, read_clip, read_tasks
 class EntryModel:
     """The `thfm` entry model: settings parsed and assets loaded once, in initialize."""
 
-    input_names = (protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS)
+    input_names = (protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS, protocol.INPUT_OUTPUT_SIZE)
 
     def __init__(self, model_config: Mapping[str, Any], model_dir: str | Path, call: ModelCall):
         params = model_parameters(model_config)
@@ -39,9 +40,16 @@ class EntryModel:
         rather than a silently empty response)."""
         tasks = read_tasks(inputs.get(protocol.INPUT_TASKS), self.assets.tasks)
         check_requested_outputs(wanted, tasks, self.output_names)
+        output_size = budget.read_output_size(inputs.get(protocol.INPUT_OUTPUT_SIZE))
+        joints, grid_hw = len(self.assets.config.joint_names), (self.grid.height, self.grid.width)
+        budget.check_declared_video(inputs.get(protocol.INPUT_VIDEO), tasks, output_size, grid_hw, joints, self.limits,
+                                    self.grid.window)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
+        output_hw = budget.output_resolution(output_size, frames.shape[1:3], grid_hw)
+        budget.check_response(tasks, frames.shape[0], output_hw, joints, self.limits.max_response_bytes,
+                              grid_hw=grid_hw, window=self.grid.window)
         results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call,
-                            self.vae_max_batch)
+                            self.vae_max_batch, output_hw)
         return entry_outputs(results)
 
 
@@ -57,9 +65,15 @@ class PreprocessModel:
         self.max_windows = _int_param(params, PARAM_MAX_WINDOWS)
         assets = load_assets(repository_root(model_dir))
         self.embeddings = assets.embeddings()
+        self.joints = len(assets.config.joint_names)
 
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str]) -> dict[str, np.ndarray]:
+        wanted = list(wanted)
         frames = read_clip(inputs.get(protocol.INPUT_VIDEO), inputs.get(protocol.INPUT_FRAMES), self.limits)
+        # The ensemble's tasks are those whose prompt it wires up; it answers at the input's size.
+        tasks = [t for t in self.embeddings if protocol.TEXT_PREFIX + t in wanted]
+        budget.check_response(tasks, frames.shape[0], frames.shape[1:3], self.joints, self.limits.max_response_bytes,
+                              fixed_tasks=protocol.ENTRY_MODEL)
         return preprocess(frames, self.grid, self.embeddings, self.max_windows, wanted)
 
 
