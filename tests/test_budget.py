@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thfm_serve import budget, protocol, serving
+from thfm_serve import budget, serving
+from thfm_serve.contract import protocol
 from thfm_serve.config import DENSE_TASKS, TASKS, parse_tasks
 from thfm_serve.errors import ShapeError, TaskError, ThfmError
 

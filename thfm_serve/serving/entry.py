@@ -39,8 +39,8 @@ class ModelCallError(RuntimeError):
 
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
               embeddings: Mapping[str, np.ndarray], call: ModelCall,
-              vae_max_batch: int | None = None,
-              output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+              output_hw: tuple[int, int] | None = None,
+              vae_max_batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     The same window loop (processing.run_clip) and windowing policy (the grid's window and overlap);

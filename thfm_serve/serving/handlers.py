@@ -49,7 +49,7 @@ class EntryModel:
         budget.check_response(tasks, frames.shape[0], output_hw, joints, self.limits.max_response_bytes,
                               grid_hw=grid_hw, window=self.grid.window)
         results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call,
-                            self.vae_max_batch, output_hw)
+                            output_hw, self.vae_max_batch)
         return entry_outputs(results)
 
 
