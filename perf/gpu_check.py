@@ -73,6 +73,7 @@ def core_bf16(preset: str, frames: int, height: int, width: int, runs: int, devi
 
     from thfm_serve.config import PRESETS, ThfmConfig
     from thfm_serve.export.precision import lowered_core
+    from thfm_serve.contract.geometry import latent_size
     from thfm_serve.contract.specs import Precision, base_dims_for
     from thfm_serve.model import ThfmCore, ThfmHeads
 
@@ -91,7 +92,8 @@ def core_bf16(preset: str, frames: int, height: int, width: int, runs: int, devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     build_s = time.perf_counter() - t0
-    latent = torch.randn(1, 16, dims["latent_frames"], 2 * dims["hp"], 2 * dims["wp"], device=device)
+    latent = torch.randn(1, p.transformer["in_channels"], dims["latent_frames"], latent_size(height), latent_size(width),
+                         device=device)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device) * 0.1
     tokens = dims["latent_frames"] * dims["hp"] * dims["wp"]
 

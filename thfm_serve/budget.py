@@ -30,14 +30,15 @@ DENSE_CHANNELS = {"depth": 1, "normals": 3, "segmentation": 1, "densepose": 3}
 SPARSE_COORDS = {"keypoints2d": 2, "keypoints3d": 3}
 # joint_names travels as BYTES: 4 bytes of length plus the name; 64 bytes a name is generous.
 _JOINT_NAME_BYTES = 64
+_FLOAT_BYTES = np.dtype(np.float32).itemsize  # every output is float32
 
 
 def task_bytes(task: str, frames: int, height: int, width: int, joints: int) -> int:
     """Bytes of one task's float32 output for `frames` frames (dense maps at height x width)."""
     if task in DENSE_CHANNELS:
-        return 4 * int(frames) * int(height) * int(width) * DENSE_CHANNELS[task]
+        return _FLOAT_BYTES * int(frames) * int(height) * int(width) * DENSE_CHANNELS[task]
     if task in SPARSE_COORDS:
-        return 4 * int(frames) * int(joints) * SPARSE_COORDS[task]
+        return _FLOAT_BYTES * int(frames) * int(joints) * SPARSE_COORDS[task]
     raise ShapeError(f"unknown task {task!r}")
 
 
