@@ -149,7 +149,7 @@ def test_output_size_model_matches_the_in_process_pipeline(two_servers, tiny_pip
     tasks = ["depth", "normals", "keypoints2d"]
     ref = tiny_pipeline.run(frames, tasks, output_size="model")
     with ThfmClient([s.grpc_url for s in two_servers]) as c:
-        got = c.predict(video, tasks, overlap=0, output_size="model").results
+        got = c.predict(video, tasks, output_size="model").results  # the one windowing policy on both sides
     assert got["depth"]["depth"].shape == (12, 64, 64) and got["normals"]["normals"].shape == (12, 64, 64, 3)
     assert got["keypoints2d"]["keypoints"].shape == (12, 24, 2)  # in input pixels, as without the option
     for t in tasks:

@@ -328,5 +328,8 @@ def test_every_dependency_is_pinned():
         deps.extend(extra)
     assert deps
     pinned = re.compile(r"^[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_,\-]+\])?==[0-9][A-Za-z0-9.+!\-]*$")
-    loose = [d for d in deps if not pinned.match(d.replace(" ", ""))]
+    # An extra that names another of this project's extras ("thfm-serve[modelopt]") adds no package of its
+    # own: the packages it stands for are checked where that extra lists them.
+    own = re.compile(r"^" + re.escape(project["name"]) + r"\[[A-Za-z0-9_,\-]+\]$")
+    loose = [d for d in deps if not pinned.match(d.replace(" ", "")) and not own.match(d.replace(" ", ""))]
     assert not loose, f"dependencies not pinned with ==: {loose}"

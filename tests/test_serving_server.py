@@ -28,6 +28,7 @@ from thfm_serve.config import DENSE_TASKS, SPARSE_TASKS, TASKS
 from thfm_serve.contract.specs import SubmodelSpec, tolerance_for
 from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.repository import check_repository, write_repository
+from thfm_serve.contract.specs import MAX_BATCH
 from thfm_serve.serving import Limits
 from thfm_serve.server import ServerConfig, TritonServer, free_port
 
@@ -160,7 +161,9 @@ def test_health_ready_and_metadata(client, repo):
                       protocol.PARAM_WIDTH: str(WIDTH), protocol.PARAM_OVERLAP: "1",  # the default for 5 frames
                       protocol.PARAM_MAX_FRAMES: "40", protocol.PARAM_MAX_PIXELS: str(96 * 96),
                       protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20),
-                      protocol.PARAM_MAX_RESPONSE_BYTES: str(LIMITS.max_response_bytes)}
+                      protocol.PARAM_MAX_RESPONSE_BYTES: str(LIMITS.max_response_bytes),
+                      # On CPU the VAE takes every dense row of a window in one call (the spec's max batch).
+                      protocol.PARAM_VAE_MAX_BATCH: str(MAX_BATCH)}
     for name in (protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE):
         assert client.get_model_metadata(name, as_json=True)["platform"] == "ensemble"
 
