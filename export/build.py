@@ -31,6 +31,7 @@ import numpy as np
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import CheckpointError, ExportError, ThfmError
+from thfm_serve.machine import read_cpu
 from thfm_serve.contract.geometry import latent_size, patch_pixels, video_frames
 from thfm_serve.contract.protocol import (
     CORE,
@@ -87,13 +88,19 @@ def export_repository(
 
     Raises ThfmError subclasses for every user-caused problem (checkpoint, precision, target, shapes)
     and ExportError for failed validation or a missing TensorRT (after everything before it ran).
-    precision: None takes the target's default (precision.DEFAULT_PRECISION: bf16 on gpu, fp32 on cpu).
+    precision: None takes the target's default (precision.default_precision: bf16 on gpu; on cpu the
+    recipe for this machine's instruction sets, thfm_serve.machine.cpu_recipe).
     write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end, also when
     the engine stage stops (the configs do not depend on the plan).
     """
     t_start = time.perf_counter()
     target = parse_target(target)
-    precision = default_precision(target) if precision is None else parse_precision(precision)
+    chosen_by = "--precision"
+    if precision is None:
+        precision, chosen_by = default_precision(target)
+        logger.info("--target %s, no --precision: %s (%s)", target.value, precision.value, chosen_by)
+    else:
+        precision = parse_precision(precision)
     check_target_precision(target, precision)
     chosen = _choose_models(models)
     repo = Path(repo)
@@ -117,7 +124,8 @@ def export_repository(
     state = _State(checkpoint)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
-        "precision": precision.value, "export_shape": {"frames": frames, "height": height, "width": width},
+        "precision": precision.value, "precision_chosen_by": chosen_by, "machine": read_cpu().to_dict(),
+        "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
     }
     staging = Path(tempfile.mkdtemp(dir=repo, prefix=".export-"))
@@ -149,7 +157,7 @@ def export_repository(
             entry["files"] = {n: v["bytes"] for n, v in files.items()}
             mf.write_json(vdir / mf.MANIFEST_NAME, {
                 "format": 1, "model": name, "key": mf.normalise(key), "files": files, "spec": spec.to_dict(),
-                "checkpoint": str(checkpoint.resolve()), "versions": report["versions"],
+                "checkpoint": str(checkpoint.resolve()), "versions": report["versions"], "machine": report["machine"],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report": entry,
             })
             report["models"][name] = {**entry, "status": "exported"}
