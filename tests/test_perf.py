@@ -585,8 +585,9 @@ def test_bench_mixed_roofline_and_report(tmp_path):
     assert all(h.endswith("[amx]") for h in bench.markdown(r, "x.png").splitlines() if h.startswith("## "))
 
 
-def test_bench_records_the_machine():
+def test_bench_records_the_machine(monkeypatch):
     bench = _bench()
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))  # the workers import perf/engines.py as the script does
     from thfm_serve.machine import read_cpu
 
     m = bench.cpu_info()
