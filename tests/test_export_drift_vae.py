@@ -3,6 +3,8 @@ session options) instead of the PyTorch VAE, and decodes only the dense rows the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,8 @@ def vae_repo(tiny_checkpoint, tmp_path_factory):
     from thfm_serve.checkpoint import load_checkpoint
 
     repo = tmp_path_factory.mktemp("drift") / "model_repository"
-    report = export_repository(tiny_checkpoint, repo, "cpu", "fp32", **SHAPE, models=[VAE_ENCODER, VAE_DECODER],
+    # No --precision: the CPU recipe of this machine (the VAE graphs stay fp32 whatever it is).
+    report = export_repository(tiny_checkpoint, repo, "cpu", None, **SHAPE, models=[VAE_ENCODER, VAE_DECODER],
                                write_configs=False)
     ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
     specs = build.build_specs(ck.config, precision=Precision.FP32, **SHAPE)
@@ -39,6 +42,16 @@ def _noisy(run, scale: float, seed: int = 0):
         return {k: v + scale * rng.standard_normal(v.shape).astype(np.float32) * np.abs(v).mean() for k, v in out.items()}
 
     return call
+
+
+def test_cpu_export_without_precision_takes_the_machine_recipe(vae_repo):
+    from thfm_serve.machine import cpu_recipe, read_cpu
+
+    report, recipe = vae_repo["report"], cpu_recipe(read_cpu())
+    assert report["precision"] == recipe.precision != "bf16"
+    assert report["machine"]["class"] == recipe.machine_class and recipe.machine_class in report["precision_chosen_by"]
+    manifest = json.loads((vae_repo["repo"] / VAE_DECODER / "1" / "manifest.json").read_text())
+    assert manifest["machine"]["class"] == recipe.machine_class and manifest["spec"]["precision"] == "fp32"
 
 
 def test_exported_vae_matches_pytorch_vae(vae_repo):
