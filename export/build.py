@@ -31,6 +31,7 @@ import numpy as np
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import CheckpointError, ExportError, ThfmError
+from thfm_serve.machine import read_cpu
 from thfm_serve.contract.geometry import latent_size, patch_pixels, video_frames
 from thfm_serve.contract.protocol import (
     CORE,
@@ -48,7 +49,7 @@ from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import QUANTIZED, check_target_precision, default_precision, lowered_core, precision_summary
 from thfm_serve.contract.specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
-from .validate import make_runner, task_drift, torch_runner, validate_values
+from .validate import OnnxVae, make_runner, task_drift, torch_runner, validate_values
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,19 @@ def export_repository(
 
     Raises ThfmError subclasses for every user-caused problem (checkpoint, precision, target, shapes)
     and ExportError for failed validation or a missing TensorRT (after everything before it ran).
-    precision: None takes the target's default (precision.DEFAULT_PRECISION: bf16 on gpu, fp32 on cpu).
+    precision: None takes the target's default (precision.default_precision: bf16 on gpu; on cpu the
+    recipe for this machine's instruction sets, thfm_serve.machine.cpu_recipe).
     write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end, also when
     the engine stage stops (the configs do not depend on the plan).
     """
     t_start = time.perf_counter()
     target = parse_target(target)
-    precision = default_precision(target) if precision is None else parse_precision(precision)
+    chosen_by = "--precision"
+    if precision is None:
+        precision, chosen_by = default_precision(target)
+        logger.info("--target %s, no --precision: %s (%s)", target.value, precision.value, chosen_by)
+    else:
+        precision = parse_precision(precision)
     check_target_precision(target, precision)
     chosen = _choose_models(models)
     repo = Path(repo)
@@ -117,12 +124,14 @@ def export_repository(
     state = _State(checkpoint)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
-        "precision": precision.value, "export_shape": {"frames": frames, "height": height, "width": width},
+        "precision": precision.value, "precision_chosen_by": chosen_by, "machine": read_cpu().to_dict(),
+        "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
     }
     staging = Path(tempfile.mkdtemp(dir=repo, prefix=".export-"))
     try:
-        for name in chosen:
+        # The VAE first: the core's task drift decodes through the exported VAE (_exported_vae).
+        for name in sorted(chosen, key=lambda n: n == CORE):
             spec = specs[name]
             key = _model_key(name, spec, ck_hash, precision, calibration, calibration_clips, target)
             vdir = repo / name / VERSION
@@ -138,8 +147,10 @@ def export_repository(
             stage = staging / name
             stage.mkdir()
             try:
+                vae = _exported_vae(repo, specs, ck_hash, precision, calibration, calibration_clips, target, frames) \
+                    if name == CORE else None
                 entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
-                                     target)
+                                     target, vae=vae)
             except ExportError as e:
                 report["models"][name] = {"status": "failed", "error": str(e)}
                 _write_report(repo, report)
@@ -149,7 +160,7 @@ def export_repository(
             entry["files"] = {n: v["bytes"] for n, v in files.items()}
             mf.write_json(vdir / mf.MANIFEST_NAME, {
                 "format": 1, "model": name, "key": mf.normalise(key), "files": files, "spec": spec.to_dict(),
-                "checkpoint": str(checkpoint.resolve()), "versions": report["versions"],
+                "checkpoint": str(checkpoint.resolve()), "versions": report["versions"], "machine": report["machine"],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report": entry,
             })
             report["models"][name] = {**entry, "status": "exported"}
@@ -240,8 +251,25 @@ def _tensorrt_recipe(precision: Precision) -> str:
     return f"modelopt-{version}-{precision.value}-{HIGH_PRECISION_DTYPE}"
 
 
+def _exported_vae(repo: Path, specs: dict[str, SubmodelSpec], ck_hash: str, precision: Precision, calibration: list[str],
+                  clips: int, target: Target, window: int) -> OnnxVae | None:
+    """The repository's exported VAE graphs when both match this export (their manifests' keys and
+    files, as reuse checks them); None otherwise, and the drift falls back to the PyTorch VAE."""
+    parts = []
+    for name in (VAE_ENCODER, VAE_DECODER):
+        vdir = repo / name / VERSION
+        key = _model_key(name, specs[name], ck_hash, precision, calibration, clips, target)
+        reason = mf.stale_reason(mf.read_manifest(vdir), key, vdir)
+        if reason is not None:
+            logger.info("core task drift: no exported %s to decode through (%s); using the PyTorch VAE", name, reason)
+            return None
+        parts.append((specs[name], vdir / MODEL_FILE))
+    return OnnxVae(parts[0], parts[1], window)
+
+
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
-                height: int, width: int, calibration: list[str], clips: int, target: Target) -> dict[str, Any]:
+                height: int, width: int, calibration: list[str], clips: int, target: Target,
+                vae: OnnxVae | None = None) -> dict[str, Any]:
     ck = state.ck
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
@@ -303,8 +331,9 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
                 entry["window_check"] = _window_check(name, spec, runner, reference, frames)
             if name == CORE and precision != Precision.FP32:
                 clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
-                entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch)
+                entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch, vae=vae)
                 entry["drift_runner"] = runner.kind
+                entry["drift_vae"] = _vae_note(vae)
                 logger.info("core %s task drift: %s", precision.value, _fmt_drift(entry["drift"]))
         finally:
             runner.close()
@@ -312,9 +341,16 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     if runner is None and name == CORE:
         clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
         entry["drift"] = task_drift(ck, ref_run, torch_runner(module, spec), clip, height, width,
-                                    max_batch=spec.max_batch)
+                                    max_batch=spec.max_batch, vae=vae)
+        entry["drift_vae"] = _vae_note(vae)
         entry["drift_runner"] = "torch-bf16 (proxy: the exported module in PyTorch)"
     return entry
+
+
+def _vae_note(vae: OnnxVae | None) -> str:
+    if vae is None:
+        return "pytorch (no exported VAE matching this export in the repository)"
+    return f"{vae.kind}; rows decoded: {vae.calls['decoder']}, encoded: {vae.calls['encoder']}"
 
 
 def _runner_precision(name: str, precision: Precision, target: Target) -> Precision:

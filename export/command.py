@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--target", default=Target.CPU.value, metavar="{" + ",".join(t.value for t in Target) + "}",
                    help="cpu: ONNX for onnxruntime; gpu: also a TensorRT engine for the core (default cpu)")
     p.add_argument("--precision", default=None, metavar="{" + ",".join(q.value for q in Precision) + "}",
-                   help="core precision; the VAE stays fp32 (default: fp32 for cpu, bf16 for gpu; fp8 is gpu only)")
+                   help="core precision; the VAE stays fp32 (default for cpu: chosen for this machine's instruction sets and logged, int8 with AVX2 and up, fp32 below, never bf16; bf16 for gpu; fp8 is gpu only)")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")

@@ -48,12 +48,20 @@ SUPPORTED = {
     Target.GPU: (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8, Precision.FP8),
 }
 # Wan was trained in bf16 and fp16 overflows in its residual stream (see lowered_core); NVIDIA's own
-# Wan TensorRT pipeline builds the transformer in bf16. fp32 stays the CPU default (no bf16 kernels).
-DEFAULT_PRECISION = {Target.CPU: Precision.FP32, Target.GPU: Precision.BF16}
+# Wan TensorRT pipeline builds the transformer in bf16. The CPU default depends on the CPU's
+# instruction sets and is chosen by thfm_serve.machine.cpu_recipe (never bf16: no kernels).
+DEFAULT_PRECISION = {Target.GPU: Precision.BF16}
 
 
-def default_precision(target: Target) -> Precision:
-    return DEFAULT_PRECISION[target]
+def default_precision(target: Target) -> tuple[Precision, str]:
+    """(precision, why) when --precision is not given: the GPU's fixed default, or for the CPU the
+    recipe for the machine this runs on (the machine that serves what it exports, by default)."""
+    if target == Target.CPU:
+        from thfm_serve.machine import cpu_recipe, read_cpu
+
+        recipe = cpu_recipe(read_cpu())
+        return Precision(recipe.precision), f"machine class {recipe.machine_class}: {recipe.reason}"
+    return DEFAULT_PRECISION[target], f"the {target.value} target's default"
 
 
 def check_target_precision(target: Target, precision: Precision) -> None:

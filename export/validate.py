@@ -224,18 +224,76 @@ def _dims_str(dims: Mapping[str, int]) -> str:
 
 # --- task-level drift -------------------------------------------------------------------------
 
+class OnnxVae:
+    """The exported VAE graphs as the window loop's encode/decode, in onnxruntime with the session
+    options the server uses (serving.sessions): the drift then measures the core on the path users
+    get, and costs what serving costs, not PyTorch's VAE (the export's slowest step at 1.3B). Each
+    session is created on first use, so a report without dense tasks never loads the decoder."""
+
+    kind = "onnxruntime-cpu (the exported vae_encoder/vae_decoder, serving's session options)"
+
+    def __init__(self, encoder: tuple[SubmodelSpec, Path], decoder: tuple[SubmodelSpec, Path], window: int):
+        self._parts = {"encoder": encoder, "decoder": decoder}
+        self._models: dict[str, Any] = {}
+        self.window = window
+        self.calls = {"encoder": 0, "decoder": 0}  # rows run, for the report
+
+    def _model(self, part: str):
+        if part not in self._models:
+            from thfm_serve.serving.sessions import OnnxModel, create_session
+
+            spec, path = self._parts[part]
+            self._models[part] = OnnxModel(spec, create_session(path))
+        return self._models[part]
+
+    def _run(self, part: str, x: np.ndarray) -> np.ndarray:
+        model = self._model(part)
+        step = model.spec.max_batch
+        self.calls[part] += len(x)
+        name_in, name_out = model.spec.input_names[0], model.spec.output_names[0]
+        return np.concatenate([model.run({name_in: x[i : i + step]})[name_out] for i in range(0, len(x), step)], axis=0)
+
+    def encode(self, clip: np.ndarray) -> np.ndarray:
+        from thfm_serve.contract.vae_window import encode_in_window
+
+        return encode_in_window(lambda x: self._run("encoder", x), clip, self.window)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        from thfm_serve.contract.vae_window import decode_in_window
+
+        return decode_in_window(lambda x: self._run("decoder", x), latent, self.window)
+
+
+def torch_vae(ck: Any) -> tuple[Runner, Runner]:
+    """(encode, decode) through the checkpoint's PyTorch VAE: the fallback where no exported VAE
+    matching the checkpoint is in the repository (e.g. `--only core` into a new one)."""
+    import torch
+
+    encoder, decoder = ck.vae_encoder(), ck.vae_decoder()
+
+    def encode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return encoder(torch.from_numpy(x)).numpy()
+
+    def decode(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return decoder(torch.from_numpy(x)).numpy()
+
+    return encode, decode
+
+
 def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, height: int, width: int,
-               tasks: list[str] | None = None, max_batch: int = 6) -> dict[str, dict[str, float]]:
+               tasks: list[str] | None = None, max_batch: int = 6,
+               vae: OnnxVae | None = None) -> dict[str, dict[str, float]]:
     """Per-task error of the candidate core against the fp32 PyTorch core on one clip.
 
     Both cores run inside the engine's one window loop (processing.run_clip, the clip as one window):
-    the clip is encoded by the PyTorch VAE, every task runs as one batch row, dense latents of both
-    cores are decoded by the same PyTorch VAE decoder and mapped to the users' units, so the numbers
-    are what users see: depth abs-rel, normals angle (deg), alpha MSE, IUV mean abs error, 2D
-    keypoints in pixels, 3D keypoints in mm.
+    the clip is encoded once, every task runs as one batch row, dense latents of both cores are
+    decoded by the same VAE decoder and mapped to the users' units, so the numbers are what users
+    see: depth abs-rel, normals angle (deg), alpha MSE, IUV mean abs error, 2D keypoints in pixels,
+    3D keypoints in mm. vae: the exported VAE (OnnxVae); None: the checkpoint's PyTorch VAE. Only
+    the dense tasks' rows are decoded (run_clip), the sparse ones need no VAE decoder.
     """
-    import torch
-
     from thfm_serve.config import DENSE_TASKS
     from thfm_serve.contract.protocol import CORE_OUT
     from thfm_serve.contract.tasks import OUTPUT_KEYS
@@ -246,19 +304,14 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
     cfg = ck.config
     tasks = tasks or ck.tasks
     text = task_texts(ck, tasks)
-    encoder, decoder = ck.vae_encoder(), ck.vae_decoder()
+    vae_encode, decode = (vae.encode, vae.decode) if vae is not None else torch_vae(ck)
     encoded: dict[bytes, np.ndarray] = {}  # the same clip for both cores: encode it once
 
     def encode(x: np.ndarray) -> np.ndarray:
         key = x.tobytes()
         if key not in encoded:
-            with torch.no_grad():
-                encoded[key] = encoder(torch.from_numpy(x)).numpy()
+            encoded[key] = vae_encode(x)
         return encoded[key]
-
-    def decode(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return decoder(torch.from_numpy(x)).numpy()
 
     def core(run: Runner):
         def call(latent: np.ndarray, txt: np.ndarray):

@@ -98,20 +98,15 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[list[floa
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+    """The machine: its CPU's instruction sets and class (thfm_serve.machine), cores and memory."""
+    from thfm_serve.machine import read_cpu
+
+    cpu = read_cpu()
     return {
-        "model": model,
+        "model": cpu.model,
+        "class": cpu.machine_class,
         "cores": len(os.sched_getaffinity(0)),
-        "isa": {f: f in flags for f in wanted},
+        "isa": cpu.isa,
         "mem_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
         "platform": platform.platform(),
     }
@@ -276,8 +271,14 @@ def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
     s = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
                              session_options(threads), providers=["CPUExecutionProvider"])
     res["int8"]["onnxruntime QLinearMatMul"] = gflops(lambda: s.run(None, {"A": xq}))
+    from thfm_serve.machine import read_cpu
+
+    cpu = read_cpu()
+    # The peaks mean little without the instruction sets that produced them (bf16 without
+    # avx512_bf16/amx_bf16 is emulated; int8 without VNNI goes through vpmaddubsw).
     return {"size": n, "threads": threads, "gflops": res,
-            "peak": {p: max(v.values()) if v else None for p, v in res.items()}}
+            "peak": {p: max(v.values()) if v else None for p, v in res.items()},
+            "machine_class": cpu.machine_class, "isa": cpu.isa}
 
 
 # =============================================================================================
@@ -911,13 +912,24 @@ def annotate(r: dict[str, Any]) -> None:
             res["frames_per_s"] = r["shape"]["frames"] / res["median_s"]
 
 
+def machine_class(m: dict[str, Any]) -> str:
+    """The class of a results file's machine; results written before the class was recorded have the
+    ISA flags only."""
+    if m.get("class"):
+        return m["class"]
+    from thfm_serve.machine import CpuFeatures
+
+    return CpuFeatures(m.get("model", ""), "", frozenset(k for k, v in m.get("isa", {}).items() if v)).machine_class
+
+
 def markdown(r: dict[str, Any], png_name: str) -> str:
     s, m = r["shape"], r["machine"]
+    cls = f" [{machine_class(m)}]"  # every table says which machine class it is from
     lines = [f"# THFM CPU benchmark: {r['name']} ({r['checkpoint_name']}), {s['frames']} frames {s['height']}x{s['width']}, batch {s['batch']}", ""]
     lines += ["Command:", "", "```", r["command"], "```", ""]
     isa = ", ".join(k for k, v in m["isa"].items() if v) or "-"
     amx = "AMX present" if (m["isa"].get("amx_bf16") or m["isa"].get("amx_int8")) else "no AMX"
-    lines += [f"Machine: {m['model']}, {m['cores']} cores ({isa}; {amx}), {m['mem_gb']} GiB. "
+    lines += [f"Machine class: {machine_class(m)}. Machine: {m['model']}, {m['cores']} cores ({isa}; {amx}), {m['mem_gb']} GiB. "
               f"Threads: {r['threads']}. Runs: median of {r['runs']} after {r['warmup']} warm-up. "
               f"Started {r['started']}, 1-min load {r['loadavg_start']:.2f} at start, {r.get('loadavg_end', 0):.2f} at end."]
     if r.get("quiet_note"):
@@ -928,7 +940,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
 
     # FLOPs
     f, fc = r["flops"], r.get("flops_counter", {})
-    lines += ["## FLOPs per core forward", "",
+    lines += ["## FLOPs per core forward" + cls, "",
               "| | analytic | torch FlopCounterMode (meta) | ratio |", "|---|---:|---:|---:|"]
     for label, ana, key in (("THFM core", f["total"], "core"), ("diffusers peer", r["flops_peer"]["total"], "peer")):
         cnt = fc.get(key)
@@ -943,7 +955,9 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     # peak
     pk = r["peak"]
     if pk.get("status") == "ok":
-        lines += [f"## Matmul peak on this machine ({pk['size']}x{pk['size']} matmuls, {pk['threads']} threads, same run)", "",
+        isa = ", ".join(k for k, v in pk.get("isa", m["isa"]).items() if v) or "-"
+        lines += [f"## Matmul peak on this machine ({pk['size']}x{pk['size']} matmuls, {pk['threads']} threads, same run){cls}", "",
+                  f"Instruction sets: {isa}.", "",
                   "| precision | backend | GFLOP/s |", "|---|---|---:|"]
         for prec, backends in pk["gflops"].items():
             for b, v in backends.items():
@@ -952,7 +966,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
         lines.append("")
 
     # core
-    lines += ["## Core (transformer + THFM tokens/heads), one forward", "",
+    lines += ["## Core (transformer + THFM tokens/heads), one forward" + cls, "",
               "| engine | precision | median | frames/s | speedup vs peer | GFLOP/s | % of peak (prec) | % of mixed roofline | peak RSS | load time | 1-min load avg | accuracy vs torch fp32 (max abs) |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, res in r["core"].items():
@@ -969,7 +983,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     lines.append("")
 
     # vae
-    lines += ["## VAE (one window, batch 1)", "",
+    lines += ["## VAE (one window, batch 1)" + cls, "",
               "| part | engine | median | frames/s | peak RSS | 1-min load avg | accuracy vs torch fp32 (max abs) |", "|---|---|---:|---:|---:|---:|---|"]
     for which, engines_ in r["vae"].items():
         for name, res in engines_.items():
@@ -982,7 +996,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     lines.append("")
 
     # e2e
-    lines += [f"## End to end (one {s['frames']}-frame clip at {s['height']}x{s['width']}, tasks {','.join(r['tasks'])})", "",
+    lines += [f"## End to end (one {s['frames']}-frame clip at {s['height']}x{s['width']}, tasks {','.join(r['tasks'])}){cls}", "",
               "| path | precision | median | frames/s | peak RSS | 1-min load avg | vs pipeline-fp32 outputs (max abs) |", "|---|---|---:|---:|---:|---:|---|"]
     for name, res in r["e2e"].items():
         if res.get("status") != "ok":
@@ -1000,7 +1014,7 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
     lines.append("")
 
     # targets
-    lines += ["## Targets", "", "| target | met | evidence |", "|---|---|---|"]
+    lines += ["## Targets" + cls, "", "| target | met | evidence |", "|---|---|---|"]
     for name, met, ev in targets(r):
         lines.append(f"| {name} | {'-' if met is None else ('yes' if met else 'NO')} | {ev} |")
     lines.append("")

@@ -152,6 +152,10 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     assert set(drift) == {"depth", "normals", "segmentation", "densepose", "keypoints2d", "keypoints3d"}
     assert {"abs_rel"} <= set(drift["depth"]) and "mean_angle_deg" in drift["normals"]
     assert "alpha_mse" in drift["segmentation"] and "mean_px" in drift["keypoints2d"] and "mean_mm" in drift["keypoints3d"]
+    # Decoded through the repository's exported VAE (reused from the fp32 run), dense rows only:
+    # 4 dense tasks for each of the two cores.
+    assert core["drift_vae"].startswith("onnxruntime") and "rows decoded: 8," in core["drift_vae"]
+    assert exports["reports"]["int8"]["machine"]["class"] and "precision_chosen_by" in exports["reports"]["int8"]
 
 
 def _qdq_roles(path: Path) -> dict:

@@ -557,7 +557,8 @@ def test_bench_mixed_roofline_and_report(tmp_path):
                   "ort-int8": {**ok, "median_s": 4.0}},
          "vae": {}, "e2e": {}, "notes": [], "command": "cmd", "name": "x", "checkpoint_name": "ck", "threads": 2,
          "runs": 3, "warmup": 1, "tasks": ["depth"], "text_len": 512, "transformer_config": tcfg, "started": "now",
-         "loadavg_start": 0.0, "machine": {"model": "cpu", "cores": 2, "isa": {}, "mem_gb": 1}}
+         "loadavg_start": 0.0, "machine": {"model": "cpu", "cores": 2, "isa": {"avx2": True, "fma": True, "avx512f": False},
+                                           "mem_gb": 1}}
     bench.annotate(r)
     attn = flops["self_attn_qk_av"] + flops["cross_attn_qk_av"]
     small = flops["patch_embed"] + flops["text_embed"] + flops["proj_out"]
@@ -575,3 +576,23 @@ def test_bench_mixed_roofline_and_report(tmp_path):
     assert bench.main(["--report", str(js)]) == 0
     md = (tmp_path / "run.md").read_text()
     assert "% of mixed roofline" in md and "| ort-int8 | int8 | 4.00 s |" in md and (tmp_path / "run.png").is_file()
+    # Every table says which machine class it is from (a run saved before the class was recorded
+    # gets it from its ISA flags); the peak section lists the instruction sets.
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert len(headings) >= 5 and all(h.endswith("[avx2-fma]") for h in headings), headings
+    assert "Machine class: avx2-fma." in md and "Instruction sets: avx2, fma." in md
+    r["machine"]["class"] = "amx"
+    assert all(h.endswith("[amx]") for h in bench.markdown(r, "x.png").splitlines() if h.startswith("## "))
+
+
+def test_bench_records_the_machine(monkeypatch):
+    bench = _bench()
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))  # the workers import perf/engines.py as the script does
+    from thfm_serve.machine import read_cpu
+
+    m = bench.cpu_info()
+    assert m["class"] == read_cpu().machine_class and set(m["isa"]) >= {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8"}
+    # The matmul peaks carry the instruction sets that produced them (small matmuls: seconds).
+    peak = bench.peak_worker({"matmul_size": 128, "threads": 1, "matmul_runs": 2})
+    assert peak["machine_class"] == m["class"] and peak["isa"] == m["isa"]
+    assert all(v and v > 0 for v in peak["peak"].values())

@@ -32,7 +32,7 @@ class ExportOptions:
     checkpoint: str
     repo: str
     target: str = Target.CPU.value
-    precision: str | None = None  # None: the target's default (the exporter's: fp32 on cpu, bf16 on gpu)
+    precision: str | None = None  # None: cpu: machine.cpu_recipe for this CPU; gpu: bf16
     frames: int | None = None  # the export window (default: the checkpoint's)
     height: int | None = None
     width: int | None = None

@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, help="frames per model window, 4n+1 (default: checkpoint's)")
     p.add_argument("--prompt", action="append", default=[], metavar="TASK=TEXT",
                    help="free-form prompt for a task (in-process, needs the checkpoint's text encoder)")
-    p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process)")
+    p.add_argument("--bf16", action="store_true", help="run the transformer in bfloat16 (in-process; warns where the CPU has no bf16 instructions, "
+                   "which makes it slower than fp32)")
     p.add_argument("--overlap", type=int, default=None,
                    help="frames shared by neighbouring windows, cross-faded when stitched (default: the "
                    "served model's, about 1/8 of the model window; the same policy in-process and served)")
@@ -77,6 +78,12 @@ def run(args) -> int:
     missing = missing_parts(opts.checkpoint)
     if missing:
         raise CheckpointError(f"checkpoint {opts.checkpoint} is missing {', '.join(missing)}")
+    if opts.bf16:
+        from ..machine import read_cpu, torch_bf16_advice
+
+        advice = torch_bf16_advice(read_cpu())
+        if advice:  # an explicit --bf16 is honoured, but never silently slow
+            logger.warning("--bf16: %s", advice)
     pipe = ThfmPipeline.from_checkpoint(opts.checkpoint, dtype=torch.bfloat16 if opts.bf16 else torch.float32)
     results = pipe.run(video.frames, tasks, opts.height, opts.width, opts.window, prompts, overlap=opts.overlap,
                        output_size=opts.output_size)

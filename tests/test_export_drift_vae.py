@@ -1,0 +1,115 @@
+"""Export validation's task drift decodes through the exported VAE (onnxruntime, the server's
+session options) instead of the PyTorch VAE, and decodes only the dense rows the report needs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from thfm_serve.contract.protocol import CORE, CORE_OUT, VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.specs import Precision, Target
+from thfm_serve.export import build, export_repository
+from thfm_serve.export.calibration import procedural_clips
+from thfm_serve.export.validate import OnnxVae, task_drift, torch_runner
+
+SHAPE = dict(frames=5, height=32, width=48)
+
+
+@pytest.fixture(scope="module")
+def vae_repo(tiny_checkpoint, tmp_path_factory):
+    from thfm_serve.checkpoint import load_checkpoint
+
+    repo = tmp_path_factory.mktemp("drift") / "model_repository"
+    # No --precision: the CPU recipe of this machine (the VAE graphs stay fp32 whatever it is).
+    report = export_repository(tiny_checkpoint, repo, "cpu", None, **SHAPE, models=[VAE_ENCODER, VAE_DECODER],
+                               write_configs=False)
+    ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
+    specs = build.build_specs(ck.config, precision=Precision.FP32, **SHAPE)
+    vae = build._exported_vae(repo, specs, report["checkpoint_sha256"], Precision.FP32, [], build.DEFAULT_CLIPS,
+                              Target.CPU, SHAPE["frames"])
+    return {"repo": repo, "ck": ck, "specs": specs, "vae": vae, "report": report}
+
+
+def _noisy(run, scale: float, seed: int = 0):
+    """A candidate core: the reference plus noise on its outputs (what a low precision does)."""
+    rng = np.random.default_rng(seed)
+
+    def call(feed):
+        out = run(feed)
+        return {k: v + scale * rng.standard_normal(v.shape).astype(np.float32) * np.abs(v).mean() for k, v in out.items()}
+
+    return call
+
+
+def test_cpu_export_without_precision_takes_the_machine_recipe(vae_repo):
+    from thfm_serve.machine import cpu_recipe, read_cpu
+
+    report, recipe = vae_repo["report"], cpu_recipe(read_cpu())
+    assert report["precision"] == recipe.precision != "bf16"
+    assert report["machine"]["class"] == recipe.machine_class and recipe.machine_class in report["precision_chosen_by"]
+    manifest = json.loads((vae_repo["repo"] / VAE_DECODER / "1" / "manifest.json").read_text())
+    assert manifest["machine"]["class"] == recipe.machine_class and manifest["spec"]["precision"] == "fp32"
+
+
+def test_exported_vae_matches_pytorch_vae(vae_repo):
+    vae, ck = vae_repo["vae"], vae_repo["ck"]
+    assert isinstance(vae, OnnxVae)
+    clip = procedural_clips(1, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=3)[0]
+    from thfm_serve.processing import fit_clip
+
+    x = fit_clip(clip, SHAPE["frames"], SHAPE["height"], SHAPE["width"]).numpy()
+    with torch.no_grad():
+        ref_latent = ck.vae_encoder()(torch.from_numpy(x)).numpy()
+    got_latent = vae.encode(x)
+    np.testing.assert_allclose(got_latent, ref_latent, atol=1e-4, rtol=1e-3)
+    rows = np.random.default_rng(1).standard_normal((3, *ref_latent.shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        ref_maps = ck.vae_decoder()(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(vae.decode(rows), ref_maps, atol=1e-4, rtol=1e-3)
+
+
+def test_drift_through_the_exported_vae_agrees_with_the_pytorch_vae(vae_repo):
+    ck, specs = vae_repo["ck"], vae_repo["specs"]
+    core = torch_runner(ck.core(), specs[CORE])
+    candidate = _noisy(core, 0.05)
+    clip = procedural_clips(1, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=build.DRIFT_SEED)[0]
+    vae = OnnxVae(*(vae_repo["vae"]._parts[p] for p in ("encoder", "decoder")), SHAPE["frames"])
+    onnx_drift = task_drift(ck, core, candidate, clip, SHAPE["height"], SHAPE["width"], vae=vae)
+    torch_drift = task_drift(ck, core, _noisy(core, 0.05), clip, SHAPE["height"], SHAPE["width"])
+    # Only the dense rows were decoded: 4 dense tasks for each of the two cores; one encode.
+    assert vae.calls == {"encoder": 1, "decoder": 2 * 4}
+    assert set(onnx_drift) == set(torch_drift) == set(ck.tasks)
+    for task, metrics in torch_drift.items():
+        for k, v in metrics.items():
+            assert v > 0 or k == "valid_fraction", (task, k)  # the noise is measured, not lost
+            # Same noise, same core; the decoders differ by float rounding only.
+            assert onnx_drift[task][k] == pytest.approx(v, rel=1e-2, abs=1e-6), (task, k)
+    # The same candidate against itself drifts by nothing through either VAE.
+    zero = task_drift(ck, core, core, clip, SHAPE["height"], SHAPE["width"], vae=vae)
+    # (normals: arccos near 1 of float32 unit vectors' dot product amplifies rounding to ~0.04 degrees)
+    assert all(v == 0 for t, m in zero.items() if t != "normals" for k, v in m.items() if k != "valid_fraction"), zero
+    assert zero["normals"]["max_angle_deg"] < 0.1, zero
+
+
+def test_sparse_only_report_never_loads_the_decoder(vae_repo):
+    ck, specs = vae_repo["ck"], vae_repo["specs"]
+    core = torch_runner(ck.core(), specs[CORE])
+    vae = OnnxVae(*(vae_repo["vae"]._parts[p] for p in ("encoder", "decoder")), SHAPE["frames"])
+    clip = procedural_clips(1, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=5)[0]
+    drift = task_drift(ck, core, _noisy(core, 0.05), clip, SHAPE["height"], SHAPE["width"],
+                       tasks=["keypoints2d", "keypoints3d"], vae=vae)
+    assert drift["keypoints2d"]["mean_px"] > 0 and drift["keypoints3d"]["mean_mm"] > 0
+    assert vae.calls["decoder"] == 0 and "decoder" not in vae._models
+
+
+def test_no_matching_exported_vae_falls_back_to_pytorch(vae_repo, tmp_path):
+    ck, specs, report = vae_repo["ck"], vae_repo["specs"], vae_repo["report"]
+    args = (Precision.FP32, [], build.DEFAULT_CLIPS, Target.CPU, SHAPE["frames"])
+    assert build._exported_vae(tmp_path, specs, report["checkpoint_sha256"], *args) is None  # nothing exported
+    assert build._exported_vae(vae_repo["repo"], specs, "0" * 64, *args) is None  # another checkpoint's VAE
+    other = build.build_specs(ck.config, precision=Precision.FP32, frames=9, height=32, width=48)
+    assert build._exported_vae(vae_repo["repo"], other, report["checkpoint_sha256"], *args) is None  # another window
+    assert "pytorch" in build._vae_note(None)

@@ -1,0 +1,103 @@
+"""The machine's instruction sets, its class, and the CPU recipe chosen for it, on cpuinfo text of
+each CPU class these machines have been seen with (flags abridged from real /proc/cpuinfo lines)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from thfm_serve.machine import cpu_recipe, parse_cpuinfo, read_cpu, torch_bf16_advice
+
+_BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
+         "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl cpuid pni pclmulqdq ssse3 cx16 sse4_1 sse4_2 "
+         "x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm")
+XEON_AMX = _BASE + (" fma bmi1 avx2 smep bmi2 erms avx512f avx512dq rdseed adx avx512ifma clflushopt clwb avx512cd "
+                    "sha_ni avx512bw avx512vl avx_vnni avx512_bf16 avx512vbmi umip avx512_vbmi2 gfni vaes avx512_vnni "
+                    "avx512_bitalg avx512_vpopcntdq serialize tsxldtrk amx_bf16 avx512_fp16 amx_tile amx_int8")
+EPYC_AVX512 = _BASE + (" fma bmi1 avx2 smep bmi2 erms avx512f avx512dq rdseed adx avx512ifma clflushopt clwb "
+                       "avx512cd sha_ni avx512bw avx512vl avx512_bf16 avx512vbmi umip avx512_vbmi2 gfni vaes "
+                       "avx512_vnni avx512_bitalg avx512_vpopcntdq")
+EPYC_AVX2 = _BASE + " fma bmi1 avx2 smep bmi2 erms rdseed adx clflushopt clwb sha_ni umip vaes vpclmulqdq"
+OLD_X86 = _BASE  # AVX but no AVX2/FMA
+
+
+def cpuinfo(model: str, vendor: str, flags: str, processors: int = 2) -> str:
+    block = (f"vendor_id\t: {vendor}\ncpu family\t: 25\nmodel name\t: {model}\nflags\t\t: {flags}\n"
+             "bugs\t\t: sysret_ss_attrs spectre_v1\n")
+    return "\n".join(f"processor\t: {i}\n{block}" for i in range(processors))
+
+
+CLASSES = [
+    # (cpuinfo, class, bf16, int8_dot, recipe precision)
+    (cpuinfo("Intel(R) Xeon(R) Platinum 8481C", "GenuineIntel", XEON_AMX), "amx", True, True, "int8"),
+    (cpuinfo("AMD EPYC 9B14", "AuthenticAMD", EPYC_AVX512), "avx512-vnni-bf16", True, True, "int8"),
+    (cpuinfo("AMD EPYC 7B12", "AuthenticAMD", EPYC_AVX2), "avx2-fma", False, False, "int8"),
+    (cpuinfo("Intel(R) Xeon(R) CPU E5-2670", "GenuineIntel", OLD_X86), "baseline", False, False, "fp32"),
+]
+
+
+@pytest.mark.parametrize("text,cls,bf16,int8_dot,precision", CLASSES)
+def test_machine_class_and_recipe(text, cls, bf16, int8_dot, precision):
+    cpu = parse_cpuinfo(text)
+    assert cpu.machine_class == cls
+    assert (cpu.bf16, cpu.int8_dot) == (bf16, int8_dot)
+    assert cpu.model and cpu.vendor in ("GenuineIntel", "AuthenticAMD")
+    recipe = cpu_recipe(cpu)
+    assert recipe.precision == precision and recipe.machine_class == cls
+    assert recipe.precision != "bf16"  # no onnxruntime CPU kernels, whatever the CPU
+    assert cls in cpu.describe() and cpu.model in cpu.describe()
+    assert cpu.to_dict()["class"] == cls and cpu.to_dict()["isa"]["avx2"] == (cls != "baseline")
+
+
+def test_isa_flags_are_read_exactly():
+    """Flags are whole words: avx512_vnni must not be read from avx512_vnni_xyz, nor avx2 from avx."""
+    cpu = parse_cpuinfo(cpuinfo("X", "GenuineIntel", _BASE + " avx512_vnni_xyz"))
+    assert not cpu.has("avx512_vnni") and not cpu.has("avx2") and cpu.machine_class == "baseline"
+    isa = parse_cpuinfo(CLASSES[0][0]).isa
+    assert all(isa.values()) and set(isa) >= {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
+                                              "amx_bf16", "amx_int8", "amx_tile"}
+    epyc2 = parse_cpuinfo(CLASSES[2][0]).isa
+    assert [k for k, v in epyc2.items() if v] == ["avx2", "fma"]
+
+
+def test_recipe_reasons_name_the_deciding_instructions():
+    amx, epyc512, epyc2, old = (cpu_recipe(parse_cpuinfo(c[0])) for c in CLASSES)
+    assert "amx_int8" in amx.reason and "avx512_vnni" in epyc512.reason and "amx" not in epyc512.reason
+    assert "no VNNI" in epyc2.reason and "no AVX2" in old.reason
+
+
+def test_torch_bf16_only_with_bf16_instructions():
+    assert torch_bf16_advice(parse_cpuinfo(CLASSES[0][0])) is None
+    assert torch_bf16_advice(parse_cpuinfo(CLASSES[1][0])) is None
+    assert "no bf16 instructions" in torch_bf16_advice(parse_cpuinfo(CLASSES[2][0]))
+    # AMX-BF16 without the tile state is unusable: not bf16.
+    assert not parse_cpuinfo(cpuinfo("X", "GenuineIntel", EPYC_AVX2 + " amx_bf16")).bf16
+
+
+def test_unreadable_cpuinfo_is_the_baseline(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        cpu = read_cpu(tmp_path / "missing")
+    assert cpu.machine_class == "baseline" and cpu_recipe(cpu).precision == "fp32"
+    assert "cannot read" in caplog.text
+    assert read_cpu(_write(tmp_path, CLASSES[2][0])).machine_class == "avx2-fma"
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "cpuinfo"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,cls,precision", [(c[0], c[1], c[4]) for c in CLASSES])
+def test_export_default_precision_follows_the_machine(monkeypatch, tmp_path, text, cls, precision):
+    """`thfm export --target cpu` without --precision takes the machine's recipe and says why; the
+    GPU default does not depend on the CPU."""
+    from thfm_serve import machine
+    from thfm_serve.contract.specs import Precision, Target
+    from thfm_serve.export.precision import default_precision
+
+    monkeypatch.setattr(machine, "CPUINFO", _write(tmp_path, text))
+    got, why = default_precision(Target.CPU)
+    assert got == Precision(precision) and cls in why
+    assert default_precision(Target.GPU)[0] == Precision.BF16

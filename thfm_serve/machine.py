@@ -1,0 +1,140 @@
+"""The CPU this runs on: its instruction sets, its machine class, and the CPU recipe that fits it.
+
+Ratios between engines and precisions depend on the CPU class (docs: on an AVX2-only EPYC the int8
+core was 1.59x fp32, on AVX-512 VNNI machines about 4x; PyTorch bf16 was 6.6x *slower* than fp32
+where bf16 is emulated), so every measurement records the class and `thfm export --target cpu`
+chooses its precision from it. Torch-free: reads /proc/cpuinfo only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CPUINFO = Path("/proc/cpuinfo")
+
+# Linux's names (arch/x86/include/asm/cpufeatures.h) of the instruction sets that pick kernels here.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+             "amx_bf16", "amx_int8", "amx_tile")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What /proc/cpuinfo says about the first processor (all processors of one machine agree)."""
+
+    model: str
+    vendor: str
+    flags: frozenset[str]
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    @property
+    def isa(self) -> dict[str, bool]:
+        return {f: f in self.flags for f in ISA_FLAGS}
+
+    @property
+    def bf16(self) -> bool:
+        """Native bf16 arithmetic (AVX-512 BF16 dot products or AMX-BF16 tiles); without it PyTorch
+        emulates bf16 through fp32 and is several times slower than fp32."""
+        return self.has("avx512_bf16") or (self.has("amx_bf16") and self.has("amx_tile"))
+
+    @property
+    def int8_dot(self) -> bool:
+        """A u8 x s8 dot-product instruction (VNNI in AVX-512 or AVX, or AMX-INT8): onnxruntime's int8
+        GEMM then accumulates without the saturating 16-bit step of AVX2's vpmaddubsw."""
+        return self.has("avx512_vnni") or self.has("avx_vnni") or (self.has("amx_int8") and self.has("amx_tile"))
+
+    @property
+    def machine_class(self) -> str:
+        """A short name for the kernel class: amx, avx512-vnni-bf16, avx512-vnni, avx512, avx2-vnni,
+        avx2-fma, or baseline (no AVX2)."""
+        if self.has("amx_tile") and (self.has("amx_bf16") or self.has("amx_int8")):
+            return "amx"
+        if self.has("avx512f"):
+            if self.has("avx512_vnni"):
+                return "avx512-vnni-bf16" if self.has("avx512_bf16") else "avx512-vnni"
+            return "avx512"
+        if self.has("avx2"):
+            return "avx2-vnni" if self.has("avx_vnni") else ("avx2-fma" if self.has("fma") else "avx2")
+        return "baseline"
+
+    def describe(self) -> str:
+        """One line for result tables: class, model and the instruction sets present."""
+        present = ", ".join(f for f, on in self.isa.items() if on) or "none of " + ", ".join(ISA_FLAGS)
+        return f"{self.machine_class} ({self.model or 'unknown CPU'}; {present})"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"class": self.machine_class, "model": self.model, "vendor": self.vendor, "isa": self.isa,
+                "bf16": self.bf16, "int8_dot": self.int8_dot}
+
+
+def parse_cpuinfo(text: str) -> CpuFeatures:
+    """CpuFeatures from the text of /proc/cpuinfo (the first processor's block)."""
+    model = vendor = ""
+    flags: frozenset[str] | None = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key == "vendor_id" and not vendor:
+            vendor = value.strip()
+        elif key == "flags" and flags is None:
+            flags = frozenset(value.split())
+    return CpuFeatures(model=model, vendor=vendor, flags=flags or frozenset())
+
+
+def read_cpu(path: Path | str | None = None) -> CpuFeatures:
+    """This machine's CpuFeatures; an unreadable cpuinfo (not Linux) gives no flags, i.e. "baseline",
+    which chooses only what runs everywhere. path: default CPUINFO."""
+    path = Path(path) if path is not None else CPUINFO
+    try:
+        return parse_cpuinfo(Path(path).read_text())
+    except OSError as e:
+        logger.warning("cannot read %s (%s): assuming a CPU without AVX2, AVX-512 or AMX", path, e)
+        return CpuFeatures(model="", vendor="", flags=frozenset())
+
+
+@dataclass(frozen=True)
+class CpuRecipe:
+    """The core precision `--target cpu` exports when none is given, and why."""
+
+    precision: str  # a Precision value (contract.specs); never bf16 (no onnxruntime CPU kernels)
+    reason: str
+    machine_class: str
+
+
+def cpu_recipe(cpu: CpuFeatures) -> CpuRecipe:
+    """The fastest recipe that is correct on `cpu` for the served path (onnxruntime's CPU provider).
+
+    - bf16 is never chosen: onnxruntime's CPU provider has no bf16 kernels (export/precision.py), and
+      where the CPU has no bf16 instructions even PyTorch emulates it, slower than fp32.
+    - int8 (Q/DQ linears, validated fatally against fp32 at export) wherever onnxruntime has int8
+      GEMM kernels, i.e. AVX2 and up: measured faster than fp32 on every class seen (1.59x on an
+      AVX2-only EPYC, about 4x with AVX-512 VNNI).
+    - fp32 below AVX2, where onnxruntime's int8 path has no vector kernels to gain from.
+    """
+    cls = cpu.machine_class
+    if cpu.has("avx2"):
+        if cpu.int8_dot:
+            why = "a u8 x s8 dot-product instruction (" + ", ".join(
+                f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if cpu.has(f)) + ") runs onnxruntime's int8 GEMM natively"
+        else:
+            why = "AVX2 int8 GEMM (vpmaddubsw) measured 1.59x faster than fp32 on an AVX2-only EPYC; no VNNI"
+        return CpuRecipe("int8", f"int8 Q/DQ linears: {why}; bf16 not considered (no onnxruntime CPU kernels)", cls)
+    return CpuRecipe("fp32", "fp32: no AVX2, so onnxruntime has no vector int8 GEMM to gain from; "
+                     "bf16 not considered (no onnxruntime CPU kernels)", cls)
+
+
+def torch_bf16_advice(cpu: CpuFeatures) -> str | None:
+    """None when PyTorch bf16 on this CPU is native; otherwise why it will be slower than fp32."""
+    if cpu.bf16:
+        return None
+    return (f"this CPU ({cpu.machine_class}) has no bf16 instructions (avx512_bf16 / amx_bf16): PyTorch emulates "
+            "bf16 through fp32 and runs slower than fp32 (6.6x slower measured on an AVX2-only EPYC)")
