@@ -170,3 +170,19 @@ def test_bad_settings_are_refused(blob_data, tmp_path):
         train(_config(blob_data, tmp_path, checkpoint=tmp_path))
     with pytest.raises(TrainError, match="4n\\+1"):
         train(_config(blob_data, tmp_path, vae_frames=4))
+
+
+def test_lowering_vae_steps_on_resume_finishes_stage_one(blob_data, tmp_path):
+    """Stopped mid stage 1 and resumed with --vae-steps at the step it reached: the latent statistics
+    stage 1 writes at its end are still measured before stage 2."""
+    run = tmp_path / "r"
+    cfg = dict(vae_steps=2, vae_batch=1, vae_crop=32, core_steps=0, save_every=1)
+    train(_config(blob_data, run, **cfg))
+    shutil.rmtree(run / "step-0000002")
+    shutil.rmtree(run / "checkpoint")
+    stopped = json.loads((run / "step-0000001" / "vae" / "config.json").read_text())["latents_mean"]
+    final = train(_config(blob_data, run, **dict(cfg, vae_steps=1, core_steps=2)))
+    measured = json.loads((final / "vae" / "config.json").read_text())["latents_mean"]
+    assert measured != stopped
+    steps = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3]

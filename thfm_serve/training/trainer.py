@@ -194,7 +194,9 @@ def train(cfg: TrainConfig) -> Path:
     def save(step: int, stage_name: str, optimizer) -> Path:
         out = state.write_checkpoint(state.step_dir(run, step), source, tcfg, ck.transformer, ck.vae, ck.heads,
                                      ck.prompt_embeds)
-        state.save_train_state(out, {"step": step, "stage": stage_name, "settings": settings}, optimizer, gen)
+        final_vae = stage_name == "vae" and step >= cfg.vae_steps  # latent statistics are in its config
+        state.save_train_state(out, {"step": step, "stage": stage_name, "settings": settings,
+                                     "vae_final": final_vae}, optimizer, gen)
         state.prune(run, cfg.keep)
         logger.info("saved %s", out)
         return out
@@ -208,6 +210,10 @@ def train(cfg: TrainConfig) -> Path:
             )
         _train_vae(cfg, ck, samples, done, device, autocast, gen, log, save, resume_from, saved_state)
         done = cfg.vae_steps
+    elif saved_state and saved_state["stage"] == "vae" and not saved_state.get("vae_final") and cfg.vae_steps:
+        # Resumed with --vae-steps lowered to a step stage 1 had already passed: finish stage 1 here.
+        ck.vae.eval()
+        vae_stage.set_latent_stats(ck.vae, samples)
     ck.vae.to(device).eval().requires_grad_(False)
 
     # 4. Stage 2: the transformer at timestep 0 on cached latents of the frozen VAE.
