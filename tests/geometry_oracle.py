@@ -17,10 +17,8 @@ way, frames stitched out of order) moves these outputs away from the ground trut
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -117,30 +115,11 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 24.0, rotatio
     blob into another) of frames as a player should show them. rotation: the
     display matrix in counter-clockwise degrees (the stored pixels are turned the other way, as a
     phone stores them); pts_ms: per-frame timestamps in milliseconds (variable frame rate)."""
+    from videogen import make_clip
+
     stored = np.ascontiguousarray(np.rot90(frames, k=-(rotation // 90), axes=(1, 2)))
-    container = av.open(str(path), mode="w")
-    try:
-        stream = container.add_stream("libx264rgb", rate=Fraction(fps).limit_denominator(1001))
-        stream.height, stream.width = stored.shape[1:3]
-        stream.pix_fmt = "rgb24"
-        stream.options = {"qp": "0"}
-        tb = Fraction(1, 1000)
-        if pts_ms is not None:
-            stream.codec_context.time_base = tb
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for i, rgb in enumerate(stored):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = int(pts_ms[i]), tb
-            else:
-                frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    finally:
-        container.close()
+    make_clip(path, codec="libx264rgb", pix_fmt="rgb24", fps=fps, rotation=rotation or None, pts=pts_ms,
+              options={"qp": "0"}, source=stored)
 
 
 # --- comparisons --------------------------------------------------------------------------------

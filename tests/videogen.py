@@ -57,8 +57,10 @@ def make_clip(
     pts: Sequence[int] | None = None,
     time_base: Fraction = Fraction(1, 1000),
     options: dict[str, str] | None = None,
+    source: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Write a clip of the test pattern and return its source frames [F, H, W, 3].
+    """Write a clip of the test pattern (or of `source`, uint8 [F, H, W, 3] as stored) and return its
+    source frames [F, H, W, 3].
 
     rotation: counter-clockwise degrees, or (degrees, hflip, vflip), written as the display
     matrix (what phones write). pts: per-frame timestamps in units of time_base, for variable
@@ -66,7 +68,11 @@ def make_clip(
     sine track.
     """
     path = Path(path)
-    src = np.stack([pattern(i, height, width) for i in range(frames)]) if frames else None
+    if source is not None:
+        src = np.ascontiguousarray(source, dtype=np.uint8)
+        frames, height, width = src.shape[:3]
+    else:
+        src = np.stack([pattern(i, height, width) for i in range(frames)]) if frames else None
     container = av.open(str(path), mode="w")
     try:
         rate = Fraction(fps).limit_denominator(1001)
