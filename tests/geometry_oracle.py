@@ -115,7 +115,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 24.0, rotatio
     blob into another) of frames as a player should show them. rotation: the
     display matrix in counter-clockwise degrees (the stored pixels are turned the other way, as a
     phone stores them); pts_ms: per-frame timestamps in milliseconds (variable frame rate)."""
-    from videogen import make_clip
+    from thfm_serve.clipgen import make_clip
 
     stored = np.ascontiguousarray(np.rot90(frames, k=-(rotation // 90), axes=(1, 2)))
     make_clip(path, codec="libx264rgb", pix_fmt="rgb24", fps=fps, rotation=rotation or None, pts=pts_ms,

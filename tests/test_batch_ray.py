@@ -21,7 +21,7 @@ import pytest
 
 from rayfix import RayCluster
 from serverfix import served_repo, start_server
-from videogen import make_clip
+from thfm_serve.clipgen import make_clip
 
 pytestmark = pytest.mark.server
 

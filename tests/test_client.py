@@ -26,7 +26,7 @@ from thfm_serve.errors import ServerError, ShapeError, TaskError, ThfmError
 from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.server import free_port
 from thfm_serve.video import decode_video_bytes, read_video
-from videogen import make_clip
+from thfm_serve.clipgen import make_clip
 
 # --- windows --------------------------------------------------------------------------------------
 

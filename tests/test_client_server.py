@@ -20,7 +20,7 @@ from thfm_serve.contract.specs import tolerance_for
 from thfm_serve.contract.tasks import DENSE_TASKS, OUTPUT_KEYS
 from thfm_serve.server import ServerConfig, TritonServer, free_port
 from thfm_serve.video import read_video
-from videogen import encoder_available, make_clip
+from thfm_serve.clipgen import encoder_available, make_clip
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from thfm_serve.cli import main
 from thfm_serve.contract.geometry import snap_frames, snap_size
 from thfm_serve.contract.windows import plan_windows
 from thfm_serve.processing import fit_clip
-from videogen import make_clip
+from thfm_serve.clipgen import make_clip
 
 EXPECTED = {  # task -> (key, trailing shape after [F, ...] given H, W, K)
     "depth": ("depth", lambda h, w, k: (h, w)),
@@ -128,7 +128,7 @@ def test_free_form_prompt_in_process(tmp_path, tiny_checkpoint):
     ],
 )
 def test_predict_bad_input_is_one_clear_error(tmp_path, tiny_checkpoint, capfd, case, expect):
-    from videogen import make_audio_only
+    from thfm_serve.clipgen import make_audio_only
 
     good = tmp_path / "good.mp4"
     make_clip(good, frames=6, height=32, width=32)

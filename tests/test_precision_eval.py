@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from trainfix import write_blob_set
+
+from thfm_serve.synth.dataset import write_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,8 @@ def _module():
 def test_precision_table_matches_thfm_eval(tiny_checkpoint, tmp_path):
     from thfm_serve.cli import main
 
-    gt = write_blob_set(tmp_path / "gt", clips=1, seed=4)
+    gt = tmp_path / "gt"
+    write_set(gt, clips=1, frames=9, height=64, width=64, seed=4)
     assert _module().main(["--checkpoint", str(tiny_checkpoint), "--gt", str(gt), "--out", str(tmp_path / "p")]) == 0
     table = json.loads((tmp_path / "p" / "precision.json").read_text())
     assert set(table["engines"]) == {"in-process fp32", "in-process bf16"}

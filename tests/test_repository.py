@@ -299,7 +299,7 @@ def test_read_clip_enforces_the_limits():
 
 
 def test_read_clip_decodes_video_and_rejects_garbage(tmp_path):
-    from videogen import make_clip
+    from thfm_serve.clipgen import make_clip
 
     path = tmp_path / "clip.mp4"
     make_clip(path, frames=6, height=32, width=48)

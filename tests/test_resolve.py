@@ -17,7 +17,7 @@ from serverfix import served_repo, start_server
 from thfm_serve.client import ThfmClient
 from thfm_serve.client.resolve import expand_urls, resolve_url
 from thfm_serve.errors import ThfmError
-from videogen import make_clip
+from thfm_serve.clipgen import make_clip
 
 FLEET = "thfm-fleet.test"
 _real_getaddrinfo = socket.getaddrinfo

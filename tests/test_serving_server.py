@@ -196,7 +196,7 @@ def test_entry_pads_a_clip_shorter_than_the_window(client, tiny_pipeline):
 
 
 def test_entry_takes_encoded_video_over_several_windows(client, tiny_pipeline, tmp_path):
-    from videogen import make_clip
+    from thfm_serve.clipgen import make_clip
 
     from thfm_serve.video import decode_video_bytes
 
@@ -237,7 +237,7 @@ def test_dense_and_sparse_ensembles_answer_like_the_pipeline(client, tiny_pipeli
 
 
 def test_ensemble_takes_encoded_video(client, tiny_pipeline, tmp_path):
-    from videogen import make_clip
+    from thfm_serve.clipgen import make_clip
 
     from thfm_serve.video import decode_video_bytes
 

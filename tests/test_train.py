@@ -11,28 +11,32 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from trainfix import blob_clip, write_blob_set
 
 from thfm_serve.checkpoint import load_checkpoint
 from thfm_serve.config import DENSE_TASKS, TASKS
 from thfm_serve.processing import dense_output
+from thfm_serve.synth.dataset import clip_name, read_clip, write_set
+from thfm_serve.synth.scene import render_clip
 from thfm_serve.training import core_stage
 from thfm_serve.training.data import DataError, depth_to_map, load_clip, load_samples
 from thfm_serve.training.trainer import TrainConfig, TrainError, train
 
 
 @pytest.fixture(scope="module")
-def blob_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("blobs")
-    write_blob_set(root / "train", clips=2, seed=0)
-    write_blob_set(root / "val", clips=1, seed=1)
+def synth_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    # The renderer's own clips, at the tiny preset's grid (9 frames, 64x64).
+    write_set(root / "train", clips=2, frames=9, height=64, width=64, seed=0)
+    write_set(root / "val", clips=1, frames=9, height=64, width=64, seed=1)
     return root
 
 
-def test_targets_follow_the_recipe(blob_data):
-    (s,) = load_clip(blob_data / "train" / "clip_0000", window=9, height=64, width=64, num_joints=24,
+def test_targets_follow_the_recipe(synth_data):
+    (s,) = load_clip(synth_data / "train" / clip_name(0), window=9, height=64, width=64, num_joints=24,
                      depth_log_scale=0.5)
-    gt = blob_clip(0)
+    truth = read_clip(synth_data / "train" / clip_name(0))
+    gt = {"normals": truth["normals"]["normals"], "alpha": truth["segmentation"]["alpha"],
+          "kp2d": truth["keypoints2d"]["keypoints"], "kp3d": truth["keypoints3d"]["keypoints"]}
     assert s.video.shape == (3, 9, 64, 64) and set(s.maps) == set(DENSE_TASKS) and s.tasks == list(TASKS)
     for m in s.maps.values():
         assert m.shape == (3, 9, 64, 64) and 0.0 <= float(m.min()) and float(m.max()) <= 1.0
@@ -47,8 +51,8 @@ def test_targets_follow_the_recipe(blob_data):
 def test_depth_target_inverts_through_the_engine():
     """The squash the targets use is undone by the engine's own depth output: what comes back is
     depth over the clip's median foreground depth (computed here directly)."""
-    gt = blob_clip(3)
-    depth, alpha = gt["depth"], gt["alpha"]
+    clip = render_clip(3, frames=9, height=64, width=64)
+    depth, alpha = clip.depth, clip.alpha
     squashed = depth_to_map(depth, alpha, log_scale=0.5)  # [F, H, W]
     maps = torch.from_numpy(np.repeat(squashed[:, None], 3, axis=1))
     relative = dense_output("depth", maps, 64, 64, depth_log_scale=0.5)
@@ -61,8 +65,8 @@ def test_depth_target_inverts_through_the_engine():
 
 
 def test_bad_ground_truth_is_named(tmp_path):
-    write_blob_set(tmp_path, clips=1)
-    clip = tmp_path / "clip_0000"
+    write_set(tmp_path, clips=1, frames=9, height=64, width=64)
+    clip = tmp_path / clip_name(0)
     np.savez(clip / "keypoints3d.npz", keypoints=np.zeros((9, 17, 3), np.float32))
     with pytest.raises(DataError, match=r"keypoints3d.npz.*\[F, 24, 3\]"):
         load_clip(clip, 9, 64, 64, 24, 0.5)
@@ -73,7 +77,7 @@ def test_bad_ground_truth_is_named(tmp_path):
     (s,) = load_clip(clip, 9, 64, 64, 24, 0.5)  # a clip without a task file trains the others
     assert "keypoints3d" not in s.tasks and s.keypoints2d is not None
     with pytest.raises(DataError, match="holds no clips"):
-        load_samples(tmp_path / "clip_0000", 9, 64, 64, 24, 0.5)
+        load_samples(tmp_path / clip_name(0), 9, 64, 64, 24, 0.5)
 
 
 def _config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -102,14 +106,14 @@ def _training_loss(ck_path: Path, data_root: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(blob_data, tmp_path_factory) -> Path:
+def smoke_run(synth_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    train(_config(blob_data, run, val_data=blob_data / "val", vae_steps=2, vae_batch=2, vae_crop=32, core_steps=40,
+    train(_config(synth_data, run, val_data=synth_data / "val", vae_steps=2, vae_batch=2, vae_crop=32, core_steps=40,
                   save_every=20, log_every=5, val_every=40, save_dtype="fp16"))
     return run
 
 
-def test_smoke_run_losses_fall(smoke_run, blob_data):
+def test_smoke_run_losses_fall(smoke_run, synth_data):
     log = [json.loads(line) for line in (smoke_run / "train_log.jsonl").read_text().splitlines()]
     core = [r for r in log if r["stage"] == "core" and "tasks" in r]
     assert {t for r in core for t in r["tasks"]} == set(TASKS)
@@ -121,13 +125,13 @@ def test_smoke_run_losses_fall(smoke_run, blob_data):
     assert set(report) == set(TASKS) and "iou" in report["segmentation"] and "mpjpe_mm" in report["keypoints3d"]
     assert (smoke_run / "eval" / "step-0000042" / "eval.md").is_file()
     # Same VAE before and after stage 2 (step 2 is the end of stage 1): every task's loss falls.
-    before = _training_loss(smoke_run / "step-0000002", blob_data / "train")
-    after = _training_loss(smoke_run / "checkpoint", blob_data / "train")
+    before = _training_loss(smoke_run / "step-0000002", synth_data / "train")
+    after = _training_loss(smoke_run / "checkpoint", synth_data / "train")
     for t in TASKS:
         assert after[t] < 0.8 * before[t], (t, before[t], after[t])
 
 
-def test_smoke_checkpoint_loads_and_predicts(smoke_run, blob_data, tmp_path):
+def test_smoke_checkpoint_loads_and_predicts(smoke_run, synth_data, tmp_path):
     from thfm_serve.cli import main
 
     ck = smoke_run / "checkpoint"
@@ -139,7 +143,7 @@ def test_smoke_checkpoint_loads_and_predicts(smoke_run, blob_data, tmp_path):
     assert (ck / "text_encoder").is_dir() and (ck / "model_index.json").is_file()
     assert not (ck / "train_state").exists()
     out = tmp_path / "pred"
-    assert main(["predict", str(blob_data / "val" / "clip_0000" / "video.mp4"), "--checkpoint", str(ck),
+    assert main(["predict", str(synth_data / "val" / clip_name(0) / "video.mp4"), "--checkpoint", str(ck),
                  "--tasks", "all", "--out", str(out)]) == 0
     with np.load(out / "segmentation.npz") as z:
         assert z["alpha"].shape == (9, 64, 64)
@@ -147,14 +151,14 @@ def test_smoke_checkpoint_loads_and_predicts(smoke_run, blob_data, tmp_path):
         assert z["keypoints"].shape == (9, 24, 2)
 
 
-def test_resume_reproduces_an_uninterrupted_run(blob_data, tmp_path):
-    whole = train(_config(blob_data, tmp_path / "a"))
+def test_resume_reproduces_an_uninterrupted_run(synth_data, tmp_path):
+    whole = train(_config(synth_data, tmp_path / "a"))
     run_b = tmp_path / "b"
-    train(_config(blob_data, run_b))
+    train(_config(synth_data, run_b))
     # Interrupted after step 3: the later step folder and the final checkpoint never got written.
     shutil.rmtree(run_b / "step-0000006")
     shutil.rmtree(run_b / "checkpoint")
-    resumed = train(_config(blob_data, run_b))
+    resumed = train(_config(synth_data, run_b))
     a, b = load_checkpoint(whole), load_checkpoint(resumed)
     for (name, pa), (_, pb) in zip(a.transformer.state_dict().items(), b.transformer.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
@@ -165,23 +169,23 @@ def test_resume_reproduces_an_uninterrupted_run(blob_data, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
 
 
-def test_bad_settings_are_refused(blob_data, tmp_path):
+def test_bad_settings_are_refused(synth_data, tmp_path):
     with pytest.raises(TrainError, match="exactly one of --checkpoint"):
-        train(_config(blob_data, tmp_path, checkpoint=tmp_path))
+        train(_config(synth_data, tmp_path, checkpoint=tmp_path))
     with pytest.raises(TrainError, match="4n\\+1"):
-        train(_config(blob_data, tmp_path, vae_frames=4))
+        train(_config(synth_data, tmp_path, vae_frames=4))
 
 
-def test_lowering_vae_steps_on_resume_finishes_stage_one(blob_data, tmp_path):
+def test_lowering_vae_steps_on_resume_finishes_stage_one(synth_data, tmp_path):
     """Stopped mid stage 1 and resumed with --vae-steps at the step it reached: the latent statistics
     stage 1 writes at its end are still measured before stage 2."""
     run = tmp_path / "r"
     cfg = dict(vae_steps=2, vae_batch=1, vae_crop=32, core_steps=0, save_every=1)
-    train(_config(blob_data, run, **cfg))
+    train(_config(synth_data, run, **cfg))
     shutil.rmtree(run / "step-0000002")
     shutil.rmtree(run / "checkpoint")
     stopped = json.loads((run / "step-0000001" / "vae" / "config.json").read_text())["latents_mean"]
-    final = train(_config(blob_data, run, **dict(cfg, vae_steps=1, core_steps=2)))
+    final = train(_config(synth_data, run, **dict(cfg, vae_steps=1, core_steps=2)))
     measured = json.loads((final / "vae" / "config.json").read_text())["latents_mean"]
     assert measured != stopped
     steps = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]

@@ -1,13 +1,12 @@
 """Tests for thfm_serve.video: decoding over PyAV, rotation, limits and every user error.
 
-Clips are generated in tmp_path by tests/videogen.py (tiny, a few frames, 64x48), so the whole
+Clips are generated in tmp_path by thfm_serve.clipgen's test pattern (tiny, a few frames, 64x48), so the whole
 file runs in a few seconds. The real samples in ../shared/samples are optional.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import av
@@ -17,9 +16,7 @@ import pytest
 from thfm_serve import video as video_mod
 from thfm_serve.errors import ShapeError, VideoError
 from thfm_serve.video import Video, decode_video_bytes, encode_video, probe_video, read_video
-# videogen sits next to this file; make it importable however pytest sets up sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from videogen import BLOCK, encoder_available, green_column, make_audio_only, make_clip, pattern
+from thfm_serve.clipgen import BLOCK, encoder_available, green_column, make_audio_only, make_clip, pattern
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 
