@@ -4,21 +4,18 @@ GPU figures themselves come only from a run on a GPU host (perf/results/gpu/).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from perfscripts import load_perf_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "perf" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_perf_script("gpu_check")
 
 
 def test_dry_run_writes_results_and_says_what_was_skipped(tmp_path):

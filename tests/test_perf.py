@@ -11,16 +11,15 @@ depends on timing: only that a sweep produced numbers and files.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import stat
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from perfscripts import load_perf_script
 
 from thfm_serve.config import ThfmConfig
 from thfm_serve.errors import ThfmError
@@ -263,11 +262,7 @@ def test_cli_registers_perf():
 @pytest.fixture(scope="module")
 def engines():
     """perf/engines.py, the benchmark's engines (benchmark-only code: not part of the package)."""
-    spec = importlib.util.spec_from_file_location("perf_engines", Path(__file__).resolve().parents[1] / "perf" / "engines.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_perf_script("engines", "perf_engines")
 
 
 def test_torch_engines_match_the_core(tiny_checkpoint, engines):
@@ -332,10 +327,7 @@ def test_vae_engine_and_ort_engine(tiny_checkpoint, tmp_path, engines):
 # --- the benchmark's pure parts ----------------------------------------------------------------------------
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_core", ROOT / "perf" / "bench_core.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_perf_script("bench_core")
 
 
 def test_bench_flops_match_the_flop_counter(tiny_checkpoint):
@@ -518,9 +510,7 @@ def test_live_cli(perf_server, tmp_path):
 def test_int8_recipes_slice(tiny_checkpoint, tmp_path):
     """perf/int8_recipes.py on a one-block slice: every recipe quantises what it says, the CPU recipe's
     linears run as fused QLinearMatMul, and the report files carry the command."""
-    spec = importlib.util.spec_from_file_location("int8_recipes", ROOT / "perf" / "int8_recipes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_perf_script("int8_recipes")
     out = tmp_path / "out"
     rc = mod.main(["--checkpoint", str(tiny_checkpoint), "--layers", "1", "--frames", "9", "--height", "64", "--width", "64",
                    "--runs", "1", "--warmup", "0", "--out", str(out), "--workdir", str(tmp_path / "work")])

@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from perfscripts import load_perf_script
 
 from thfm_serve.synth.dataset import write_set
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("precision_eval", ROOT / "perf" / "precision_eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_perf_script("precision_eval")
 
 
 def test_precision_table_matches_thfm_eval(tiny_checkpoint, tmp_path):
