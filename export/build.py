@@ -462,7 +462,7 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
 VAE_DRIFT_CLIPS = 2  # held-out clips (seeds DRIFT_SEED, DRIFT_SEED + 1) for the int8 VAE's task drift
 
 
-def _vae_feeds(ck: Any, name: str, clips: list[np.ndarray], frames: int, height: int, width: int,
+def vae_feeds(ck: Any, name: str, clips: list[np.ndarray], frames: int, height: int, width: int,
                rows: int | None = None) -> list[dict[str, np.ndarray]]:
     """Input feeds of the VAE graph `name` from the distribution it serves, one per clip.
 
@@ -501,7 +501,7 @@ def _quantize_vae(name: str, fp32_path: Path, out_path: Path, ck: Any, spec: Sub
     from .quantize import quantize_vae
 
     calib = calibration_set(calibration or None, frames, height, width, count=clips)
-    info = quantize_vae(fp32_path, out_path, _vae_feeds(ck, name, calib.clips, frames, height, width))
+    info = quantize_vae(fp32_path, out_path, vae_feeds(ck, name, calib.clips, frames, height, width))
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files,
                  "calibration_clips": len(calib.clips)})
@@ -512,16 +512,16 @@ def _quantize_vae(name: str, fp32_path: Path, out_path: Path, ck: Any, spec: Sub
 
 def _vae_inputs(ck: Any, name: str):
     """validate_values' inputs for an int8 VAE graph at any base dims: held-out procedural clips of the
-    matching size (one per batch row for the encoder; the decoder's rows from one clip, _vae_feeds)."""
+    matching size (one per batch row for the encoder; the decoder's rows from one clip, vae_feeds)."""
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         frames, height, width = video_frames(dims["latent_frames"]), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])
         batch = dims["batch"]
         if name == VAE_ENCODER:
-            feeds = _vae_feeds(ck, name, procedural_clips(batch, frames, height, width, seed=seed), frames, height, width)
+            feeds = vae_feeds(ck, name, procedural_clips(batch, frames, height, width, seed=seed), frames, height, width)
             return {ENCODER_IN: np.concatenate([f[ENCODER_IN] for f in feeds], axis=0)}
         clip = procedural_clips(1, frames, height, width, seed=seed)
-        return _vae_feeds(ck, name, clip, frames, height, width, rows=batch)[0]
+        return vae_feeds(ck, name, clip, frames, height, width, rows=batch)[0]
 
     return make
 
