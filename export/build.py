@@ -8,8 +8,8 @@ thfm_serve.repository, called at the end when it exists)::
     <repo>/core/1/thfm_config.json                 the checkpoint's thfm/config.json (tasks, joints, clip)
     <repo>/core/1/model.plan                       --target gpu: TensorRT engine (+ timing cache)
     <repo>/core/1/polygraphy/                      validation inputs/outputs as polygraphy JSON
-    <repo>/vae_encoder/1/model.onnx                fp32, frames static at the window
-    <repo>/vae_decoder/1/model.onnx                fp32, frames static at the window
+    <repo>/vae_encoder/1/model.onnx                fp32 (or int8 Q/DQ: --vae-precision), frames static at the window
+    <repo>/vae_decoder/1/model.onnx                fp32 (or int8 Q/DQ: --vae-precision), frames static at the window
     <repo>/<model>/1/manifest.json                 key (checkpoint hash, precision, spec, recipe), files, validation
     <repo>/export_report.json                      this run: per-model status, numbers, drift, engine
 
@@ -36,6 +36,7 @@ from thfm_serve.contract.geometry import latent_size, patch_pixels, video_frames
 from thfm_serve.contract.protocol import (
     CORE,
     DECODER_IN,
+    ENCODER_IN,
     MODEL_VERSION,
     ONNX_FILE,
     TASK_EMBEDDINGS,
@@ -47,9 +48,12 @@ from thfm_serve.contract.protocol import (
 from . import manifest as mf
 from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
-from .precision import QUANTIZED, check_target_precision, default_precision, lowered_core, precision_summary
-from thfm_serve.contract.specs import MAX_BATCH, Precision, SubmodelSpec, Target, build_specs, parse_precision, parse_target
-from .validate import OnnxVae, make_runner, task_drift, torch_runner, validate_values
+from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision, lowered_core,
+                        precision_summary)
+from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, SubmodelSpec, Target, build_specs,
+                                       parse_precision, parse_target, parse_vae_precision)
+from .validate import (OnnxVae, check_vae_drift, make_runner, task_drift, torch_runner, torch_vae, validate_values,
+                       vae_drift)
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ def export_repository(
     max_width: int | None = None,
     calibration_clips: int = DEFAULT_CLIPS,
     write_configs: bool = True,
+    vae_precision: str | Precision = Precision.FP32,
 ) -> dict[str, Any]:
     """Export (or reuse) every submodel into `repo`; returns the report (also in <repo>/export_report.json).
 
@@ -92,6 +97,7 @@ def export_repository(
     recipe for this machine's instruction sets, thfm_serve.machine.cpu_recipe).
     write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end, also when
     the engine stage stops (the configs do not depend on the plan).
+    vae_precision: the VAE graphs' precision (fp32; int8 for --target cpu, quantize.VAE_RECIPE).
     """
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -102,6 +108,8 @@ def export_repository(
     else:
         precision = parse_precision(precision)
     check_target_precision(target, precision)
+    vae_precision = parse_vae_precision(vae_precision)
+    check_target_vae_precision(target, vae_precision)
     chosen = _choose_models(models)
     repo = Path(repo)
     if repo.name == "triton":
@@ -111,12 +119,12 @@ def export_repository(
     checkpoint = Path(checkpoint)
     cfg = _load_config(checkpoint)
     specs = build_specs(cfg, frames, height, width, precision=precision, max_batch=max_batch,
-                        max_frames=max_frames, max_height=max_height, max_width=max_width)
+                        max_frames=max_frames, max_height=max_height, max_width=max_width, vae_precision=vae_precision)
     frames = frames or cfg.frames
     height = height or cfg.height
     width = width or cfg.width
     calibration = [str(p) for p in calibration or []]
-    if calibration and precision not in QUANTIZED:
+    if calibration and precision not in QUANTIZED and vae_precision not in QUANTIZED:
         logger.warning("--calibration is only used for int8/fp8; ignored for %s", precision.value)
 
     repo.mkdir(parents=True, exist_ok=True)
@@ -124,7 +132,8 @@ def export_repository(
     state = _State(checkpoint)
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
-        "precision": precision.value, "precision_chosen_by": chosen_by, "machine": read_cpu().to_dict(),
+        "precision": precision.value, "precision_chosen_by": chosen_by, "vae_precision": vae_precision.value,
+        "machine": read_cpu().to_dict(),
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
     }
@@ -149,8 +158,12 @@ def export_repository(
             try:
                 vae = _exported_vae(repo, specs, ck_hash, precision, calibration, calibration_clips, target, frames) \
                     if name == CORE else None
+                # The int8 decoder's drift runs with the int8 encoder when the repository has it (exported
+                # just before: the encoder comes first in MODELS).
+                encoder = _exported_part(repo, specs, VAE_ENCODER, ck_hash, precision, calibration, calibration_clips,
+                                         target) if name == VAE_DECODER and spec.precision != Precision.FP32.value else None
                 entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
-                                     target, vae=vae)
+                                     target, vae=vae, vae_encoder=encoder)
             except ExportError as e:
                 report["models"][name] = {"status": "failed", "error": str(e)}
                 _write_report(repo, report)
@@ -235,6 +248,13 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
         key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
                               "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe}
+    if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
+        from .calibration import PROCEDURAL_RECIPE
+        from .quantize import VAE_RECIPE
+
+        key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
+                              "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
+                              "recipe": VAE_RECIPE.name, "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
     return key
 
 
@@ -257,19 +277,29 @@ def _exported_vae(repo: Path, specs: dict[str, SubmodelSpec], ck_hash: str, prec
     files, as reuse checks them); None otherwise, and the drift falls back to the PyTorch VAE."""
     parts = []
     for name in (VAE_ENCODER, VAE_DECODER):
-        vdir = repo / name / VERSION
-        key = _model_key(name, specs[name], ck_hash, precision, calibration, clips, target)
-        reason = mf.stale_reason(mf.read_manifest(vdir), key, vdir)
-        if reason is not None:
-            logger.info("core task drift: no exported %s to decode through (%s); using the PyTorch VAE", name, reason)
+        part = _exported_part(repo, specs, name, ck_hash, precision, calibration, clips, target)
+        if part is None:
+            logger.info("core task drift: no exported %s to decode through; using the PyTorch VAE", name)
             return None
-        parts.append((specs[name], vdir / MODEL_FILE))
+        parts.append(part)
     return OnnxVae(parts[0], parts[1], window)
+
+
+def _exported_part(repo: Path, specs: dict[str, SubmodelSpec], name: str, ck_hash: str, precision: Precision,
+                   calibration: list[str], clips: int, target: Target) -> tuple[SubmodelSpec, Path] | None:
+    """(spec, model file) of the repository's `name` when its manifest matches this export, else None."""
+    vdir = repo / name / VERSION
+    key = _model_key(name, specs[name], ck_hash, precision, calibration, clips, target)
+    reason = mf.stale_reason(mf.read_manifest(vdir), key, vdir)
+    if reason is not None:
+        logger.info("%s in %s does not match this export (%s)", name, repo, reason)
+        return None
+    return specs[name], vdir / MODEL_FILE
 
 
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
                 height: int, width: int, calibration: list[str], clips: int, target: Target,
-                vae: OnnxVae | None = None) -> dict[str, Any]:
+                vae: OnnxVae | None = None, vae_encoder: tuple[SubmodelSpec, Path] | None = None) -> dict[str, Any]:
     ck = state.ck
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
@@ -290,7 +320,14 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     else:
         module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
         reference = module
-        export_onnx(module, spec, onnx_path)
+        int8_vae = spec.precision != Precision.FP32.value
+        if int8_vae:
+            fp32_path = export_onnx(module, spec, stage / "fp32" / MODEL_FILE)
+            entry["quantization"] = _quantize_vae(name, fp32_path, onnx_path, ck, spec, frames, height, width,
+                                                  calibration, clips)
+            shutil.rmtree(stage / "fp32")
+        else:
+            export_onnx(module, spec, onnx_path)
 
     entry["export_s"] = round(time.perf_counter() - t0, 1)
     entry["structure"] = check_structure(onnx_path, spec)
@@ -325,10 +362,18 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
                 inputs = _clip_inputs(ck)
                 entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
                                               "encoder, the checkpoint's task embeddings")
+            if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
+                inputs = _vae_inputs(ck, name)
+                entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips)" +
+                                              (" through the PyTorch VAE encoder and core (the latents and the core's "
+                                               "dense rows)" if name == VAE_DECODER else ""))
             entry["validation"] = validate_values(spec, runner, ref_run, trace_dims(spec), stage / "polygraphy", extra,
                                                   runner_kind=runner.kind, inputs=inputs)
-            if name in (VAE_ENCODER, VAE_DECODER):
+            if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.FP32.value:
+                # The int8 graphs are the same window graphs quantised; padding is checked on the fp32 ones.
                 entry["window_check"] = _window_check(name, spec, runner, reference, frames)
+            if name == VAE_DECODER and spec.precision != Precision.FP32.value:
+                entry.update(_vae_drift_entry(ck, spec, onnx_path, vae_encoder, frames, height, width))
             if name == CORE and precision != Precision.FP32:
                 clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
                 entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch, vae=vae)
@@ -412,6 +457,96 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],
                 info["matmuls"], info["quantize_linear"], info["dequantize_linear"])
     return info
+
+
+VAE_DRIFT_CLIPS = 2  # held-out clips (seeds DRIFT_SEED, DRIFT_SEED + 1) for the int8 VAE's task drift
+
+
+def vae_feeds(ck: Any, name: str, clips: list[np.ndarray], frames: int, height: int, width: int,
+               rows: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Input feeds of the VAE graph `name` from the distribution it serves, one per clip.
+
+    Encoder: the clip's frames, fitted to the grid as served. Decoder: what serving decodes: the
+    clip's latent and the fp32 core's dense-task rows for it. With a trained checkpoint those rows are
+    the latents the clip's task maps encode to (the core's training target for a dense row is
+    VAE-encode(task map)); calibration videos come without task maps, and with random weights only
+    the core's own rows have the ranges the decoder then sees. rows: cut (cycling) to this batch."""
+    import torch
+
+    from thfm_serve.config import DENSE_TASKS
+    from thfm_serve.processing import fit_clip
+
+
+    if name == VAE_ENCODER:
+        feeds = [fit_clip(c, frames, height, width).numpy() for c in clips]
+    else:
+        encoder, core = ck.vae_encoder(), ck.core()
+        dense = [t for t in ck.tasks if t in DENSE_TASKS]
+        text = torch.from_numpy(task_texts(ck, dense))
+        feeds = []
+        for clip in clips:
+            latent = clip_latent(encoder, clip, frames, height, width)  # [1, 16, T', h, w]
+            with torch.no_grad():
+                pred = core(torch.from_numpy(np.repeat(latent, len(dense), axis=0)), text)[0].numpy()
+            feeds.append(np.concatenate([latent, pred], axis=0))  # [1 + dense tasks, 16, T', h, w]
+    if rows is not None:
+        feeds = [f[np.arange(rows) % len(f)] for f in feeds]
+    key = ENCODER_IN if name == VAE_ENCODER else DECODER_IN
+    return [{key: np.ascontiguousarray(f, dtype=np.float32)} for f in feeds]
+
+
+def _quantize_vae(name: str, fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int,
+                  width: int, calibration: list[str], clips: int) -> dict[str, Any]:
+    from .onnx_export import finalize_onnx
+    from .quantize import quantize_vae
+
+    calib = calibration_set(calibration or None, frames, height, width, count=clips)
+    info = quantize_vae(fp32_path, out_path, vae_feeds(ck, name, calib.clips, frames, height, width))
+    finalize_onnx(out_path, spec)
+    info.update({"calibration_source": calib.source, "calibration_files": calib.files,
+                 "calibration_clips": len(calib.clips)})
+    logger.info("%s int8: %d Convs quantised; onnxruntime runs %s", name, info["quantized_convs"],
+                info["onnxruntime_optimised"])
+    return info
+
+
+def _vae_inputs(ck: Any, name: str):
+    """validate_values' inputs for an int8 VAE graph at any base dims: held-out procedural clips of the
+    matching size (one per batch row for the encoder; the decoder's rows from one clip, vae_feeds)."""
+
+    def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+        frames, height, width = video_frames(dims["latent_frames"]), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])
+        batch = dims["batch"]
+        if name == VAE_ENCODER:
+            feeds = vae_feeds(ck, name, procedural_clips(batch, frames, height, width, seed=seed), frames, height, width)
+            return {ENCODER_IN: np.concatenate([f[ENCODER_IN] for f in feeds], axis=0)}
+        clip = procedural_clips(1, frames, height, width, seed=seed)
+        return vae_feeds(ck, name, clip, frames, height, width, rows=batch)[0]
+
+    return make
+
+
+def _vae_drift_entry(ck: Any, spec: SubmodelSpec, decoder_path: Path, encoder: tuple[SubmodelSpec, Path] | None,
+                     frames: int, height: int, width: int) -> dict[str, Any]:
+    """The int8 VAE's task drift against the fp32 PyTorch VAE on held-out clips; fatal past
+    contract.specs.VAE_DRIFT_BOUNDS. The candidate decodes with the int8 decoder being exported and
+    encodes with the repository's int8 encoder (or PyTorch's fp32 one where there is none)."""
+    ref_encode, ref_decode = torch_vae(ck)
+    if encoder is not None:
+        onnx_vae = OnnxVae(encoder, (spec, decoder_path), frames)
+        candidate, note = (onnx_vae.encode, onnx_vae.decode), "int8 encoder and int8 decoder (onnxruntime)"
+    else:
+        onnx_vae = OnnxVae((spec, decoder_path), (spec, decoder_path), frames)  # encoder part unused
+        candidate, note = (ref_encode, onnx_vae.decode), ("fp32 PyTorch encoder (no int8 vae_encoder matching this "
+                                                          "export in the repository) and int8 decoder (onnxruntime)")
+    clips = procedural_clips(VAE_DRIFT_CLIPS, frames, height, width, seed=DRIFT_SEED)
+    t0 = time.perf_counter()
+    drift = vae_drift(ck, (ref_encode, ref_decode), candidate, clips, height, width)
+    logger.info("int8 VAE task drift against the fp32 VAE (%d clips, %s): %s", len(clips), note, _fmt_drift(drift))
+    bounds = check_vae_drift(drift, VAE_DRIFT_BOUNDS)
+    return {"vae_drift": drift, "vae_drift_bounds": bounds, "vae_drift_candidate": note,
+            "vae_drift_clips": f"{len(clips)} procedural clips, seeds {DRIFT_SEED}+ (not the calibration clips)",
+            "vae_drift_s": round(time.perf_counter() - t0, 1)}
 
 
 def _window_check(name: str, spec: SubmodelSpec, runner: Any, module: Any, window: int) -> dict[str, Any]:

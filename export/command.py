@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from thfm_serve.contract.specs import MAX_BATCH, Precision, Target
+from thfm_serve.contract.specs import MAX_BATCH, VAE_PRECISIONS, Precision, Target
 from thfm_serve.options import LIMIT_PREFIX, ExportOptions
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,13 @@ def register(sub) -> None:
     p.add_argument("--target", default=Target.CPU.value, metavar="{" + ",".join(t.value for t in Target) + "}",
                    help="cpu: ONNX for onnxruntime; gpu: also a TensorRT engine for the core (default cpu)")
     p.add_argument("--precision", default=None, metavar="{" + ",".join(q.value for q in Precision) + "}",
-                   help="core precision; the VAE stays fp32 (default for cpu: chosen for this machine's instruction sets and logged, int8 with AVX2 and up, fp32 below, never bf16; bf16 for gpu; fp8 is gpu only)")
+                   help="core precision; the VAE's is --vae-precision (default for cpu: chosen for this machine's instruction sets and logged, int8 with AVX2 and up, fp32 below, never bf16; bf16 for gpu; fp8 is gpu only)")
+    p.add_argument("--vae-precision", default=Precision.FP32.value, metavar="{" + ",".join(q.value for q in VAE_PRECISIONS) + "}",
+                   help="VAE encoder and decoder precision, --target cpu only (default fp32). int8: Q/DQ on the "
+                   "convolutions (int8 per-channel weights, uint8 activations) for onnxruntime's int8 conv kernels, "
+                   "calibrated on the --calibration clips; fatal if its task drift against the fp32 VAE exceeds the "
+                   "stated bounds. fp32 stays the default because int8 was slower than fp32 where measured "
+                   "(tiny preset, export/RESULTS.md); run perf/vae_int8.py on your CPU before choosing it")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")

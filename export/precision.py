@@ -76,6 +76,15 @@ def check_target_precision(target: Target, precision: Precision) -> None:
         )
 
 
+def check_target_vae_precision(target: Target, vae_precision: Precision) -> None:
+    """--vae-precision int8 is a recipe for onnxruntime's CPU int8 conv kernels (quantize.VAE_RECIPE);
+    the GPU repository serves the VAE through Triton's onnxruntime backend on the GPU, for which no
+    int8 VAE was built or measured."""
+    if vae_precision != Precision.FP32 and target != Target.CPU:
+        raise ThfmError(f"--vae-precision {vae_precision.value} is for --target cpu only (onnxruntime's CPU int8 "
+                        f"convolutions); --target {target.value} keeps the VAE fp32")
+
+
 def wan_fp32_modules() -> tuple[str, ...]:
     from diffusers import WanTransformer3DModel
 

@@ -307,3 +307,161 @@ def qdq_stats(path: Path) -> dict[str, int]:
         "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in model.graph.node),
         "int8_initializers": sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer),
     }
+
+
+# --- the int8 Wan VAE (--vae-precision int8, --target cpu) -------------------------------------
+#
+# The Wan VAE (diffusers AutoencoderKLWan) is causal 3D convolutions, RMS norms, SiLU and one
+# attention per mid block; the convolutions carry nearly all of its work. Q/DQ goes on the Conv ops
+# only, in the form onnxruntime's CPU provider fuses (DQ(x), DQ(w) -> Conv -> Q  =>  QLinearConv):
+# int8 weights, symmetric, one scale per output channel (axis 0 of a Conv weight), and uint8
+# asymmetric activations (VNNI's u8 x s8 order, as the core's CPU recipe). Does onnxruntime's int8
+# conv cover the 3D convolutions? Yes, as read from the optimised graph (qlinear_conv_counts): with
+# ORT_ENABLE_ALL, onnxruntime 1.32 rewrites every 3D Conv of the Q/DQ graph (kernels 3x3x3 and
+# 1x1x1) and the 2D ones of the resampling layers into com.microsoft QLinearConv in channels-last
+# layout, with Transposes at the layout boundaries; none is left as DequantizeLinear -> float Conv.
+# Calibration is onnxruntime's MinMax calibrator (the VAE has no Linear layers for the core's hook
+# calibration). Its augmented graph returns each calibrated tensor's ReduceMin/ReduceMax, not the
+# tensor, so what it keeps per sample is two scalars a tensor; the fp32 VAE (0.5 GB at Wan2.1's
+# shape) is held a few times over, unlike the core's 5.7 GB. (CalibMaxIntermediateOutputs is not
+# used: in onnxruntime 1.32 it drops the collected ranges instead of merging them.)
+
+VAE_OP_TYPES = ("Conv",)
+
+
+@dataclass(frozen=True)
+class VaeQdqRecipe:
+    """How the VAE graphs are quantised for onnxruntime on CPU (see the section comment above)."""
+
+    name: str = "onnxruntime-x86-conv"
+    op_types: tuple[str, ...] = VAE_OP_TYPES
+
+    def quantize_static_kwargs(self) -> dict[str, Any]:
+        from onnxruntime.quantization import QuantFormat, QuantType
+
+        return {
+            "quant_format": QuantFormat.QDQ, "op_types_to_quantize": list(self.op_types), "per_channel": True,
+            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
+            "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
+        }
+
+    def describe(self) -> str:
+        return (f"onnxruntime quantize_static QDQ, MinMax, uint8 asymmetric activations, int8 symmetric per-channel "
+                f"weights, {'/'.join(self.op_types)} only ({self.name})")
+
+
+VAE_RECIPE = VaeQdqRecipe()
+
+
+def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]],
+                 recipe: VaeQdqRecipe = VAE_RECIPE) -> dict[str, Any]:
+    """Write the int8 Q/DQ VAE graph (encoder or decoder) to out_path, calibrated on `samples` (input
+    feeds from the distribution the graph serves); check its structure (fatal) and return the report."""
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+    if not samples:
+        raise ExportError("int8 VAE: no calibration samples")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("int8 VAE (%s): calibrating %s on %d samples", recipe.name, fp32_path.parent.name, len(samples))
+    hint_filter = _DropPreprocessHint()
+    root = logging.getLogger()
+    root.addFilter(hint_filter)
+    for handler in root.handlers:
+        handler.addFilter(hint_filter)
+    try:
+        quantize_static(str(fp32_path), str(out_path), _Reader(samples), calibrate_method=CalibrationMethod.MinMax,
+                        **recipe.quantize_static_kwargs())
+    except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
+        raise ExportError(f"int8 VAE: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
+    finally:
+        root.removeFilter(hint_filter)
+        for handler in root.handlers:
+            handler.removeFilter(hint_filter)
+    out_path.chmod(out_path.stat().st_mode | 0o444)
+    stats = check_conv_qdq(onnx.load(str(out_path)))
+    stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["convs"])
+    stats.update({"calibration_samples": len(samples), "recipe": recipe.name, "method": recipe.describe()})
+    return stats
+
+
+def check_conv_qdq(model: onnx.ModelProto) -> dict[str, int]:
+    """Every Conv of `model` reads a dequantised activation and a dequantised int8 weight with one
+    symmetric scale per output channel, and its output is quantised again (uint8): the pattern
+    onnxruntime fuses into QLinearConv. ExportError naming the first offenders otherwise (an
+    unquantised graph fails here)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise ExportError("int8 VAE: the graph has no Conv to quantise")
+    problems = []
+    for n in convs:
+        x, w = (producer.get(n.input[i]) for i in (0, 1))
+        why = None
+        if x is None or x.op_type != "DequantizeLinear":
+            why = "its input is not dequantised"
+        elif w is None or w.op_type != "DequantizeLinear" or w.input[0] not in inits:
+            why = "its weight is not a dequantised initializer"
+        else:
+            q, scale = inits[w.input[0]], inits.get(w.input[1])
+            out_channels = q.dims[0]
+            axis = next((a.i for a in w.attribute if a.name == "axis"), 1)
+            if q.data_type != onnx.TensorProto.INT8:
+                why = f"its weight is {onnx.TensorProto.DataType.Name(q.data_type)}, not INT8"
+            elif scale is None or int(np.prod(scale.dims)) != out_channels or axis != 0:
+                why = "its weight is not quantised per output channel"
+            elif len(w.input) > 2 and w.input[2] in inits and onnx.numpy_helper.to_array(inits[w.input[2]]).any():
+                why = "its weight zero point is not 0 (not symmetric)"
+            elif x.input[0] not in producer or producer[x.input[0]].op_type != "QuantizeLinear":
+                why = "its input is not quantised"
+            elif not any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], [])):
+                why = "its output is not quantised"
+        if why:
+            problems.append(f"{n.name} ({why})")
+    if problems:
+        raise ExportError(f"int8 VAE: {len(problems)} of {len(convs)} Conv(s) lack the Q/DQ onnxruntime fuses into "
+                          f"QLinearConv, e.g. {'; '.join(problems[:3])}")
+    ops = [n.op_type for n in model.graph.node]
+    return {"convs": len(convs), "quantized_convs": len(convs), "quantize_linear": ops.count("QuantizeLinear"),
+            "dequantize_linear": ops.count("DequantizeLinear"),
+            "int8_initializers": sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)}
+
+
+def qlinear_conv_counts(path: Path) -> dict[str, int]:
+    """The graph as onnxruntime's CPU provider runs it (ORT_ENABLE_ALL, as serving.sessions does):
+    QLinearConv by kernel rank ("qlinear_conv_2d", "qlinear_conv_3d"), and the float Convs left."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="thfm-ortopt-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        opts.intra_op_num_threads = 1
+        # The optimised file is written when the session is created; nothing is run.
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    out = {"qlinear_conv_2d": 0, "qlinear_conv_3d": 0, "float_conv": 0}
+    for n in model.graph.node:
+        if n.op_type == "QLinearConv":
+            shape = next((list(a.ints) for a in n.attribute if a.name == "kernel_shape"), [])
+            out[f"qlinear_conv_{3 if len(shape) == 3 else 2}d"] += 1
+        elif n.op_type in ("Conv", "FusedConv", "NchwcConv"):
+            out["float_conv"] += 1
+    return out
+
+
+def check_qlinear_conv(path: Path, convs: int) -> dict[str, int]:
+    """Fatal unless onnxruntime turns every quantised Conv into QLinearConv: a Q/DQ Conv it leaves
+    in float would run the fp32 kernel with a dequantisation per call, slower than fp32."""
+    counts = qlinear_conv_counts(path)
+    fused = counts["qlinear_conv_2d"] + counts["qlinear_conv_3d"]
+    if fused < convs or counts["float_conv"]:
+        raise ExportError(f"int8 VAE: onnxruntime fused {fused} of {convs} quantised Conv(s) into QLinearConv "
+                          f"({counts}); the int8 conv kernels would not run")
+    return counts

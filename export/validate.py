@@ -358,3 +358,81 @@ def _dense_metric(task: str, ref: np.ndarray, got: np.ndarray) -> dict[str, floa
     if task == "segmentation":
         return {"alpha_mse": float(np.mean((got64 - ref64) ** 2))}
     return {"iuv_mae": float(np.mean(np.abs(got64 - ref64)))}
+
+
+# --- the int8 VAE's drift in task units -------------------------------------------------------
+
+Encode = Callable[[np.ndarray], np.ndarray]
+
+
+def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode, Encode], clips: list[np.ndarray],
+              height: int, width: int) -> dict[str, dict[str, float]]:
+    """The dense tasks' maps through the candidate VAE (encode, decode) against the reference VAE, in
+    task units, averaged over `clips` (uint8 [F, H, W, 3], each one window).
+
+    Both paths run the engine's window loop (processing.run_clip) with the same fp32 PyTorch core, so
+    the only difference is the VAE (encoder and decoder), and the maps are what users get. Metrics are
+    thfm_serve.evaluation's, with the reference maps as the ground truth: depth abs-rel (unaligned:
+    both are the same relative depth) on valid depth, normals mean angle, matte IoU at 0.5 and
+    densepose part accuracy (with their companions: RMSE, delta1, median angle, MSE/MAD, UV error)."""
+    import torch
+
+    from thfm_serve import evaluation as ev
+    from thfm_serve.config import DENSE_TASKS
+    from thfm_serve.contract.tasks import OUTPUT_KEYS
+    from thfm_serve.processing import run_clip
+
+    from .calibration import task_texts
+
+    cfg = ck.config
+    tasks = [t for t in ck.tasks if t in DENSE_TASKS]
+    if not tasks:
+        return {}
+    text = task_texts(ck, tasks)
+    module = ck.core()
+
+    def core(latent: np.ndarray, txt: np.ndarray):
+        with torch.no_grad():
+            return tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
+
+    per_clip: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
+    for clip in clips:
+        window = clip.shape[0]
+        ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
+                             enc, core, dec) for enc, dec in (reference, candidate))
+        for task in tasks:
+            a, b = ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]
+            if task == "depth":
+                rows = [ev.depth_metrics(p, g, g > 1e-3, align=None) for p, g in zip(b, a)]
+                row = {k: float(np.mean([r[k] for r in rows if r])) for k in ("abs_rel", "rmse", "delta1")} \
+                    if any(rows) else {}
+            elif task == "normals":
+                row = ev.normals_metrics(b, a, np.ones(a.shape[:-1], bool))
+            elif task == "segmentation":
+                row = ev.matte_metrics(b, a)
+            else:
+                row = ev.densepose_metrics(b, a)
+            per_clip[task].append(row)
+    # A metric undefined on every clip (no body pixel, no valid depth) is left out; its bound then fails.
+    return {t: {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted({k for r in rows for k in r})}
+            for t, rows in per_clip.items()}
+
+
+def check_vae_drift(drift: Mapping[str, Mapping[str, float]], bounds: Any) -> list[dict[str, Any]]:
+    """Each bound (contract.specs.VAE_DRIFT_BOUNDS) against the drift; ExportError naming every bound
+    exceeded. A bound on a task the checkpoint has whose metric is missing fails too: a metric that
+    could not be measured is not a pass."""
+    rows, failures = [], []
+    for b in bounds:
+        if b.task not in drift:
+            continue
+        value = drift[b.task].get(b.metric)
+        ok = value is not None and b.ok(value)
+        rows.append({"task": b.task, "metric": b.metric, "value": value, "limit": b.limit,
+                     "higher_is_better": b.higher_is_better, "ok": ok})
+        if not ok:
+            failures.append(f"{b.task} {b.metric} = {value if value is None else format(value, '.4g')} "
+                            f"(bound: {b.describe()})")
+    if failures:
+        raise ExportError("int8 VAE: task drift against the fp32 VAE beyond the bounds: " + "; ".join(failures))
+    return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.params import Limits
-from .contract.specs import MAX_BATCH, Target, parse_precision, parse_target
+from .contract.specs import MAX_BATCH, Precision, Target, parse_precision, parse_target, parse_vae_precision
 from .errors import ThfmError
 
 # Request-limit flags of `thfm export` use destinations LIMIT_PREFIX + <Limits field>.
@@ -33,6 +33,7 @@ class ExportOptions:
     repo: str
     target: str = Target.CPU.value
     precision: str | None = None  # None: cpu: machine.cpu_recipe for this CPU; gpu: bf16
+    vae_precision: str = Precision.FP32.value  # the VAE graphs: fp32, or int8 for --target cpu
     frames: int | None = None  # the export window (default: the checkpoint's)
     height: int | None = None
     width: int | None = None
@@ -57,6 +58,7 @@ class ExportOptions:
         parse_target(self.target)
         if self.precision is not None:
             parse_precision(self.precision)
+        parse_vae_precision(self.vae_precision)
         if self.limits:
             Limits(**self.limits).validate()  # a bad value fails before minutes of export
             if self.no_configs:
@@ -66,7 +68,7 @@ class ExportOptions:
     def export_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of thfm_serve.export.build.export_repository after (checkpoint, repo)."""
         out: dict[str, Any] = dict(
-            target=self.target, precision=self.precision,
+            target=self.target, precision=self.precision, vae_precision=self.vae_precision,
             frames=self.frames, height=self.height, width=self.width, calibration=self.calibration,
             models=self.only, build_engine=not self.no_engine, force=self.force, max_batch=self.max_batch,
             max_frames=self.max_frames, max_height=self.max_height, max_width=self.max_width,

@@ -1,0 +1,157 @@
+"""The Wan VAE in onnxruntime, fp32 against int8 (`thfm export --vae-precision int8`): time per window.
+
+    .venv/bin/python perf/vae_int8.py --checkpoint runs/ck13 --frames 17 --height 256 --width 256
+
+A checkpoint's VAE encoder and decoder are exported to fp32 ONNX at the window (frames x height x
+width), quantised as the exporter does (export/quantize.py VAE_RECIPE: Q/DQ on the convolutions,
+calibrated on the exporter's procedural clips, encoder on frames, decoder on the clips' latents and
+the core's dense rows), and each graph is timed in onnxruntime with the serving session options
+(thfm_serve.serving.create_session) on --threads threads: the encoder on one window, the decoder on
+one window's dense rows (--decoder-rows, default 4: a --tasks all request decodes the four dense
+tasks in one call). Inputs are a held-out clip (not a calibration clip). The report gives the
+machine class (thfm_serve.machine), the medians, int8's speed-up, its largest difference from fp32
+and what onnxruntime runs after its graph optimisation (QLinearConv 2D/3D, float Convs left).
+
+Writes nothing unless --out DIR is given (then DIR/vae_int8_<name>_<F>x<H>x<W>.{md,json}, each with
+the command that made it); the table is always logged. ONNX files are cached under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("vae_int8")
+CALIBRATION_CLIPS = 4  # the exporter's default (export/calibration.py DEFAULT_CLIPS)
+HELD_OUT_SEED = 500  # not a calibration clip (seed 0) nor the export drift's (build.DRIFT_SEED)
+
+
+def time_graph(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, warmup: int) -> dict[str, Any]:
+    from thfm_serve.serving import create_session
+
+    sess = create_session(path, threads)
+    out = None
+    for _ in range(warmup):
+        out = sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return {"times_s": times, "median_s": statistics.median(times), "output": out[0]}
+
+
+def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, height: int, width: int) -> dict[str, Path]:
+    """fp32 and int8 graphs of `name` (cached in work/<name>/)."""
+    from thfm_serve.export.build import vae_feeds
+    from thfm_serve.export.calibration import procedural_clips
+    from thfm_serve.export.onnx_export import export_onnx
+    from thfm_serve.export.quantize import quantize_vae
+    from thfm_serve.contract.protocol import VAE_ENCODER
+
+    paths = {"fp32": work / name / "fp32" / "model.onnx", "int8": work / name / "int8" / "model.onnx"}
+    if not paths["fp32"].is_file():
+        module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
+        logger.info("exporting %s (fp32) to %s", name, paths["fp32"])
+        export_onnx(module, specs[name], paths["fp32"])
+    if not paths["int8"].is_file():
+        clips = procedural_clips(CALIBRATION_CLIPS, frames, height, width, seed=0)
+        quantize_vae(paths["fp32"], paths["int8"], vae_feeds(ck, name, clips, frames, height, width))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--frames", type=int, default=17, help="the window, 4n+1 frames")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decoder-rows", type=int, default=4, help="decoder batch: one row per dense task (default 4)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", help="write the .md/.json results here (default: log only)")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "vae_int8"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = ("cd " + shlex.quote(str(ROOT)) + " && .venv/bin/python perf/vae_int8.py "
+               + shlex.join(sys.argv[1:] if argv is None else argv))
+
+    import torch
+
+    from thfm_serve.checkpoint import load_checkpoint
+    from thfm_serve.contract.protocol import VAE_DECODER, VAE_ENCODER
+    from thfm_serve.contract.specs import build_specs
+    from thfm_serve.export.build import vae_feeds
+    from thfm_serve.export.calibration import procedural_clips
+    from thfm_serve.export.quantize import qlinear_conv_counts
+    from thfm_serve.machine import read_cpu
+
+    if args.decoder_rows < 1 or args.threads < 1 or args.runs < 1:
+        raise SystemExit("--decoder-rows, --threads and --runs must be at least 1")
+    torch.set_num_threads(args.threads)
+    cpu = read_cpu()
+    shape = f"{args.frames}x{args.height}x{args.width}"
+    ck = load_checkpoint(args.checkpoint, text_encoder=False)
+    specs = build_specs(ck.config, args.frames, args.height, args.width)
+    work = Path(args.workdir) / f"{Path(args.checkpoint).resolve().name}_{shape}"
+    clip = procedural_clips(1, args.frames, args.height, args.width, seed=HELD_OUT_SEED)
+    feeds = {VAE_ENCODER: vae_feeds(ck, VAE_ENCODER, clip, args.frames, args.height, args.width)[0],
+             VAE_DECODER: vae_feeds(ck, VAE_DECODER, clip, args.frames, args.height, args.width, rows=args.decoder_rows)[0]}
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in (VAE_ENCODER, VAE_DECODER):
+        paths = build_graphs(ck, specs, name, work, args.frames, args.height, args.width)
+        feed = feeds[name]
+        results = {}
+        for precision, path in paths.items():
+            logger.info("timing %s %s (%s %s)", name, precision, *((k, list(v.shape)) for k, v in feed.items()))
+            results[precision] = time_graph(path, feed, args.threads, args.runs, args.warmup)
+        fp32, int8 = results["fp32"], results["int8"]
+        rows[name] = {
+            "input_shape": list(next(iter(feed.values())).shape),
+            "fp32_median_s": fp32["median_s"], "int8_median_s": int8["median_s"],
+            "fp32_times_s": fp32["times_s"], "int8_times_s": int8["times_s"],
+            "speedup": fp32["median_s"] / int8["median_s"],
+            "max_abs_vs_fp32": float(np.abs(int8["output"] - fp32["output"]).max()),
+            "mean_abs_vs_fp32": float(np.abs(int8["output"] - fp32["output"]).mean()),
+            "int8_runs_as": qlinear_conv_counts(paths["int8"]),
+        }
+
+    lines = [f"# Wan VAE in onnxruntime, fp32 vs int8 Q/DQ: {Path(args.checkpoint).name}, window {shape}", "",
+             "Command:", "", "```", command, "```", "",
+             f"Machine: {cpu.describe()}. {args.threads} threads, median of {args.runs} runs after {args.warmup} "
+             f"warm-up; decoder batch {args.decoder_rows} (one row per dense task).", "",
+             "| graph | input | fp32 | int8 | int8 speed-up | max / mean abs vs fp32 | int8 runs as |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for name, r in rows.items():
+        ops = r["int8_runs_as"]
+        lines.append(f"| {name} | {r['input_shape']} | {r['fp32_median_s']:.3f} s | {r['int8_median_s']:.3f} s | "
+                     f"{r['speedup']:.2f}x | {r['max_abs_vs_fp32']:.3g} / {r['mean_abs_vs_fp32']:.3g} | "
+                     f"QLinearConv 3D {ops['qlinear_conv_3d']}, 2D {ops['qlinear_conv_2d']}, float Conv {ops['float_conv']} |")
+    table = "\n".join(lines) + "\n"
+    logger.info("\n%s", table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"vae_int8_{Path(args.checkpoint).resolve().name}_{shape}"
+        (out / f"{stem}.md").write_text(table)
+        (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": cpu.to_dict(), "threads": args.threads,
+                                                      "runs": args.runs, "decoder_rows": args.decoder_rows,
+                                                      "rows": rows}, indent=1))
+        logger.info("wrote %s", out / f"{stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
