@@ -68,6 +68,16 @@ def test_the_strict_parse_rejects_an_unknown_field(specs):
         parse(text + "\nmax_batch_sizes: 4\n")
 
 
+def test_each_config_header_names_its_own_precision():
+    """An int8 VAE beside an int8 core and beside an fp32 core: the VAE configs say int8 either way."""
+    for core in ("int8", "fp32"):
+        specs = build_specs(TINY, precision=core, vae_precision="int8")
+        text = model_configs(specs, "cpu", core, TINY, default_grid(specs), serving.Limits())
+        assert f"precision {core})" in text["core"].splitlines()[0]
+        for name in (protocol.VAE_ENCODER, protocol.VAE_DECODER):
+            assert "precision int8)" in text[name].splitlines()[0]
+
+
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
 def test_submodel_configs_follow_the_export_specs(specs, target):
     configs = {n: parse(t) for n, t in model_configs(specs, target, "fp32", TINY, default_grid(specs),

@@ -109,6 +109,7 @@ def _training_loss(ck_path: Path, data_root: Path) -> dict[str, float]:
 def smoke_run(synth_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
     train(_config(synth_data, run, val_data=synth_data / "val", vae_steps=2, vae_batch=2, vae_crop=32, core_steps=40,
+                  vae_person_share=0.5,
                   save_every=20, log_every=5, val_every=40, save_dtype="fp16"))
     return run
 
@@ -174,6 +175,33 @@ def test_bad_settings_are_refused(synth_data, tmp_path):
         train(_config(synth_data, tmp_path, checkpoint=tmp_path))
     with pytest.raises(TrainError, match="4n\\+1"):
         train(_config(synth_data, tmp_path, vae_frames=4))
+    with pytest.raises(TrainError, match="vae-person-share"):
+        train(_config(synth_data, tmp_path, vae_person_share=1.5))
+
+
+def test_person_crops_hold_a_visible_joint(synth_data):
+    """Person-centred VAE crops contain a visible joint of the person (the jitter is at most a quarter
+    of the crop); uniform crops of the same clips often do not."""
+    from thfm_serve.training import vae_stage
+
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    gen = torch.Generator().manual_seed(0)
+
+    def holds_joint(share: float) -> list[bool]:
+        out = []
+        for i in range(60):
+            s = samples[i % len(samples)]
+            t0, frames, crop = 2, 5, 16
+            y0, x0 = vae_stage._crop_origin(s, t0, frames, crop, 64, 64, gen, share)
+            kp = s.keypoints2d[t0 : t0 + frames].reshape(-1, 2) * 64
+            vis = s.visibility[t0 : t0 + frames].reshape(-1) > 0
+            inside = (kp[:, 0] >= x0) & (kp[:, 0] < x0 + crop) & (kp[:, 1] >= y0) & (kp[:, 1] < y0 + crop)
+            assert 0 <= y0 <= 64 - crop and 0 <= x0 <= 64 - crop
+            out.append(bool((inside & vis).any()))
+        return out
+
+    assert all(holds_joint(1.0))
+    assert not all(holds_joint(0.0))
 
 
 def test_lowering_vae_steps_on_resume_finishes_stage_one(synth_data, tmp_path):

@@ -290,7 +290,10 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         # protocol.PARAM_*: a client reads these (get_model_config) to plan its windows and sizes.
         "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_VAE_MAX_BATCH: vae_batch}),
     }
-    return {name: _header(name, target, precision) + to_pbtxt(conf) + "\n" for name, conf in configs.items()}
+    # An exported submodel's header names its own precision (an int8 VAE beside an fp32 core, say);
+    # the pre/post-processing models carry the repository's.
+    return {name: _header(name, target, parse_precision(specs[name].precision) if name in specs else precision)
+            + to_pbtxt(conf) + "\n" for name, conf in configs.items()}
 
 
 def _vae_batch(target: Target, grid: Grid, max_batch: int) -> int:

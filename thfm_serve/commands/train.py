@@ -39,6 +39,12 @@ def register(sub) -> None:
     s1.add_argument("--vae-crop", type=int, default=64, help="square crop size in pixels, 0 = whole frame (default 64)")
     s1.add_argument("--vae-lr", type=float, default=1e-3)
     s1.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (default 1e-4)")
+    s1.add_argument("--vae-person-share", type=float, default=0.0,
+                    help="share of crops centred on a visible joint of the person instead of uniform "
+                         "(default 0; the person is where the thin structures are)")
+    s1.add_argument("--vae-mean", dest="vae_sample", action="store_false",
+                    help="reconstruct the posterior mean instead of a sample (a plain autoencoder: the KL "
+                         "term only keeps the latents bounded; THFM encodes with the mean anyway)")
     s2 = p.add_argument_group("stage 2: transformer at timestep 0")
     s2.add_argument("--steps", type=int, default=1000, help="steps (default 1000)")
     s2.add_argument("--batch", type=int, default=8, help="rows per batch, tasks mixed (default 8)")
@@ -80,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, val_data=args.val_data,
         tasks=parse_tasks(args.tasks), frames=args.frames, height=args.height, width=args.width,
         max_clips=args.max_clips, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_frames=args.vae_frames,
-        vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, core_steps=args.steps,
+        vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, vae_sample=args.vae_sample, vae_person_share=args.vae_person_share, core_steps=args.steps,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
         precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,

@@ -57,6 +57,8 @@ class TrainConfig:
     vae_crop: int | None = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4
+    vae_sample: bool = True  # reconstruct a posterior sample (False: the posterior mean)
+    vae_person_share: float = 0.0  # share of crops centred on the person (on a visible joint)
     # stage 2: the transformer fine-tune at timestep 0
     core_steps: int = 1000
     batch: int = 8
@@ -93,6 +95,8 @@ class TrainConfig:
         for name in ("vae_steps", "core_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be >= 0")
+        if not 0.0 <= self.vae_person_share <= 1.0:
+            raise TrainError(f"--vae-person-share {self.vae_person_share} must be between 0 and 1")
         if self.eval_every < 0:
             raise TrainError("eval_every must be >= 0")
         for name in ("vae_batch", "batch", "save_every", "log_every", "val_every", "vae_frames"):
@@ -237,9 +241,9 @@ def _train_vae(cfg, ck: Checkpoint, samples, done, device, autocast, gen, log, s
     for step in range(done, cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, min(cfg.warmup, max(1, cfg.vae_steps // 10)))
-        x = vae_stage.vae_batch(samples, cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, gen).to(device)
+        x = vae_stage.vae_batch(samples, cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, gen, cfg.vae_person_share).to(device)
         with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
-            loss, parts = vae_stage.vae_loss(vae, x, cfg.vae_kl)
+            loss, parts = vae_stage.vae_loss(vae, x, cfg.vae_kl, sample=cfg.vae_sample)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

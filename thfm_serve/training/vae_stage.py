@@ -25,7 +25,29 @@ from .data import Sample
 logger = logging.getLogger(__name__)
 
 
-def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: torch.Generator) -> torch.Tensor:
+def _crop_origin(sample: Sample, t0: int, frames: int, crop: int, height: int, width: int,
+                 gen: torch.Generator, person_share: float) -> tuple[int, int]:
+    """Top-left corner of a crop: with probability person_share centred (with jitter) on a visible
+    joint of the crop's frames, else uniform. The person covers a small part of a frame and is
+    where the thin structures are (limbs a few pixels wide); uniform crops spend most of the loss
+    on background that is easy to reconstruct."""
+    u = float(torch.rand((), generator=gen))
+    if sample.keypoints2d is not None and u < person_share:
+        kp = sample.keypoints2d[t0 : t0 + frames].float().reshape(-1, 2)  # normalised x, y
+        ok = (sample.visibility[t0 : t0 + frames].reshape(-1) > 0) & (kp >= 0).all(1) & (kp <= 1).all(1)
+        if ok.any():
+            idx = ok.nonzero().flatten()
+            x, y = kp[idx[int(torch.randint(0, len(idx), (1,), generator=gen))]].tolist()
+            jx, jy = ((torch.rand(2, generator=gen) - 0.5) * (crop / 2)).tolist()
+            y0 = int(round(y * height + jy - crop / 2))
+            x0 = int(round(x * width + jx - crop / 2))
+            return min(max(y0, 0), height - crop), min(max(x0, 0), width - crop)
+    return (int(torch.randint(0, height - crop + 1, (1,), generator=gen)),
+            int(torch.randint(0, width - crop + 1, (1,), generator=gen)))
+
+
+def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: torch.Generator,
+             person_share: float = 0.0) -> torch.Tensor:
     """[3, frames, c, c] in [-1, 1]: a random crop of the window's video or of one task map."""
     x = sample.video.float() if source == "video" else sample.maps[source].float() * 2.0 - 1.0
     _, length, height, width = x.shape
@@ -33,13 +55,13 @@ def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: to
     t0 = int(torch.randint(0, length - frames + 1, (1,), generator=gen))
     x = x[:, t0 : t0 + frames]
     if crop and crop < min(height, width):
-        y0 = int(torch.randint(0, height - crop + 1, (1,), generator=gen))
-        x0 = int(torch.randint(0, width - crop + 1, (1,), generator=gen))
+        y0, x0 = _crop_origin(sample, t0, frames, crop, height, width, gen, person_share)
         x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
     return x
 
 
-def vae_batch(samples: list[Sample], batch: int, frames: int, crop: int | None, gen: torch.Generator) -> torch.Tensor:
+def vae_batch(samples: list[Sample], batch: int, frames: int, crop: int | None, gen: torch.Generator,
+              person_share: float = 0.0) -> torch.Tensor:
     """A batch mixing frames and every dense task's maps (half the rows video, half task maps)."""
     rows = []
     for i in range(batch):
@@ -49,14 +71,16 @@ def vae_batch(samples: list[Sample], batch: int, frames: int, crop: int | None, 
             source = "video"
         else:
             source = maps[int(torch.randint(0, len(maps), (1,), generator=gen))]
-        rows.append(vae_item(s, source, frames, crop, gen))
+        rows.append(vae_item(s, source, frames, crop, gen, person_share))
     return torch.stack(rows)
 
 
-def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 reconstruction of a posterior sample + kl_weight * KL (per element)."""
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None,
+             sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 reconstruction of a posterior sample (or, with sample=False, of the posterior mean: what
+    THFM's encoder path uses) + kl_weight * KL (per element)."""
     posterior = vae.encode(x).latent_dist
-    z = posterior.sample(generator=gen)
+    z = posterior.sample(generator=gen) if sample else posterior.mode()
     recon = vae.decode(z).sample
     l1 = (recon.float() - x.float()).abs().mean()
     kl = posterior.kl().mean() / z[0].numel()
