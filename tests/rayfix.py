@@ -77,6 +77,15 @@ def _kill_tree(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
+def _alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class RayCluster:
     def __init__(self, cpus_per_node: int = 1):
         self.cpus = cpus_per_node
@@ -185,6 +194,12 @@ class RayCluster:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 logger.warning("ray node pid %d did not exit", p.pid)
+        # SIGKILL is asynchronous: a killed process stays in /proc (running its exit, not yet a zombie)
+        # for a moment, longer when it has gigabytes of memory to release. Return once every one is
+        # gone or a zombie, so that a caller's check sees the end state.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+            time.sleep(0.05)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "RayCluster":
