@@ -156,6 +156,26 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
+def _quantize_static(what: str, *args: Any, **kwargs: Any) -> None:
+    """onnxruntime's quantize_static with its pre-processing hint silenced and its failures (plain
+    exceptions for calibration problems) raised as an ExportError that names `what`."""
+    from onnxruntime.quantization import quantize_static
+
+    hint_filter = _DropPreprocessHint()
+    root = logging.getLogger()
+    root.addFilter(hint_filter)
+    for handler in root.handlers:
+        handler.addFilter(hint_filter)
+    try:
+        quantize_static(*args, **kwargs)
+    except Exception as e:
+        raise ExportError(f"{what}: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
+    finally:
+        root.removeFilter(hint_filter)
+        for handler in root.handlers:
+            handler.removeFilter(hint_filter)
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over a list of input dicts."""
 
@@ -242,7 +262,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
     recipe on the linears only is calibrated by forward hooks (see the module docstring)."""
     import tempfile
 
-    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization import CalibrationMethod
 
     recipe = target if isinstance(target, QdqRecipe) else recipe_for(target)
     if not samples:
@@ -261,23 +281,11 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
             hook_calibration_cache(model, nodes, module, samples, cache)
             calib_kwargs = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
         del model
-        hint_filter = _DropPreprocessHint()
-        root = logging.getLogger()
-        root.addFilter(hint_filter)
-        for handler in root.handlers:
-            handler.addFilter(hint_filter)
-        try:
-            quantize_static(
-                str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
-                use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
-                **calib_kwargs, **recipe.quantize_static_kwargs(),
-            )
-        except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
-            raise ExportError(f"int8: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
-        finally:
-            root.removeFilter(hint_filter)
-            for handler in root.handlers:
-                handler.removeFilter(hint_filter)
+        _quantize_static(
+            "int8", str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
+            use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
+            **calib_kwargs, **recipe.quantize_static_kwargs(),
+        )
     from .onnx_export import onnx_files
 
     for f in onnx_files(out_path):
@@ -357,26 +365,14 @@ def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nda
                  recipe: VaeQdqRecipe = VAE_RECIPE) -> dict[str, Any]:
     """Write the int8 Q/DQ VAE graph (encoder or decoder) to out_path, calibrated on `samples` (input
     feeds from the distribution the graph serves); check its structure (fatal) and return the report."""
-    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization import CalibrationMethod
 
     if not samples:
         raise ExportError("int8 VAE: no calibration samples")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("int8 VAE (%s): calibrating %s on %d samples", recipe.name, fp32_path.parent.name, len(samples))
-    hint_filter = _DropPreprocessHint()
-    root = logging.getLogger()
-    root.addFilter(hint_filter)
-    for handler in root.handlers:
-        handler.addFilter(hint_filter)
-    try:
-        quantize_static(str(fp32_path), str(out_path), _Reader(samples), calibrate_method=CalibrationMethod.MinMax,
-                        **recipe.quantize_static_kwargs())
-    except Exception as e:  # onnxruntime raises plain exceptions for calibration problems
-        raise ExportError(f"int8 VAE: quantize_static failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}") from e
-    finally:
-        root.removeFilter(hint_filter)
-        for handler in root.handlers:
-            handler.removeFilter(hint_filter)
+    _quantize_static("int8 VAE", str(fp32_path), str(out_path), _Reader(samples),
+                     calibrate_method=CalibrationMethod.MinMax, **recipe.quantize_static_kwargs())
     out_path.chmod(out_path.stat().st_mode | 0o444)
     stats = check_conv_qdq(onnx.load(str(out_path)))
     stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["convs"])
