@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,24 @@ class OrtEngine(Engine):
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
+
+def time_onnx(path: str | Path, feed: Mapping[str, np.ndarray], threads: int, runs: int,
+              warmup: int) -> dict[str, Any]:
+    """One ONNX graph in onnxruntime with the server's session options: wall time per run and the
+    last run's outputs by name (for drift against a reference)."""
+    from thfm_serve.serving import create_session
+
+    sess = create_session(path, threads)
+    for _ in range(warmup):
+        sess.run(None, dict(feed))
+    times, out = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = sess.run(None, dict(feed))
+        times.append(time.perf_counter() - t0)
+    names = [o.name for o in sess.get_outputs()]
+    return {"times_s": times, "median_s": statistics.median(times), "outputs": dict(zip(names, out))}
+
 
 def set_torch_threads(threads: int | None = None) -> int:
     import torch

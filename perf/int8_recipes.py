@@ -24,10 +24,8 @@ import dataclasses
 import json
 import logging
 import shlex
-import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "perf") not in sys.path:  # the benchmark helpers (perf/engines.py) are not a package
+    sys.path.insert(0, str(ROOT / "perf"))
+from engines import time_onnx  # noqa: E402
 logger = logging.getLogger("int8_recipes")
 
 
@@ -61,21 +62,6 @@ def optimized_ops(path: Path, threads: int) -> dict[str, int]:
         ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         model = onnx.load(str(Path(tmp) / "opt.onnx"), load_external_data=False)
     return dict(Counter(n.op_type for n in model.graph.node))
-
-
-def time_session(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, warmup: int) -> dict[str, Any]:
-    from thfm_serve.serving import create_session
-
-    sess = create_session(path, threads)
-    for _ in range(warmup):
-        out = sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    names = [o.name for o in sess.get_outputs()]
-    return {"times_s": times, "median_s": statistics.median(times), "outputs": dict(zip(names, out))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     logger.info("timing fp32")
-    ref = time_session(fp32_path, feed, args.threads, args.runs, args.warmup)
+    ref = time_onnx(fp32_path, feed, args.threads, args.runs, args.warmup)
     rows["fp32"] = {"median_s": ref["median_s"], "times_s": ref["times_s"], "ops": optimized_ops(fp32_path, args.threads)}
     for name, recipe in variants().items():
         path = work / name / "model.onnx"
         if not path.is_file():
             logger.info("quantising with %s", recipe.describe())
             quantize_core(fp32_path, path, samples, recipe)
-        res = time_session(path, feed, args.threads, args.runs, args.warmup)
+        res = time_onnx(path, feed, args.threads, args.runs, args.warmup)
         diff = {k: float(np.abs(v.astype(np.float32) - ref["outputs"][k]).max()) for k, v in res["outputs"].items()}
         rows[name] = {"median_s": res["median_s"], "times_s": res["times_s"], "method": recipe.describe(),
                       "qdq": qdq_stats(path), "ops": optimized_ops(path, args.threads), "max_abs_vs_fp32": diff}

@@ -22,33 +22,23 @@ import argparse
 import json
 import logging
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "perf") not in sys.path:  # the benchmark helpers (perf/engines.py) are not a package
+    sys.path.insert(0, str(ROOT / "perf"))
+from engines import time_onnx  # noqa: E402
 logger = logging.getLogger("vae_int8")
 CALIBRATION_CLIPS = 4  # the exporter's default (export/calibration.py DEFAULT_CLIPS)
 HELD_OUT_SEED = 500  # not a calibration clip (seed 0) nor the export drift's (build.DRIFT_SEED)
 
 
-def time_graph(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, warmup: int) -> dict[str, Any]:
-    from thfm_serve.serving import create_session
-
-    sess = create_session(path, threads)
-    out = None
-    for _ in range(warmup):
-        out = sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return {"times_s": times, "median_s": statistics.median(times), "output": out[0]}
+def _first(result: dict[str, Any]) -> np.ndarray:
+    return next(iter(result["outputs"].values()))
 
 
 def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, height: int, width: int) -> dict[str, Path]:
@@ -116,15 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for precision, path in paths.items():
             logger.info("timing %s %s (%s %s)", name, precision, *((k, list(v.shape)) for k, v in feed.items()))
-            results[precision] = time_graph(path, feed, args.threads, args.runs, args.warmup)
+            results[precision] = time_onnx(path, feed, args.threads, args.runs, args.warmup)
         fp32, int8 = results["fp32"], results["int8"]
         rows[name] = {
             "input_shape": list(next(iter(feed.values())).shape),
             "fp32_median_s": fp32["median_s"], "int8_median_s": int8["median_s"],
             "fp32_times_s": fp32["times_s"], "int8_times_s": int8["times_s"],
             "speedup": fp32["median_s"] / int8["median_s"],
-            "max_abs_vs_fp32": float(np.abs(int8["output"] - fp32["output"]).max()),
-            "mean_abs_vs_fp32": float(np.abs(int8["output"] - fp32["output"]).mean()),
+            "max_abs_vs_fp32": float(np.abs(_first(int8) - _first(fp32)).max()),
+            "mean_abs_vs_fp32": float(np.abs(_first(int8) - _first(fp32)).mean()),
             "int8_runs_as": qlinear_conv_counts(paths["int8"]),
         }
 

@@ -177,6 +177,68 @@ def test_bad_settings_are_refused(synth_data, tmp_path):
         train(_config(synth_data, tmp_path, vae_frames=4))
     with pytest.raises(TrainError, match="vae-person-share"):
         train(_config(synth_data, tmp_path, vae_person_share=1.5))
+    with pytest.raises(TrainError, match="vae-video-share"):
+        train(_config(synth_data, tmp_path, vae_video_share=-0.1))
+    with pytest.raises(TrainError, match="vae-person-weight"):
+        train(_config(synth_data, tmp_path, vae_person_weight=-1.0))
+
+
+def test_vae_person_weight_follows_the_matte(synth_data, monkeypatch):
+    """The per-pixel loss weight is 1 + w * the person's matte, crop for crop: heavier on the person,
+    1 on the background; and the weighted loss is a mean error that weighs the person's pixels more."""
+    from thfm_serve.training import vae_stage
+
+    (s,) = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)[:1]
+    gen = torch.Generator().manual_seed(1)
+    x, matte = vae_stage.vae_item(s, "depth", 5, None, gen)
+    assert matte.shape == (1, 5, 64, 64) and 0 < float(matte.mean()) < 0.5  # a person, not the frame
+    mattes = []
+    real = vae_stage.vae_item
+    monkeypatch.setattr(vae_stage, "vae_item", lambda *a, **k: (out := real(*a, **k), mattes.append(out[1]))[0])
+    batch, weight = vae_stage.vae_batch([s], 6, 5, 32, gen, person_share=1.0, person_weight=4.0)
+    assert float(weight.min()) == 1.0 and float(weight.max()) > 2.0  # person-centred crops hold the person
+    assert torch.equal(weight, 1.0 + 4.0 * torch.stack(mattes))
+
+    from types import SimpleNamespace
+
+    class ZeroVae(torch.nn.Module):  # reconstructs everything as 0: the error is the target itself
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Identity()
+            self.config = SimpleNamespace(patch_size=None)
+
+        def encode(self, x):
+            zero = x * 0
+            return SimpleNamespace(latent_dist=SimpleNamespace(
+                mode=lambda: zero, sample=lambda generator=None: zero, kl=lambda: torch.zeros(x.shape[0])))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=self.decoder(z).clamp(-1, 1))
+
+    target = torch.ones(1, 3, 1, 2, 2)
+    w = torch.tensor([1.0, 1.0, 1.0, 4.0]).reshape(1, 1, 1, 2, 2)
+    loss, parts = vae_stage.vae_loss(ZeroVae(), target, 0.0, weight=w)
+    assert abs(float(loss) - 1.0) < 1e-6  # uniform error: weighting keeps it a mean error
+    target[..., 1, 1] = 3.0  # larger error on the heavy pixel
+    loss, _ = vae_stage.vae_loss(ZeroVae(), target, 0.0, weight=w)
+    assert abs(float(loss) - (3 * 1 + 4 * 3) / 7) < 1e-5
+
+
+def test_vae_video_share_sets_how_many_rows_are_video(synth_data, monkeypatch):
+    from thfm_serve.training import vae_stage
+
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    sources: list[str] = []
+    real = vae_stage.vae_item
+    monkeypatch.setattr(vae_stage, "vae_item", lambda s, source, *a, **k: sources.append(source) or real(s, source, *a, **k))
+    for share, video_rows in ((0.25, 2), (0.5, 4), (0.1, 1), (0.0, 0), (1.0, 8)):
+        sources.clear()
+        batch, weight = vae_stage.vae_batch(samples, 8, 5, 32, gen, video_share=share)
+        assert batch.shape == (8, 3, 5, 32, 32) and weight.shape == (8, 1, 5, 32, 32)
+        assert bool((weight == 1).all())  # no person weight asked for
+        assert sources.count("video") == video_rows, share
+        assert set(sources) - {"video"} <= set(samples[0].maps)
 
 
 def test_person_crops_hold_a_visible_joint(synth_data):
@@ -218,3 +280,40 @@ def test_lowering_vae_steps_on_resume_finishes_stage_one(synth_data, tmp_path):
     assert measured != stopped
     steps = [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3]
+
+
+def test_vae_loss_reaches_pixels_the_decoder_overshoots():
+    """decode() clamps to [-1, 1]; the training loss sees the decoder's unclamped output, so pixels it
+    overshoots still get a gradient (on the clamped output they would not)."""
+    from diffusers import AutoencoderKLWan
+
+    from thfm_serve.config import PRESETS
+    from thfm_serve.training import vae_stage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**PRESETS["tiny"].vae)
+    z = (torch.randn(1, 16, 3, 4, 4) * 3).requires_grad_(True)
+    raw = vae_stage.decode_unclamped(vae, z)
+    assert raw.shape == vae.decode(z).sample.shape == (1, 3, 9, 32, 32)
+    assert torch.equal(raw.clamp(-1, 1), vae.decode(z).sample)
+    over = raw.detach().abs() > 1
+    assert over.any()  # random weights and large latents overshoot somewhere
+    clamped = vae.decode(z).sample
+    (g_clamped,) = torch.autograd.grad((clamped * over).sum(), z)
+    (g_raw,) = torch.autograd.grad((vae_stage.decode_unclamped(vae, z) * over).sum(), z)
+    assert float(g_clamped.abs().max()) == 0.0 and float(g_raw.abs().max()) > 0.0
+
+
+def test_vae_crops_cover_the_whole_window_by_default(synth_data, tmp_path, monkeypatch, caplog):
+    """The causal VAE decodes a window's later latent frames from the earlier ones' caches: crops span
+    the model window unless asked otherwise, and a shorter crop is warned about."""
+    from thfm_serve.training import vae_stage
+
+    seen = []
+    real = vae_stage.vae_batch
+    monkeypatch.setattr(vae_stage, "vae_batch", lambda s, b, frames, *a, **k: (seen.append(frames), real(s, b, frames, *a, **k))[1])
+    cfg = dict(vae_steps=1, vae_batch=1, vae_crop=32, core_steps=0, save_every=1)
+    train(_config(synth_data, tmp_path / "a", **cfg))
+    assert seen == [9] and "not trained" not in caplog.text  # the tiny preset's window
+    train(_config(synth_data, tmp_path / "b", vae_frames=5, **cfg))
+    assert seen == [9, 5] and "later latent frames are not trained" in caplog.text

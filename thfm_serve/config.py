@@ -127,7 +127,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # Sized to be trained from scratch on a 2-core CPU in a few hours (`thfm train --preset small`,
     # README): 9 frames at 128x128 are 3x16x16 latents, 192 video tokens + 9 frame tokens; a
-    # 192-wide, 6-block transformer (about 4M parameters) and a base_dim-16 VAE with one res block.
+    # 192-wide, 6-block transformer (about 4M parameters) and a base_dim-16 VAE with one res block
+    # and a decoder of base_dim 32.
     "small": Preset(
         name="small",
         transformer=dict(
@@ -135,8 +136,10 @@ PRESETS: dict[str, Preset] = {
             out_channels=16, text_dim=64, freq_dim=64, ffn_dim=768, num_layers=6, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
         ),
-        vae=dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-                 temperal_downsample=[False, True, True]),
+        # The decoder is twice the encoder's width: it draws every dense output (limbs a few pixels
+        # wide), while the encoder only has to carry the video to the transformer.
+        vae=dict(base_dim=16, decoder_base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                 attn_scales=[], temperal_downsample=[False, True, True]),
         thfm=dict(frames=9, height=128, width=128, head_hidden=256, text_len=24, text_dim=64),
         text_encoder=dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
                           relative_attention_num_buckets=8, relative_attention_max_distance=16,

@@ -35,13 +35,21 @@ def register(sub) -> None:
     s1 = p.add_argument_group("stage 1: VAE autoencoder (small presets without pretrained weights)")
     s1.add_argument("--vae-steps", type=int, default=0, help="steps (default 0: the VAE stays as it is)")
     s1.add_argument("--vae-batch", type=int, default=4)
-    s1.add_argument("--vae-frames", type=int, default=5, help="frames per crop, 4n+1 (default 5)")
+    s1.add_argument("--vae-frames", type=int,
+                    help="frames per crop, 4n+1 (default: the model window; shorter crops leave the "
+                         "window's later latent frames untrained)")
     s1.add_argument("--vae-crop", type=int, default=64, help="square crop size in pixels, 0 = whole frame (default 64)")
     s1.add_argument("--vae-lr", type=float, default=1e-3)
     s1.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (default 1e-4)")
     s1.add_argument("--vae-person-share", type=float, default=0.0,
                     help="share of crops centred on a visible joint of the person instead of uniform "
                          "(default 0; the person is where the thin structures are)")
+    s1.add_argument("--vae-video-share", type=float, default=0.5,
+                    help="share of crops taken from the video; the rest from the dense task maps (default "
+                         "0.5). Every dense output is drawn by the decoder, the video only has to be encoded")
+    s1.add_argument("--vae-person-weight", type=float, default=0.0,
+                    help="extra L1 weight on the person's pixels: the loss weight is 1 + W * matte (default "
+                         "0; every dense metric is taken on the person)")
     s1.add_argument("--vae-mean", dest="vae_sample", action="store_false",
                     help="reconstruct the posterior mean instead of a sample (a plain autoencoder: the KL "
                          "term only keeps the latents bounded; THFM encodes with the mean anyway)")
@@ -67,7 +75,8 @@ def register(sub) -> None:
     run.add_argument("--eval-every", type=int, default=0,
                      help="run `thfm eval` on the whole --val-data set every N steps (default 0: at the end only)")
     run.add_argument("--save-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                     help="storage precision of the final transformer and heads (default fp32)")
+                     help="storage precision of the final checkpoint's transformer, heads and VAE; the step "
+                          "folders stay fp32 (default fp32)")
     run.add_argument("--no-resume", dest="resume", action="store_false",
                      help="start over even if RUN has step folders")
     p.set_defaults(func=run_train)
@@ -86,7 +95,9 @@ def run_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, val_data=args.val_data,
         tasks=parse_tasks(args.tasks), frames=args.frames, height=args.height, width=args.width,
         max_clips=args.max_clips, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_frames=args.vae_frames,
-        vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, vae_sample=args.vae_sample, vae_person_share=args.vae_person_share, core_steps=args.steps,
+        vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, vae_sample=args.vae_sample, vae_person_share=args.vae_person_share,
+        vae_video_share=args.vae_video_share, vae_person_weight=args.vae_person_weight,
+        core_steps=args.steps,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
         precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,

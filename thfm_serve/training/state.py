@@ -44,11 +44,13 @@ def latest_step(run: Path) -> Path | None:
 
 
 def write_checkpoint(out: Path, source: Path, cfg: ThfmConfig, transformer, vae, heads,
-                     prompt_embeds: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Path:
+                     prompt_embeds: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                     vae_dtype: torch.dtype = torch.float32) -> Path:
     """A checkpoint in the project's layout; parts training does not touch are copied from `source`.
 
-    dtype: storage precision of the transformer and THFM heads (the VAE and the prompt embeddings
-    stay fp32; the loader casts to the precision it runs in).
+    dtype: storage precision of the transformer and THFM heads; vae_dtype the VAE's (fp32 in the step
+    folders, which stage 1 resumes from; the final checkpoint may store it in half). The prompt
+    embeddings stay fp32; the loader casts to the precision it runs in.
     """
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -61,7 +63,7 @@ def write_checkpoint(out: Path, source: Path, cfg: ThfmConfig, transformer, vae,
         shutil.copy2(source / "model_index.json", tmp / "model_index.json")
 
     _save_module(transformer, tmp / "transformer", dtype)
-    _save_module(vae, tmp / "vae", torch.float32)
+    _save_module(vae, tmp / "vae", vae_dtype)
     (tmp / THFM_DIR).mkdir()
     (tmp / THFM_DIR / "config.json").write_text(cfg.to_json())
     tensors = {HEADS_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.state_dict().items()}

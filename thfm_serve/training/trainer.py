@@ -53,12 +53,14 @@ class TrainConfig:
     # stage 1: the VAE as an autoencoder (only for a VAE without pretrained weights)
     vae_steps: int = 0
     vae_batch: int = 4
-    vae_frames: int = 5
+    vae_frames: int | None = None  # frames per crop; None: the model window (every latent chunk)
     vae_crop: int | None = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4
     vae_sample: bool = True  # reconstruct a posterior sample (False: the posterior mean)
     vae_person_share: float = 0.0  # share of crops centred on the person (on a visible joint)
+    vae_video_share: float = 0.5  # share of crops from the video (the rest from dense task maps)
+    vae_person_weight: float = 0.0  # extra L1 weight on the person's pixels (loss weight 1 + w * matte)
     # stage 2: the transformer fine-tune at timestep 0
     core_steps: int = 1000
     batch: int = 8
@@ -95,14 +97,17 @@ class TrainConfig:
         for name in ("vae_steps", "core_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be >= 0")
-        if not 0.0 <= self.vae_person_share <= 1.0:
-            raise TrainError(f"--vae-person-share {self.vae_person_share} must be between 0 and 1")
+        for name in ("vae_person_share", "vae_video_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)} must be between 0 and 1")
         if self.eval_every < 0:
             raise TrainError("eval_every must be >= 0")
-        for name in ("vae_batch", "batch", "save_every", "log_every", "val_every", "vae_frames"):
+        if self.vae_person_weight < 0:
+            raise TrainError(f"--vae-person-weight {self.vae_person_weight} must be at least 0")
+        for name in ("vae_batch", "batch", "save_every", "log_every", "val_every"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1")
-        if (self.vae_frames - 1) % 4:
+        if self.vae_frames is not None and (self.vae_frames < 1 or (self.vae_frames - 1) % 4):
             raise TrainError(f"--vae-frames {self.vae_frames} is not of the form 4n+1")
         if self.vae_crop is not None and (self.vae_crop < 16 or self.vae_crop % 16):
             raise TrainError(f"--vae-crop {self.vae_crop} must be a multiple of 16 (at least 16)")
@@ -212,7 +217,14 @@ def train(cfg: TrainConfig) -> Path:
                 f"--vae-steps {cfg.vae_steps}: the checkpoint's VAE has Wan2.1's shape (base_dim "
                 f"{ck.vae.config.base_dim}); THFM keeps the pretrained Wan VAE frozen. Use --vae-steps 0."
             )
-        _train_vae(cfg, ck, samples, done, device, autocast, gen, log, save, resume_from, saved_state)
+        vae_frames = cfg.vae_frames or frames
+        if vae_frames < frames:
+            # The Wan VAE is causal: latent frame k is decoded from the caches of frames before it, so
+            # crops of 4n+1 < window frames never train the later chunks of a window (their outputs
+            # drift to a wrong global colour while the first chunks look fine).
+            logger.warning("--vae-frames %d is shorter than the model window (%d frames): the window's later "
+                           "latent frames are not trained", vae_frames, frames)
+        _train_vae(cfg, ck, samples, vae_frames, done, device, autocast, gen, log, save, resume_from, saved_state)
         done = cfg.vae_steps
     elif saved_state and saved_state["stage"] == "vae" and not saved_state.get("vae_final") and cfg.vae_steps:
         # Resumed with --vae-steps lowered to a step stage 1 had already passed: finish stage 1 here.
@@ -225,12 +237,13 @@ def train(cfg: TrainConfig) -> Path:
         _train_core(cfg, ck, samples, val_samples, done, device, autocast, gen, log, save,
                     resume_from if saved_state and saved_state["stage"] == "core" else None)
     final = state.write_checkpoint(run / "checkpoint", source, tcfg, ck.transformer, ck.vae, ck.heads,
-                                   ck.prompt_embeds, dtype=SAVE_DTYPES[cfg.save_dtype])
+                                   ck.prompt_embeds, dtype=SAVE_DTYPES[cfg.save_dtype],
+                                   vae_dtype=SAVE_DTYPES[cfg.save_dtype])
     logger.info("trained checkpoint: %s", final)
     return final
 
 
-def _train_vae(cfg, ck: Checkpoint, samples, done, device, autocast, gen, log, save, resume_from, saved_state):
+def _train_vae(cfg, ck: Checkpoint, samples, vae_frames, done, device, autocast, gen, log, save, resume_from, saved_state):
     vae = ck.vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     if resume_from is not None and saved_state["stage"] == "vae":
@@ -241,9 +254,11 @@ def _train_vae(cfg, ck: Checkpoint, samples, done, device, autocast, gen, log, s
     for step in range(done, cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, min(cfg.warmup, max(1, cfg.vae_steps // 10)))
-        x = vae_stage.vae_batch(samples, cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, gen, cfg.vae_person_share).to(device)
+        x, weight = vae_stage.vae_batch(samples, cfg.vae_batch, vae_frames, cfg.vae_crop, gen,
+                                        cfg.vae_person_share, cfg.vae_video_share, cfg.vae_person_weight)
         with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
-            loss, parts = vae_stage.vae_loss(vae, x, cfg.vae_kl, sample=cfg.vae_sample)
+            loss, parts = vae_stage.vae_loss(vae, x.to(device), cfg.vae_kl, sample=cfg.vae_sample,
+                                             weight=weight.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

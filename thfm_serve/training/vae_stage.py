@@ -47,42 +47,74 @@ def _crop_origin(sample: Sample, t0: int, frames: int, crop: int, height: int, w
 
 
 def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: torch.Generator,
-             person_share: float = 0.0) -> torch.Tensor:
-    """[3, frames, c, c] in [-1, 1]: a random crop of the window's video or of one task map."""
+             person_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random crop of the window's video or of one task map, [3, frames, c, c] in [-1, 1], and the
+    same crop of the person's matte ([1, frames, c, c] in [0, 1]; None without segmentation truth)."""
     x = sample.video.float() if source == "video" else sample.maps[source].float() * 2.0 - 1.0
+    matte = sample.maps["segmentation"][:1].float() if "segmentation" in sample.maps else None
     _, length, height, width = x.shape
     frames = min(frames, length)
     t0 = int(torch.randint(0, length - frames + 1, (1,), generator=gen))
     x = x[:, t0 : t0 + frames]
+    matte = matte[:, t0 : t0 + frames] if matte is not None else None
     if crop and crop < min(height, width):
         y0, x0 = _crop_origin(sample, t0, frames, crop, height, width, gen, person_share)
         x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
-    return x
+        matte = matte[:, :, y0 : y0 + crop, x0 : x0 + crop] if matte is not None else None
+    return x, matte
 
 
 def vae_batch(samples: list[Sample], batch: int, frames: int, crop: int | None, gen: torch.Generator,
-              person_share: float = 0.0) -> torch.Tensor:
-    """A batch mixing frames and every dense task's maps (half the rows video, half task maps)."""
-    rows = []
+              person_share: float = 0.0, video_share: float = 0.5,
+              person_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch mixing frames and every dense task's maps, and its per-pixel loss weight.
+
+    round(batch * video_share) rows are video (at least one while video_share > 0: the encoder must
+    still learn to encode it), the rest task maps. The weight is 1 + person_weight * matte: every
+    dense metric is taken on the person, a small part of the frame, so the loss can lean there."""
+    n_video = max(1, round(batch * video_share)) if video_share > 0 else 0
+    rows, weights = [], []
     for i in range(batch):
         s = samples[int(torch.randint(0, len(samples), (1,), generator=gen))]
         maps = [t for t in DENSE_TASKS if t in s.maps]
-        if i % 2 == 0 or not maps:
+        if i < n_video or not maps:
             source = "video"
         else:
             source = maps[int(torch.randint(0, len(maps), (1,), generator=gen))]
-        rows.append(vae_item(s, source, frames, crop, gen, person_share))
-    return torch.stack(rows)
+        x, matte = vae_item(s, source, frames, crop, gen, person_share)
+        rows.append(x)
+        weights.append(1.0 + person_weight * matte if matte is not None else torch.ones_like(x[:1]))
+    return torch.stack(rows), torch.stack(weights)
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """The Wan decoder's output before AutoencoderKLWan.decode clamps it to [-1, 1].
+
+    The clamp has no gradient where the output is past the range, so a loss on the clamped frames
+    leaves every pixel the decoder overshoots stuck there (whole regions settle on a saturated colour
+    and stop learning). decode() runs the decoder once per latent frame; a forward hook collects
+    those chunks, unclamped."""
+    chunks: list[torch.Tensor] = []
+    handle = vae.decoder.register_forward_hook(lambda _module, _inputs, out: chunks.append(out))
+    try:
+        vae.decode(z)
+    finally:
+        handle.remove()
+    if vae.config.patch_size is not None:
+        raise ValueError("decode_unclamped: patchified Wan VAEs (Wan2.2) are not trained here")
+    return torch.cat(chunks, 2)
 
 
 def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None,
-             sample: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+             sample: bool = True, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 reconstruction of a posterior sample (or, with sample=False, of the posterior mean: what
-    THFM's encoder path uses) + kl_weight * KL (per element)."""
+    THFM's encoder path uses), weighted per pixel by `weight` ([B, 1, T, H, W]; normalised so the
+    loss stays a mean absolute error), + kl_weight * KL (per element)."""
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=gen) if sample else posterior.mode()
-    recon = vae.decode(z).sample
-    l1 = (recon.float() - x.float()).abs().mean()
+    recon = decode_unclamped(vae, z)
+    err = (recon.float() - x.float()).abs()
+    l1 = err.mean() if weight is None else (err * weight).mean() / weight.mean()
     kl = posterior.kl().mean() / z[0].numel()
     loss = l1 + kl_weight * kl
     return loss, {"vae_l1": float(l1.detach()), "vae_kl": float(kl.detach())}
