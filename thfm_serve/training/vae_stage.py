@@ -94,14 +94,14 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     leaves every pixel the decoder overshoots stuck there (whole regions settle on a saturated colour
     and stop learning). decode() runs the decoder once per latent frame; a forward hook collects
     those chunks, unclamped."""
+    if vae.config.patch_size is not None:
+        raise ValueError("decode_unclamped: patchified Wan VAEs (Wan2.2) are not trained here")
     chunks: list[torch.Tensor] = []
     handle = vae.decoder.register_forward_hook(lambda _module, _inputs, out: chunks.append(out))
     try:
         vae.decode(z)
     finally:
         handle.remove()
-    if vae.config.patch_size is not None:
-        raise ValueError("decode_unclamped: patchified Wan VAEs (Wan2.2) are not trained here")
     return torch.cat(chunks, 2)
 
 
