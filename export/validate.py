@@ -377,7 +377,6 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
     densepose part accuracy (with their companions: RMSE, delta1, median angle, MSE/MAD, UV error)."""
     import torch
 
-    from thfm_serve import evaluation as ev
     from thfm_serve.config import DENSE_TASKS
     from thfm_serve.contract.tasks import OUTPUT_KEYS
     from thfm_serve.processing import run_clip
@@ -401,21 +400,37 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
         ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
                              enc, core, dec) for enc, dec in (reference, candidate))
         for task in tasks:
-            a, b = ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]
-            if task == "depth":
-                rows = [ev.depth_metrics(p, g, g > 1e-3, align=None) for p, g in zip(b, a)]
-                row = {k: float(np.mean([r[k] for r in rows if r])) for k in ("abs_rel", "rmse", "delta1")} \
-                    if any(rows) else {}
-            elif task == "normals":
-                row = ev.normals_metrics(b, a, np.ones(a.shape[:-1], bool))
-            elif task == "segmentation":
-                row = ev.matte_metrics(b, a)
-            else:
-                row = ev.densepose_metrics(b, a)
-            per_clip[task].append(row)
+            per_clip[task].append(output_drift(task, ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]))
     # A metric undefined on every clip (no body pixel, no valid depth) is left out; its bound then fails.
     return {t: {k: float(np.mean([r[k] for r in rows if k in r])) for k in sorted({k for r in rows for k in r})}
             for t, rows in per_clip.items()}
+
+
+def output_drift(task: str, ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """One task's output (the user-facing array, thfm_serve.contract.tasks.OUTPUT_KEYS) against a
+    reference output of the same input, in task units, with the reference standing in for ground truth.
+
+    Dense tasks use thfm_serve.evaluation's metrics: depth abs-rel (unaligned: both are the same
+    relative depth) on valid depth, RMSE, delta1; normals angle over every pixel; matte IoU at 0.5,
+    MSE, MAD; densepose part accuracy and UV error. Keypoints: mean and max distance, 2D in pixels,
+    3D in mm. The names match contract.specs.VAE_DRIFT_BOUNDS' metrics."""
+    from thfm_serve import evaluation as ev
+
+    if task == "depth":
+        rows = [ev.depth_metrics(g, r, r > 1e-3, align=None) for g, r in zip(got, ref)]
+        return {k: float(np.mean([row[k] for row in rows if row])) for k in ("abs_rel", "rmse", "delta1")} \
+            if any(rows) else {}
+    if task == "normals":
+        return ev.normals_metrics(got, ref, np.ones(ref.shape[:-1], bool))
+    if task == "segmentation":
+        return ev.matte_metrics(got, ref)
+    if task == "densepose":
+        return ev.densepose_metrics(got, ref)
+    if task in ("keypoints2d", "keypoints3d"):
+        err = np.linalg.norm(got.astype(np.float64) - ref.astype(np.float64), axis=-1)
+        scale, unit = (1.0, "px") if task == "keypoints2d" else (1000.0, "mm")
+        return {f"mean_{unit}": float(err.mean() * scale), f"max_{unit}": float(err.max() * scale)}
+    raise ValueError(f"no drift metric for task {task!r}")
 
 
 def check_vae_drift(drift: Mapping[str, Mapping[str, float]], bounds: Any) -> list[dict[str, Any]]:
