@@ -52,8 +52,8 @@ from .precision import (QUANTIZED, check_target_precision, check_target_vae_prec
                         precision_summary)
 from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, SubmodelSpec, Target, build_specs,
                                        parse_precision, parse_target, parse_vae_precision)
-from .validate import (OnnxVae, check_vae_drift, make_runner, task_drift, torch_runner, torch_vae, validate_values,
-                       vae_drift)
+from .validate import (OnnxVae, check_vae_drift, describe_drift_region, make_runner, task_drift, torch_runner, torch_vae,
+                       validate_values, vae_drift)
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def export_repository(
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
     }
-    staging = Path(tempfile.mkdtemp(dir=repo, prefix=".export-"))
+    _remove_stale_staging(repo)
+    staging = Path(tempfile.mkdtemp(dir=repo, prefix=STAGING_PREFIX))
     try:
         # The VAE first: the core's task drift decodes through the exported VAE (_exported_vae).
         for name in sorted(chosen, key=lambda n: n == CORE):
@@ -235,6 +236,20 @@ def _load_config(checkpoint: Path) -> ThfmConfig:
     return ThfmConfig.load(checkpoint / "thfm" / "config.json")
 
 
+STAGING_PREFIX = ".export-"
+
+
+def _remove_stale_staging(repo: Path) -> None:
+    """Staging folders an export killed before its cleanup left in the repository (the OOM killer
+    does that). tritonserver takes every folder of a repository for a model, fails to load that one
+    ("failed to load all models") and does not start, so the next export removes them. Two exports
+    into one repository at once are not supported (their manifests would race as well)."""
+    for stale in sorted(repo.glob(STAGING_PREFIX + "*")):
+        if stale.is_dir():
+            logger.warning("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision, calibration: list[str],
                clips: int, target: Target) -> dict[str, Any]:
     from .quantize import DEFAULT_EXCLUDE, recipe_for
@@ -244,10 +259,14 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
     if name == CORE and precision in QUANTIZED:
         from .calibration import PROCEDURAL_RECIPE
 
+        from .quantize import calibration_dtype_for
+
         recipe = _tensorrt_recipe(precision) if target == Target.GPU else recipe_for(target).name
         key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
                               "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe}
+        if target == Target.CPU:
+            key["calibration"]["dtype"] = calibration_dtype_for(read_cpu())
     if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
         from .calibration import PROCEDURAL_RECIPE
         from .quantize import VAE_RECIPE
@@ -309,7 +328,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         if precision in QUANTIZED:
             fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
             entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
-                                                target, reference, precision)
+                                                target, reference, precision, latent_of=_latent_fn(ck, vae))
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -359,7 +378,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         try:
             inputs = None
             if name == CORE and precision in QUANTIZED:
-                inputs = _clip_inputs(ck)
+                inputs = _clip_inputs(ck, _latent_fn(ck, vae))
                 entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
                                               "encoder, the checkpoint's task embeddings")
             if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
@@ -377,6 +396,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             if name == CORE and precision != Precision.FP32:
                 clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
                 entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch, vae=vae)
+                entry["drift_region"] = describe_drift_region(height, width)
                 entry["drift_runner"] = runner.kind
                 entry["drift_vae"] = _vae_note(vae)
                 logger.info("core %s task drift: %s", precision.value, _fmt_drift(entry["drift"]))
@@ -387,6 +407,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
         entry["drift"] = task_drift(ck, ref_run, torch_runner(module, spec), clip, height, width,
                                     max_batch=spec.max_batch, vae=vae)
+        entry["drift_region"] = describe_drift_region(height, width)
         entry["drift_vae"] = _vae_note(vae)
         entry["drift_runner"] = "torch-bf16 (proxy: the exported module in PyTorch)"
     return entry
@@ -411,16 +432,38 @@ def _runner_precision(name: str, precision: Precision, target: Target) -> Precis
     return precision
 
 
-def _clip_inputs(ck: Any):
+LatentOf = Any  # (clip uint8 [F, H, W, 3], frames, height, width) -> latent [1, 16, T', h, w]
+
+
+def _latent_fn(ck: Any, vae: OnnxVae | None) -> LatentOf:
+    """How calibration and validation clips become the core's latent input: through the repository's
+    exported VAE encoder when the drift uses it (onnxruntime, as served; at the 1.3B shape faster than
+    PyTorch's encoder, which an int8 export ran 4 + 1 times), else through the checkpoint's. The
+    exported encoder takes at most its window; a longer validation clip (the core's profile can reach
+    past the VAE window) goes through PyTorch's."""
+    from thfm_serve.processing import fit_clip
+
+    encoder = None
+
+    def latent(clip: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+        nonlocal encoder
+        if vae is not None and frames <= vae.window:
+            return vae.encode(fit_clip(clip, frames, height, width).numpy())
+        encoder = encoder or ck.vae_encoder()
+        return clip_latent(encoder, clip, frames, height, width)
+
+    return latent
+
+
+def _clip_inputs(ck: Any, latent_of: LatentOf):
     """Core inputs from the distribution an int8 core is calibrated on, at any base dims: a procedural
     clip of the matching frames and size through the VAE encoder (repeated over the batch) and the
     task embeddings (cycled over the batch)."""
     text = task_texts(ck)
-    encoder = ck.vae_encoder()
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         frames, height, width = video_frames(dims["latent_frames"]), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])
-        latent = clip_latent(encoder, procedural_clips(1, frames, height, width, seed=seed)[0], frames, height, width)
+        latent = latent_of(procedural_clips(1, frames, height, width, seed=seed)[0], frames, height, width)
         batch = dims["batch"]
         return {"latent": np.repeat(latent, batch, axis=0), "text": text[np.arange(batch) % len(text)]}
 
@@ -429,20 +472,20 @@ def _clip_inputs(ck: Any):
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
               calibration: list[str], clips: int, target: Target, reference: Any,
-              precision: Precision = Precision.INT8) -> dict[str, Any]:
+              precision: Precision = Precision.INT8, latent_of: LatentOf | None = None) -> dict[str, Any]:
     from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
-    from .quantize import quantize_core
+    from .quantize import calibration_dtype_for, quantize_core
 
     calib = calibration_set(calibration or None, frames, height, width, count=clips)
     text = task_texts(ck)
-    encoder = ck.vae_encoder()
+    latent_of = latent_of or _latent_fn(ck, None)
     samples = []
     for clip in calib.clips:
-        latent = clip_latent(encoder, clip, frames, height, width)
+        latent = latent_of(clip, frames, height, width)
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
+    logger.info("int8: %d calibration clips encoded", len(samples))
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))
-    del encoder
     if target == Target.GPU:
         from .quantize import DEFAULT_EXCLUDE
         from .tensorrt_ptq import quantize_for_tensorrt
@@ -450,8 +493,11 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         info = quantize_for_tensorrt(fp32_path, out_path, samples, precision.value, DEFAULT_EXCLUDE,
                                      external_data=size > PROTOBUF_LIMIT * 0.9)
     else:
+        cpu = read_cpu()
+        dtype = calibration_dtype_for(cpu)
+        logger.info("int8: calibration forwards in %s (%s)", dtype, cpu.machine_class)
         info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9,
-                             module=reference)
+                             module=reference, calibration_dtype=dtype)
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from thfm_serve.contract.geometry import VAE_SPATIAL, latent_size
 from thfm_serve.contract.protocol import CORE_IN
 from thfm_serve.contract.specs import Precision, SubmodelSpec, Tolerance
 from thfm_serve.errors import ExportError
@@ -226,9 +227,10 @@ def _dims_str(dims: Mapping[str, int]) -> str:
 
 class OnnxVae:
     """The exported VAE graphs as the window loop's encode/decode, in onnxruntime with the session
-    options the server uses (serving.sessions): the drift then measures the core on the path users
-    get, and costs what serving costs, not PyTorch's VAE (the export's slowest step at 1.3B). Each
-    session is created on first use, so a report without dense tasks never loads the decoder."""
+    options the server uses (serving.sessions) less the memory arena, one row per call: the drift then
+    measures the core on the path users get, and costs what serving costs, not PyTorch's VAE (the
+    export's slowest step at 1.3B). Each session is created on first use, so a report without dense
+    tasks never loads the decoder."""
 
     kind = "onnxruntime-cpu (the exported vae_encoder/vae_decoder, serving's session options)"
 
@@ -240,15 +242,24 @@ class OnnxVae:
 
     def _model(self, part: str):
         if part not in self._models:
-            from thfm_serve.serving.sessions import OnnxModel, create_session
+            import onnxruntime as ort
+
+            from thfm_serve.serving.sessions import OnnxModel, session_options
 
             spec, path = self._parts[part]
-            self._models[part] = OnnxModel(spec, create_session(path))
+            opts = session_options()
+            # The export holds the PyTorch checkpoint and the candidate core beside these sessions. At
+            # the 1.3B shape (17x256x256) an arena sized by a 4-row decoder call took the export past
+            # 24 GB (killed by the OOM killer); without the arena each call's activations are freed
+            # when it returns, and one row per call (_run) caps them at one row's.
+            opts.enable_cpu_mem_arena = False
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._models[part] = OnnxModel(spec, session)
         return self._models[part]
 
     def _run(self, part: str, x: np.ndarray) -> np.ndarray:
         model = self._model(part)
-        step = model.spec.max_batch
+        step = 1  # the same arithmetic per row as the served batches, a quarter of a 4-row call's memory
         self.calls[part] += len(x)
         name_in, name_out = model.spec.input_names[0], model.spec.output_names[0]
         return np.concatenate([model.run({name_in: x[i : i + step]})[name_out] for i in range(0, len(x), step)], axis=0)
@@ -282,9 +293,37 @@ def torch_vae(ck: Any) -> tuple[Runner, Runner]:
     return encode, decode
 
 
+# The dense drift decodes at most this many latent cells per side of each frame (the central ones):
+# 128x128 pixels. At the 1.3B shape (17x256x256) decoding the four dense rows of both cores in full
+# was most of an int8 export (eight 17-frame decoder rows, about 9 of its 25 minutes); the core still
+# runs at the export shape, and both cores' latents are cropped alike and decoded by the same decoder.
+DRIFT_DECODE_SIDE = 16
+
+
+def drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) -> tuple[slice, slice]:
+    """(rows, cols) of the latent grid the dense drift decodes: the central side x side cells (all of a
+    smaller grid)."""
+    h, w = latent_size(height), latent_size(width)
+
+    def central(n: int) -> slice:
+        k = n if side is None else min(n, side)
+        return slice((n - k) // 2, (n - k) // 2 + k)
+
+    return central(h), central(w)
+
+
+def describe_drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) -> str:
+    rows, cols = drift_region(height, width, side)
+    h, w = (rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL
+    if (h, w) == (height, width):
+        return f"dense tasks over every pixel ({width}x{height})"
+    return (f"dense tasks over the central {w}x{h} pixels of {width}x{height} "
+            f"(latent rows {rows.start}:{rows.stop}, columns {cols.start}:{cols.stop})")
+
+
 def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, height: int, width: int,
                tasks: list[str] | None = None, max_batch: int = 6,
-               vae: OnnxVae | None = None) -> dict[str, dict[str, float]]:
+               vae: OnnxVae | None = None, decode_side: int | None = DRIFT_DECODE_SIDE) -> dict[str, dict[str, float]]:
     """Per-task error of the candidate core against the fp32 PyTorch core on one clip.
 
     Both cores run inside the engine's one window loop (processing.run_clip, the clip as one window):
@@ -292,7 +331,9 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
     decoded by the same VAE decoder and mapped to the users' units, so the numbers are what users
     see: depth abs-rel, normals angle (deg), alpha MSE, IUV mean abs error, 2D keypoints in pixels,
     3D keypoints in mm. vae: the exported VAE (OnnxVae); None: the checkpoint's PyTorch VAE. Only
-    the dense tasks' rows are decoded (run_clip), the sparse ones need no VAE decoder.
+    the dense tasks' rows are decoded (run_clip), the sparse ones need no VAE decoder, and of each
+    only the central decode_side x decode_side latent cells (drift_region; None: all), whose pixels
+    the dense metrics are then over.
     """
     from thfm_serve.config import DENSE_TASKS
     from thfm_serve.contract.protocol import CORE_OUT
@@ -320,9 +361,16 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
 
         return call
 
+    rows, cols = drift_region(height, width, decode_side)
+
+    def decode_region(latent: np.ndarray) -> np.ndarray:
+        return decode(np.ascontiguousarray(latent[..., rows, cols]))
+
+    # The clip is at the export grid, so the region's maps are already at output size.
+    region_hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
     window = clip.shape[0]  # the export window: one window, no stitching
     ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
-                         encode, core(run), decode) for run in (reference, candidate))
+                         encode, core(run), decode_region, output_hw=region_hw) for run in (reference, candidate))
     out: dict[str, dict[str, float]] = {}
     for task in tasks:
         a, b = ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]

@@ -416,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--paths", default=",".join(PATHS), help="which paths to run (the other's numbers are reused "
-                   "from --out's earlier result of the same name)")
+                   "from the workdir, where every run keeps each path's result)")
     p.add_argument("--matmul-size", type=int, default=3072, help="square matmul size of the peak measurement")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench_e2e"))
     p.add_argument("--out", default=str(ROOT / "perf" / "results"))
@@ -475,18 +475,23 @@ def main(argv: list[str] | None = None) -> int:
     common = {"checkpoint": str(ck), "repo": str(repo), "video": str(video), "frames": frames, "height": height,
               "width": width, "tasks": tasks, "runs": a.runs, "warmup": a.warmup, "threads": a.threads,
               "workdir": str(work)}
-    earlier = Path(a.out) / f"{name}.json"
     paths = [p for p in a.paths.split(",") if p]
     for path in PATHS:
+        # Each path's result is kept in the workdir as soon as it is measured: a later failure (or
+        # --paths) leaves it for the next run, whose report then says it was reused.
+        kept = work / f"{path}.json"
         if path in paths:
             r[path] = run_subprocess(Path(__file__).resolve(), {**common, "worker": path,
                                                                 "outputs": str(work / f"{path}.npz")},
                                      f"{path} path", a.threads, a.timeout_s)
-        elif earlier.is_file():
-            r[path] = json.loads(earlier.read_text())[path]
-            r["notes"].append(f"The {path} row is reused from an earlier run of this benchmark ({earlier.name}).")
+            kept.write_text(json.dumps({"started": r["started"], "command": r["command"], "result": r[path]}))
+        elif kept.is_file():
+            earlier = json.loads(kept.read_text())
+            r[path] = earlier["result"]
+            r["notes"].append(f"The {path} path's numbers are reused from an earlier run (started {earlier['started']}, "
+                              f"same checkpoint, repository and input): `{earlier['command']}`.")
         else:
-            raise SystemExit(f"--paths leaves out {path} and there is no earlier {earlier} to reuse it from")
+            raise SystemExit(f"--paths leaves out {path} and {kept} holds no earlier result to reuse")
     r["loadavg"].append(loadavg())
     outs = {p: dict(np.load(work / f"{p}.npz")) for p in PATHS}
     r["drift"] = drift(outs["served"], outs["pipeline"])

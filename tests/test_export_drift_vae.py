@@ -113,3 +113,49 @@ def test_no_matching_exported_vae_falls_back_to_pytorch(vae_repo, tmp_path):
     other = build.build_specs(ck.config, precision=Precision.FP32, frames=9, height=32, width=48)
     assert build._exported_vae(vae_repo["repo"], other, report["checkpoint_sha256"], *args) is None  # another window
     assert "pytorch" in build._vae_note(None)
+
+
+def test_drift_region_is_the_central_latent_cells():
+    from thfm_serve.export.validate import DRIFT_DECODE_SIDE, describe_drift_region, drift_region
+
+    assert DRIFT_DECODE_SIDE == 16
+    assert drift_region(256, 256) == (slice(8, 24), slice(8, 24))  # 128x128 px of 256x256
+    assert drift_region(256, 416) == (slice(8, 24), slice(18, 34))
+    assert drift_region(32, 48) == (slice(0, 4), slice(0, 6))  # a smaller grid: all of it
+    assert drift_region(32, 48, 2) == (slice(1, 3), slice(2, 4))
+    assert drift_region(256, 256, None) == (slice(0, 32), slice(0, 32))
+    assert describe_drift_region(256, 256) == ("dense tasks over the central 128x128 pixels of 256x256 "
+                                               "(latent rows 8:24, columns 8:24)")
+    assert describe_drift_region(32, 48) == "dense tasks over every pixel (48x32)"
+
+
+def test_drift_decodes_only_the_region(vae_repo):
+    ck, specs = vae_repo["ck"], vae_repo["specs"]
+    core = torch_runner(ck.core(), specs[CORE])
+    vae = OnnxVae(*(vae_repo["vae"]._parts[p] for p in ("encoder", "decoder")), SHAPE["frames"])
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda latent: seen.append(latent.shape) or decode(latent)
+    clip = procedural_clips(1, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=7)[0]
+    cropped = task_drift(ck, core, _noisy(core, 0.05, seed=3), clip, SHAPE["height"], SHAPE["width"], vae=vae,
+                         decode_side=2)
+    assert seen and all(s[-2:] == (2, 2) for s in seen), seen  # 2x2 latent cells, not 4x6
+    full = task_drift(ck, core, _noisy(core, 0.05, seed=3), clip, SHAPE["height"], SHAPE["width"], vae=vae,
+                      decode_side=None)
+    assert seen[-1][-2:] == (4, 6)
+    for task in ("depth", "normals", "segmentation", "densepose"):
+        assert all(np.isfinite(v) for v in cropped[task].values()) and cropped[task] != full[task], task
+    # The keypoints never pass the decoder: the crop leaves them as they are.
+    for task in ("keypoints2d", "keypoints3d"):
+        assert cropped[task] == full[task]
+
+
+def test_stale_staging_folders_are_removed(tmp_path):
+    """A killed export leaves its staging folder in the repository, where tritonserver takes it for a
+    model and refuses to start; the next export removes it and nothing else."""
+    (tmp_path / ".export-k1ll3d" / "core").mkdir(parents=True)
+    (tmp_path / ".export-k1ll3d" / "core" / "model.onnx").write_bytes(b"partial")
+    (tmp_path / "core" / "1").mkdir(parents=True)
+    (tmp_path / ".export-note").write_text("a file, not a staging folder")
+    build._remove_stale_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export-note", "core"]

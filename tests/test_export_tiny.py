@@ -418,6 +418,45 @@ def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):
         assert abs(lo - t_lo) <= 1e-4 * scale and abs(hi - t_hi) <= 1e-4 * scale, (name, (lo, hi), (t_lo, t_hi))
 
 
+def test_bf16_calibration_forwards_give_the_fp32_ranges(exports):
+    """Where the CPU has bf16 matmuls the calibration forwards run in bf16 autocast: every Linear's
+    range stays within 2 % of the fp32 forwards' (an int8 step is 0.4 % of a range), and they did run
+    in bf16 (the ranges are not the fp32 ones bit for bit)."""
+    from thfm_serve.export.precision import lowered_core
+    from thfm_serve.export.quantize import torch_linear_ranges
+
+    module = lowered_core(_reference_core(exports["checkpoint"]), Precision.FP32)
+    rng = np.random.default_rng(5)
+    text = onnx.load(str(exports["cores"] / "fp32" / "model.onnx"), load_external_data=False).graph.input[1]
+    text_len, text_dim = (d.dim_value for d in text.type.tensor_type.shape.dim[1:])
+    text_len = text_len or 16  # as the hook test above: a dynamic text length reads 0
+    samples = [{"latent": rng.standard_normal((2, 16, 2, 4, 6)).astype(np.float32),
+                "text": rng.standard_normal((2, text_len, text_dim)).astype(np.float32)} for _ in range(2)]
+    fp32, bf16 = torch_linear_ranges(module, samples), torch_linear_ranges(module, samples, "bf16")
+    assert fp32.keys() == bf16.keys() and len(fp32) > 10
+    differs = 0
+    for name, a in fp32.items():
+        b = bf16[name]
+        for i in (0, 2):  # input range, output range
+            scale = max(abs(a[i]), abs(a[i + 1]), 1e-6)
+            assert abs(a[i] - b[i]) <= 0.02 * scale and abs(a[i + 1] - b[i + 1]) <= 0.02 * scale, (name, a, b)
+        differs += a != b
+    assert differs > len(fp32) // 2
+    with pytest.raises(ExportError, match="calibration dtype 'fp16'"):
+        torch_linear_ranges(module, samples, "fp16")
+
+
+@pytest.mark.parametrize("flags,dtype", [("avx2 fma avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", "bf16"),
+                                         ("avx2 fma avx512f avx512_vnni avx512_bf16", "bf16"),
+                                         ("avx2 fma", "fp32"),  # bf16 emulated: slower than fp32
+                                         ("sse4_2 avx", "fp32")])
+def test_calibration_dtype_by_machine(flags, dtype):
+    from thfm_serve.export.quantize import calibration_dtype_for
+    from thfm_serve.machine import parse_cpuinfo
+
+    assert calibration_dtype_for(parse_cpuinfo(f"processor\t: 0\nmodel name\t: cpu\nflags\t\t: fpu {flags}\n")) == dtype
+
+
 def test_int8_calibration_method_per_recipe(exports):
     q = {tag: exports["reports"][tag]["models"]["core"]["quantization"] for tag in ("int8", "int8_gpu")}
     assert q["int8"]["calibration"].startswith("torch forward hooks")  # linears only: hooks see them all
