@@ -170,7 +170,8 @@ def pipeline_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     runs, out = _repeat(run, job["runs"], job["warmup"])
     np.savez(job["outputs"], **out)
-    return {**summarise(runs), "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "threads": threads}
+    return {**summarise(runs), "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "threads": threads,
+            "warmup": job["warmup"]}
 
 
 def served_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
         client.close()
     np.savez(job["outputs"], **out)
     return {**summarise(runs), "load_s": load_s, "peak_rss_mb": sum(hwm.values()), "processes": len(hwm),
-            "precisions": precisions, "threads": job["threads"]}
+            "precisions": precisions, "threads": job["threads"], "warmup": job["warmup"]}
 
 
 def _repeat(run: Callable[[], tuple[dict[str, float], Any]], runs: int, warmup: int) -> tuple[list[dict[str, float]], Any]:
@@ -359,7 +360,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"# THFM end to end, all six tasks, stage by stage: {r['name']}", "",
         "Command:", "", "```", r["command"], "```", "",
         f"Machine: **{m['class']}** class ({m['model']}; {isa}), {m['cores']} cores, {m['mem_gb']} GiB. "
-        f"Threads: {r['threads']}. Median of {r['runs']} timed requests after {r['warmup']} warm-up. "
+        f"Threads: {r['threads']}. Medians of {len(pl['runs'])} (pipeline) and {len(sv['runs'])} (served) timed "
+        f"requests after {pl.get('warmup', r['warmup'])} and {sv.get('warmup', r['warmup'])} warm-up ones. "
         f"Started {r['started']}, 1-min load {r['loadavg'][0]:.2f} at start, {r['loadavg'][1]:.2f} at end.", "",
         f"Input: {r['video_note']}; tasks {', '.join(r['tasks'])} in one request; checkpoint `{r['checkpoint']}`, "
         f"repository `{r['repo']}` (served precisions: " +
@@ -476,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
               "width": width, "tasks": tasks, "runs": a.runs, "warmup": a.warmup, "threads": a.threads,
               "workdir": str(work)}
     paths = [p for p in a.paths.split(",") if p]
-    for path in PATHS:
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
+    # The paths to measure first: each is kept as soon as it is measured, before a missing one stops the run.
+    for path in sorted(PATHS, key=lambda p: p not in paths):
         # Each path's result is kept in the workdir as soon as it is measured: a later failure (or
         # --paths) leaves it for the next run, whose report then says it was reused.
         kept = work / f"{path}.json"

@@ -187,3 +187,30 @@ def test_plan_tensorrt_version_is_checked_against_the_serving_image(tmp_path, mo
     monkeypatch.setenv("TRT_VERSION", "10.13.3.9")  # as NVIDIA's containers set it
     with pytest.raises(CheckpointError, match="serving image has TensorRT 10.13.3.9"):
         check_repository(repo, "gpu")
+
+
+def test_cpu_vae_calls_hold_one_17x256x256_window():
+    """On CPU a VAE call holds at most one 17x256x256 window's pixels (a 1.3B-shaped decoder row there
+    is about 4.5 GB of onnxruntime arena): one row per call at that window, the full batch below it."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from thfm_serve.config import ThfmConfig
+    from thfm_serve.contract.specs import build_specs
+    from thfm_serve.repository import CPU_VAE_CALL_PIXELS, default_grid, model_configs
+
+    assert CPU_VAE_CALL_PIXELS == 17 * 256 * 256
+
+    def cpu_configs(frames, height, width):
+        cfg = ThfmConfig(frames=frames, height=height, width=width, head_hidden=32, text_len=16, text_dim=32).validate()
+        specs = build_specs(cfg)
+        texts = model_configs(specs, "cpu", "int8", cfg, default_grid(specs), serving.Limits())
+        return {n: text_format.Parse(t, model_config_pb2.ModelConfig()) for n, t in texts.items()}
+
+    big = cpu_configs(17, 256, 256)
+    assert big["vae_encoder"].max_batch_size == big["vae_decoder"].max_batch_size == 1
+    assert big["core"].max_batch_size == 6  # the core still takes one row per task
+    assert big["thfm"].parameters["vae_max_batch"].string_value == "1"
+    assert big["preprocess"].parameters["max_windows"].string_value == "1"
+    assert cpu_configs(9, 128, 128)["vae_decoder"].max_batch_size == 6  # 7 such windows fit: the spec's 6
+    assert cpu_configs(17, 128, 256)["vae_decoder"].max_batch_size == 2

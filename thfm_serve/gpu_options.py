@@ -57,12 +57,13 @@ class VaeGpuOptions:
                 "gpu_mem_limit": str(int(self.gpu_mem_limit_bytes))}
 
 
-def vae_batch_cap(window: int, height: int, width: int, max_batch: int) -> int:
-    """Rows per VAE call on a GPU: as many windows as fit in one default clip's pixels, at least 1,
-    at most the spec's max batch."""
-    if min(window, height, width, max_batch) < 1:
-        raise ThfmError(f"VAE batch cap of a {window}x{height}x{width} window, max batch {max_batch}: sizes must be positive")
-    return max(1, min(int(max_batch), DEFAULT_CLIP_PIXELS // (window * height * width)))
+def vae_batch_cap(window: int, height: int, width: int, max_batch: int, budget: int = DEFAULT_CLIP_PIXELS) -> int:
+    """Rows per VAE call: as many windows as fit in `budget` pixels (on a GPU one default clip's), at
+    least 1, at most the spec's max batch."""
+    if min(window, height, width, max_batch, budget) < 1:
+        raise ThfmError(f"VAE batch cap of a {window}x{height}x{width} window, max batch {max_batch}, budget {budget} "
+                        "pixels: sizes must be positive")
+    return max(1, min(int(max_batch), int(budget) // (window * height * width)))
 
 
 # --- version binding: a TensorRT plan runs only in the TensorRT that built it -----------------------

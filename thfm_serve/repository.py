@@ -41,7 +41,7 @@ from .contract.specs import Precision, SubmodelSpec, Target, parse_precision, pa
 from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, TASKS
 from .errors import CheckpointError, ThfmError
 from .serving.assets import load_task_embeddings, read_manifest
-from .gpu_options import VaeGpuOptions, vae_batch_cap
+from .gpu_options import DEFAULT_CLIP_PIXELS, VaeGpuOptions, vae_batch_cap
 
 logger = logging.getLogger(__name__)
 
@@ -296,9 +296,19 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
             + to_pbtxt(conf) + "\n" for name, conf in configs.items()}
 
 
+# Pixels one VAE call may hold on CPU: one 17x256x256 window. onnxruntime's CPU arena keeps what the
+# largest call needed; a Wan2.1-sized decoder row at 17x256x256 takes about 4.5 GB, and a six-task
+# request decoding its four dense rows in one call had the decoder's process killed by the OOM killer
+# on a 24 GB machine (perf/results/e2e_ck13_17x256x256.md). Rows decoded one after another cost the
+# same arithmetic.
+CPU_VAE_CALL_PIXELS = 17 * 256 * 256
+
+
 def _vae_batch(target: Target, grid: Grid, max_batch: int) -> int:
-    """Rows per VAE call: the spec's max batch on CPU, capped on a GPU (gpu_options.vae_batch_cap)."""
-    return max_batch if target == Target.CPU else vae_batch_cap(grid.window, grid.height, grid.width, max_batch)
+    """Rows per VAE call (gpu_options.vae_batch_cap): windows up to CPU_VAE_CALL_PIXELS on CPU, one
+    default clip's pixels on a GPU."""
+    budget = CPU_VAE_CALL_PIXELS if target == Target.CPU else DEFAULT_CLIP_PIXELS
+    return vae_batch_cap(grid.window, grid.height, grid.width, max_batch, budget)
 
 
 # The core output a keypoint task takes from its own core step (that step's row has the task's prompt).
