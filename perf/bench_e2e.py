@@ -345,7 +345,7 @@ def annotate(r: dict[str, Any]) -> None:
                    f"({r['machine']['class']} class)", "met": r["speedup"] >= target,
          "evidence": f"{r['speedup']:.2f}x ({r['served']['median_s']:.1f} s vs {r['pipeline']['median_s']:.1f} s)"},
         {"target": f"every served matrix stage >= {UTILISATION_TARGET:.0%} of the measured peak at its precision",
-         "met": not low, "evidence": ", ".join(f"{STAGE_LABELS[s]} {v:.0%}" for s, v in low.items()) or "all at or above"},
+         "met": not low, "evidence": ", ".join(f"{STAGE_LABELS[s]} {v:.2%}" for s, v in low.items()) or "all at or above"},
         {"target": "task drift of the served outputs within the export's task-unit bounds",
          "met": all(c["ok"] for c in r["drift"]["bounds"]),
          "evidence": "; ".join(f"{c['task']} {c['metric']} {c['value']:.4g} ({c['bound']})" for c in r["drift"]["bounds"])},
