@@ -258,7 +258,6 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
                            "spec": spec.to_dict()}
     if name == CORE and precision in QUANTIZED:
         from .calibration import PROCEDURAL_RECIPE
-
         from .quantize import calibration_dtype_for
 
         recipe = _tensorrt_recipe(precision) if target == Target.GPU else recipe_for(target).name
@@ -323,12 +322,13 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
     entry: dict[str, Any] = {"precision": spec.precision}
+    latent_of = _latent_fn(ck, vae) if name == CORE else None
     if name == CORE:
         reference = lowered_core(ck.core(), Precision.FP32)
         if precision in QUANTIZED:
             fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
             entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
-                                                target, reference, precision, latent_of=_latent_fn(ck, vae))
+                                                target, reference, precision, latent_of=latent_of)
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -378,7 +378,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         try:
             inputs = None
             if name == CORE and precision in QUANTIZED:
-                inputs = _clip_inputs(ck, _latent_fn(ck, vae))
+                inputs = _clip_inputs(ck, latent_of)
                 entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
                                               "encoder, the checkpoint's task embeddings")
             if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
@@ -437,10 +437,10 @@ LatentOf = Any  # (clip uint8 [F, H, W, 3], frames, height, width) -> latent [1,
 
 def _latent_fn(ck: Any, vae: OnnxVae | None) -> LatentOf:
     """How calibration and validation clips become the core's latent input: through the repository's
-    exported VAE encoder when the drift uses it (onnxruntime, as served; at the 1.3B shape faster than
-    PyTorch's encoder, which an int8 export ran 4 + 1 times), else through the checkpoint's. The
-    exported encoder takes at most its window; a longer validation clip (the core's profile can reach
-    past the VAE window) goes through PyTorch's."""
+    exported VAE encoder when the drift uses it (onnxruntime, the encoder serving runs; at the 1.3B
+    shape on an AMX Xeon no faster than PyTorch's, 37 s a clip either way), else through the
+    checkpoint's. The exported encoder takes at most its window; a longer validation clip (the core's
+    profile can reach past the VAE window) goes through PyTorch's."""
     from thfm_serve.processing import fit_clip
 
     encoder = None
