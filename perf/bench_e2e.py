@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import statistics
 import subprocess
@@ -261,8 +262,6 @@ def worker_main(job_path: str, result_path: str) -> int:
 def run_subprocess(script: Path, job: dict[str, Any], label: str, threads: int, timeout_s: float) -> dict[str, Any]:
     """A worker of `script` (this file, or perf/bench_core.py for the peak and FLOP workers) in its own
     process, with the thread count in the environment; raises when it fails (no partial table)."""
-    import os
-
     with tempfile.TemporaryDirectory() as tmp:
         jp, rp = Path(tmp) / "job.json", Path(tmp) / "result.json"
         jp.write_text(json.dumps(job))
@@ -402,8 +401,6 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    import os
-
     from thfm_serve.config import TASKS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
