@@ -109,6 +109,26 @@ def stats_snapshot(stats: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     return out
 
 
+def settled_stats(snapshot: Callable[[], dict[str, dict[str, int]]], before: Mapping[str, Mapping[str, int]],
+                  entry: str, timeout_s: float = 30.0, poll_s: float = 0.05) -> dict[str, dict[str, int]]:
+    """The statistics once the server has recorded the request that just returned.
+
+    tritonserver counts a request after its response is on the way, so a snapshot taken the moment
+    the client has the answer can miss it. Waits for the entry model's count to grow, then for two
+    equal snapshots in a row (the nested models' counts are settled too); raises after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    base = before.get(entry, {"count": 0})["count"]
+    prev = None
+    while True:
+        cur = snapshot()
+        if cur.get(entry, {"count": 0})["count"] > base and cur == prev:
+            return cur
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the server recorded no successful request of {entry!r} within {timeout_s:.0f} s")
+        prev = cur
+        time.sleep(poll_s)
+
+
 def served_stages(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]],
                   entry: str, encoder: str, core: str, decoder: str, wall_s: float, video_s: float) -> dict[str, float]:
     """One request's stages from two statistics snapshots around it and the client's wall time.
@@ -215,7 +235,8 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
             tw = time.perf_counter()
             r = client.infer(protocol.ENTRY_MODEL, inputs, outputs=outputs, client_timeout=3600)
             wall = time.perf_counter() - tw
-            after = stats_snapshot(client.get_inference_statistics(as_json=True))
+            after = settled_stats(lambda: stats_snapshot(client.get_inference_statistics(as_json=True)),
+                                  before, protocol.ENTRY_MODEL)
             stages = served_stages(before, after, protocol.ENTRY_MODEL, protocol.VAE_ENCODER, protocol.CORE,
                                    protocol.VAE_DECODER, wall, video_s)
             return stages, {t: r.as_numpy(protocol.OUTPUT_FOR_TASK[t]) for t in tasks}

@@ -40,6 +40,25 @@ def test_served_stages_refuse_a_request_the_server_did_not_count():
         bench.served_stages(same, same, "thfm", "vae_encoder", "core", "vae_decoder", wall_s=1.0, video_s=0.0)
 
 
+def test_settled_stats_wait_for_the_request_to_be_counted():
+    # The response reaches the client before tritonserver counts the request: the first snapshots
+    # still show the old counts, then the entry model's count lands before the decoder's.
+    before = bench.stats_snapshot(_snap(thfm=(1, 5e9), vae_decoder=(1, 2e9)))
+    seen = [before, before, bench.stats_snapshot(_snap(thfm=(2, 15e9), vae_decoder=(1, 2e9))),
+            bench.stats_snapshot(_snap(thfm=(2, 15e9), vae_decoder=(3, 6e9)))]
+    calls = []
+
+    def snapshot():
+        calls.append(1)
+        return seen[min(len(calls), len(seen)) - 1]
+
+    got = bench.settled_stats(snapshot, before, "thfm", poll_s=0.0)
+    assert got["vae_decoder"]["count"] == 3 and got["thfm"]["count"] == 2
+    assert len(calls) == 5  # the last state seen twice in a row
+    with pytest.raises(RuntimeError, match="no successful request of 'thfm' within 0 s"):
+        bench.settled_stats(lambda: before, before, "thfm", timeout_s=0.0, poll_s=0.0)
+
+
 def test_speedup_target_by_machine_class():
     assert bench.speedup_target("amx") == 3.0
     assert bench.speedup_target("avx512-vnni-bf16") == 3.0

@@ -417,6 +417,26 @@ def test_restricted_apis(tmp_path):
             server_command(ServerConfig(repo=tmp_path, **kw))
 
 
+def test_is_ready_settles_over_a_reconnect_backoff(tmp_path, monkeypatch):
+    # A channel that saw the port closed fails calls until its backoff ends, while a fresh client
+    # already sees the server ready; serve_forever asks with settle_s before saying whether it was.
+    server = TritonServer(make_config(tmp_path))
+    server._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        answers = iter([False, False, False, True])
+        monkeypatch.setattr(server, "_probe_ready", lambda: next(answers))
+        assert not server.is_ready()
+        assert server.is_ready(settle_s=2.0)
+        monkeypatch.setattr(server, "_probe_ready", lambda: False)
+        t0 = time.monotonic()
+        assert not server.is_ready(settle_s=0.3)
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        server._proc.kill()
+        server._proc.wait()
+    assert not server.is_ready(settle_s=5.0)  # no process: no waiting either
+
+
 def test_serve_forever_rejects_an_unknown_stub_policy(tmp_path):
     from thfm_serve.server import serve_forever
 

@@ -595,8 +595,20 @@ class TritonServer:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    def is_ready(self) -> bool:
-        """True if the process runs and reports ready over gRPC (with strict readiness: all models)."""
+    def is_ready(self, settle_s: float = 0.0) -> bool:
+        """True if the process runs and reports ready over gRPC (with strict readiness: all models).
+
+        settle_s > 0 asks again for that long before answering no: a channel that saw the port closed
+        while the models loaded waits out its reconnect backoff (up to 0.5 s) and fails every call
+        meanwhile, though another client may already see the server ready."""
+        deadline = time.monotonic() + settle_s
+        while not self._probe_ready():
+            if time.monotonic() >= deadline or self._proc is None or self._proc.poll() is not None:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _probe_ready(self) -> bool:
         if self._proc is None or self._proc.poll() is not None:
             return False
         from tritonclient.utils import InferenceServerException
@@ -760,7 +772,7 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
         server.start(timeout_s=start_timeout_s, cancel=stop_requested)
         # Say so whenever it did become ready, even if a signal came in meanwhile: a client may
         # already have seen it ready.
-        if server.stubs or server.is_ready():
+        if server.stubs or server.is_ready(settle_s=1.0):
             log.info(
                 "ready: grpc=%s http=%s metrics=%s (log %s)",
                 server.grpc_url, server.http_url, server.metrics_url, server.log_path,
@@ -789,7 +801,7 @@ def serve_forever(cfg: ServerConfig, log_path: Path | None = None, start_timeout
             log.error("%s: restarting tritonserver (restart %d)", why, len(restarts))
             server.stop(timeout_s=restart_grace_s)
             server.start(timeout_s=start_timeout_s, cancel=stop_requested)
-            if server.stubs or server.is_ready():
+            if server.stubs or server.is_ready(settle_s=1.0):
                 log.info("ready again after restart %d: grpc=%s", len(restarts), server.grpc_url)
         log.info("received %s, stopping", signal.Signals(received[0]).name)
         return 0
