@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         feed = feeds[name]
         results = {}
         for precision, path in paths.items():
-            logger.info("timing %s %s (%s %s)", name, precision, *((k, list(v.shape)) for k, v in feed.items()))
+            logger.info("timing %s %s (%s)", name, precision, ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items()))
             results[precision] = time_onnx(path, feed, args.threads, args.runs, args.warmup)
         fp32, int8 = results["fp32"], results["int8"]
         rows[name] = {

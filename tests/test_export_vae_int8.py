@@ -117,6 +117,56 @@ def test_qdq_check_fails_on_float_graphs_and_passes_on_the_exported_ones(int8_re
         check_qlinear_conv(tmp_path / "float.onnx", 1)
 
 
+def _two_convs(tmp_path):
+    """Conv -> SiLU -> Conv (4 -> 6 -> 3 channels) with a dynamic batch, saved as float ONNX."""
+    rng = np.random.default_rng(1)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 4, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((3, 6, 1, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[0, 1, 1, 0, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"), helper.make_node("Mul", ["a", "s"], ["h"], name="silu"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="c2", pads=[0, 1, 1, 0, 1, 1])]
+    path = tmp_path / "float.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+def test_vae_calibration_runs_one_row_at_a_time_with_the_batchs_ranges(tmp_path):
+    # Calibration samples of several rows (a decoder sample: a latent and the dense rows) are run one
+    # row at a time; onnxruntime's own quantize_static on the whole batches is the reference for the
+    # ranges, and so the scales and zero points, it writes.
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+    from thfm_serve.export.quantize import VAE_RECIPE, _Reader, quantize_vae, single_rows
+
+    path = _two_convs(tmp_path)
+    rng = np.random.default_rng(2)
+    # Rows on different scales, so a range taken from any one row would differ from the batch's.
+    samples = [{"x": (rng.standard_normal((b, 4, 3, 8, 8)) * rng.uniform(0.5, 3, (b, 1, 1, 1, 1))).astype(np.float32)}
+               for b in (3, 1, 4)]
+    rows = single_rows(samples)
+    assert [r["x"].shape[0] for r in rows] == [1] * 8
+    np.testing.assert_array_equal(np.concatenate([r["x"] for r in rows]), np.concatenate([s["x"] for s in samples]))
+
+    stats = quantize_vae(path, tmp_path / "ours.onnx", samples)
+    assert (stats["calibration_samples"], stats["calibration_rows"]) == (3, 8)
+    quantize_static(str(path), str(tmp_path / "ref.onnx"), _Reader(samples), calibrate_method=CalibrationMethod.MinMax,
+                    **VAE_RECIPE.quantize_static_kwargs())
+
+    def qparams(p):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer
+                if t.name.endswith(("_scale", "_zero_point"))}
+
+    ours, ref = qparams(tmp_path / "ours.onnx"), qparams(tmp_path / "ref.onnx")
+    assert set(ours) == set(ref) and len(ours) >= 6
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=1e-6, err_msg=name)
+    with pytest.raises(ExportError, match="disagree on the batch"):
+        single_rows([{"x": samples[0]["x"], "y": samples[1]["x"]}])
+
+
 # --- the int8 VAE against the fp32 VAE ------------------------------------------------------------
 
 def test_int8_vae_is_close_to_the_fp32_vae_on_held_out_clips(int8_repo, ck):
