@@ -7,8 +7,8 @@ width), quantised as the exporter does (export/quantize.py VAE_RECIPE: Q/DQ on t
 calibrated on the exporter's procedural clips, encoder on frames, decoder on the clips' latents and
 the core's dense rows), and each graph is timed in onnxruntime with the serving session options
 (thfm_serve.serving.create_session) on --threads threads: the encoder on one window, the decoder on
-one window's dense rows (--decoder-rows, default 4: a --tasks all request decodes the four dense
-tasks in one call). Inputs are a held-out clip (not a calibration clip). The report gives the
+as many of one window's four dense rows as a CPU repository decodes in one call (--decoder-rows;
+default: repository.CPU_VAE_CALL_PIXELS, so 4 at small grids and 1 at 17x256x256). Inputs are a held-out clip (not a calibration clip). The report gives the
 machine class (thfm_serve.machine), the medians, int8's speed-up, its largest difference from fp32
 and what onnxruntime runs after its graph optimisation (QLinearConv 2D/3D, float Convs left).
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--decoder-rows", type=int, default=4, help="decoder batch: one row per dense task (default 4)")
+    p.add_argument("--decoder-rows", type=int, default=None,
+                   help="decoder batch (default: the dense rows a CPU repository decodes in one call)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", help="write the .md/.json results here (default: log only)")
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     from thfm_serve.export.quantize import qlinear_conv_counts
     from thfm_serve.machine import read_cpu
 
+    from thfm_serve.config import DENSE_TASKS
+    from thfm_serve.gpu_options import vae_batch_cap
+    from thfm_serve.repository import CPU_VAE_CALL_PIXELS
+
+    if args.decoder_rows is None:
+        args.decoder_rows = vae_batch_cap(args.frames, args.height, args.width, len(DENSE_TASKS), CPU_VAE_CALL_PIXELS)
     if args.decoder_rows < 1 or args.threads < 1 or args.runs < 1:
         raise SystemExit("--decoder-rows, --threads and --runs must be at least 1")
     torch.set_num_threads(args.threads)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Wan VAE in onnxruntime, fp32 vs int8 Q/DQ: {Path(args.checkpoint).name}, window {shape}", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {cpu.describe()}. {args.threads} threads, median of {args.runs} runs after {args.warmup} "
-             f"warm-up; decoder batch {args.decoder_rows} (one row per dense task).", "",
+             f"warm-up; decoder batch {args.decoder_rows} (dense-task rows per call).", "",
              "| graph | input | fp32 | int8 | int8 speed-up | max / mean abs vs fp32 | int8 runs as |",
              "|---|---|---:|---:|---:|---|---|"]
     for name, r in rows.items():

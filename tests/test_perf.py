@@ -529,6 +529,27 @@ def test_int8_recipes_slice(tiny_checkpoint, tmp_path):
     assert "perf/int8_recipes.py" in md and "| cpu+attention |" in md
 
 
+@pytest.mark.slow
+def test_vae_int8_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    """perf/vae_int8.py: both graphs timed in fp32 and int8, every Conv of the int8 graphs run as
+    QLinearConv, and the decoder batch a CPU repository would use at this grid (all four dense rows).
+    Slow (four exports and a calibration: about a minute on 2 cores)."""
+    mod = load_perf_script("vae_int8")
+    out = tmp_path / "out"
+    rc = mod.main(["--checkpoint", str(tiny_checkpoint), "--frames", "5", "--height", "32", "--width", "32",
+                   "--runs", "1", "--warmup", "0", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    assert rc == 0
+    (js,) = out.glob("vae_int8_*_5x32x32.json")
+    report = json.loads(js.read_text())
+    assert report["decoder_rows"] == 4
+    rows = report["rows"]
+    assert rows["vae_decoder"]["input_shape"][0] == 4 and rows["vae_encoder"]["input_shape"] == [1, 3, 5, 32, 32]
+    for r in rows.values():
+        assert r["int8_runs_as"]["float_conv"] == 0 and r["int8_runs_as"]["qlinear_conv_3d"] > 0
+        assert r["fp32_median_s"] > 0 and r["int8_median_s"] > 0 and np.isfinite(r["max_abs_vs_fp32"])
+    assert "perf/vae_int8.py" in js.with_suffix(".md").read_text()
+
+
 def test_bench_mixed_roofline_and_report(tmp_path):
     """int8 engines get a second utilisation against int8 linears + fp32 attention; --report re-renders
     a saved run's JSON into the same files."""
