@@ -448,10 +448,8 @@ def minmax_cache(fp32_path: Path, rows: list[dict[str, np.ndarray]], op_types: I
 
 
 def single_rows(samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Each sample's batch split into one-row feeds. MinMax over the rows is MinMax over the batch, and
-    one row per calibration run keeps memory to one served call's: a decoder sample of a 17x256x256
-    window (its latent and four dense rows) in one run had the export killed by the OOM killer at
-    24 GB at Wan2.1-1.3B's VAE shape."""
+    """Each sample's batch split into one-row feeds: MinMax over the rows is MinMax over the batch, at
+    one row's memory per run (see the section comment)."""
     out = []
     for s in samples:
         batch = {len(v) for v in s.values()}
