@@ -22,6 +22,8 @@ in metres.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,5 +210,25 @@ def load_samples(root: str | Path, window: int, height: int, width: int, num_joi
     samples: list[Sample] = []
     for clip in clips:
         samples.extend(load_clip(clip, window, height, width, num_joints, depth_log_scale))
+        _return_freed_memory()
     logger.info("%s: %d clips, %d windows of %d frames at %dx%d", root, len(clips), len(samples), window, height, width)
     return samples
+
+
+def _find_malloc_trim():
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Each clip's float32 temporaries are freed once its fp16 windows exist, but glibc raises its mmap
+    threshold after the first large free, so later temporaries land on the heap between the kept
+    windows and their pages are never returned: 500 clips at 128x128 held 4.2 GB of windows in a
+    15.5 GB process. Trimming after every clip keeps the process near what it holds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
