@@ -591,6 +591,7 @@ def _vae_drift_entry(ck: Any, spec: SubmodelSpec, decoder_path: Path, encoder: t
     logger.info("int8 VAE task drift against the fp32 VAE (%d clips, %s): %s", len(clips), note, _fmt_drift(drift))
     bounds = check_vae_drift(drift, VAE_DRIFT_BOUNDS)
     return {"vae_drift": drift, "vae_drift_bounds": bounds, "vae_drift_candidate": note,
+            "vae_drift_region": describe_drift_region(height, width),
             "vae_drift_clips": f"{len(clips)} procedural clips, seeds {DRIFT_SEED}+ (not the calibration clips)",
             "vae_drift_s": round(time.perf_counter() - t0, 1)}
 

@@ -414,7 +414,7 @@ Encode = Callable[[np.ndarray], np.ndarray]
 
 
 def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode, Encode], clips: list[np.ndarray],
-              height: int, width: int) -> dict[str, dict[str, float]]:
+              height: int, width: int, decode_side: int | None = DRIFT_DECODE_SIDE) -> dict[str, dict[str, float]]:
     """The dense tasks' maps through the candidate VAE (encode, decode) against the reference VAE, in
     task units, averaged over `clips` (uint8 [F, H, W, 3], each one window).
 
@@ -422,7 +422,11 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
     the only difference is the VAE (encoder and decoder), and the maps are what users get. Metrics are
     thfm_serve.evaluation's, with the reference maps as the ground truth: depth abs-rel (unaligned:
     both are the same relative depth) on valid depth, normals mean angle, matte IoU at 0.5 and
-    densepose part accuracy (with their companions: RMSE, delta1, median angle, MSE/MAD, UV error)."""
+    densepose part accuracy (with their companions: RMSE, delta1, median angle, MSE/MAD, UV error).
+    As in task_drift, both decoders decode only the central decode_side x decode_side latent cells
+    (drift_region; None: all), so the metrics are over those pixels; the encoders and the core run on
+    the whole window, and the core runs once per distinct latent (an fp32 candidate encoder shares the
+    reference's)."""
     import torch
 
     from thfm_serve.config import DENSE_TASKS
@@ -438,15 +442,27 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
     text = task_texts(ck, tasks)
     module = ck.core()
 
+    outputs: dict[bytes, tuple[np.ndarray, ...]] = {}
+
     def core(latent: np.ndarray, txt: np.ndarray):
-        with torch.no_grad():
-            return tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
+        key = latent.tobytes()
+        if key not in outputs:
+            with torch.no_grad():
+                outputs[key] = tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
+        return outputs[key]
+
+    rows, cols = drift_region(height, width, decode_side)
+    region_hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
+
+    def region(decode: Encode) -> Encode:
+        return lambda latent: decode(np.ascontiguousarray(latent[..., rows, cols]))
 
     per_clip: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
     for clip in clips:
         window = clip.shape[0]
+        outputs.clear()
         ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
-                             enc, core, dec) for enc, dec in (reference, candidate))
+                             enc, core, region(dec), output_hw=region_hw) for enc, dec in (reference, candidate))
         for task in tasks:
             per_clip[task].append(output_drift(task, ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]))
     # A metric undefined on every clip (no body pixel, no valid depth) is left out; its bound then fails.

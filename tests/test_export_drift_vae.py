@@ -159,3 +159,33 @@ def test_stale_staging_folders_are_removed(tmp_path):
     (tmp_path / ".export-note").write_text("a file, not a staging folder")
     build._remove_stale_staging(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export-note", "core"]
+
+
+def test_vae_drift_decodes_only_the_region_and_runs_the_core_once_per_latent(vae_repo, monkeypatch):
+    from thfm_serve.export.validate import torch_vae, vae_drift
+
+    ck = vae_repo["ck"]
+    vae = OnnxVae(*(vae_repo["vae"]._parts[p] for p in ("encoder", "decoder")), SHAPE["frames"])
+    ref_encode, ref_decode = torch_vae(ck)
+    seen, core_calls = [], []
+
+    def recording(decode):
+        return lambda latent: seen.append(latent.shape[-2:]) or decode(latent)
+
+    module = ck.core()
+    monkeypatch.setattr(ck, "core", lambda: (lambda *a: core_calls.append(1) or module(*a)))
+    clips = procedural_clips(2, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=11)
+    reference, candidate = (ref_encode, recording(ref_decode)), (ref_encode, recording(vae.decode))
+    cropped = vae_drift(ck, reference, candidate, clips, SHAPE["height"], SHAPE["width"], decode_side=2)
+    assert seen and set(seen) == {(2, 2)}, seen  # both decoders see 2x2 latent cells, not 4x6
+    # The candidate encodes as the reference does: one core run per clip serves both paths.
+    assert len(core_calls) == len(clips)
+    seen.clear()
+    full = vae_drift(ck, reference, candidate, clips, SHAPE["height"], SHAPE["width"], decode_side=None)
+    assert set(seen) == {(4, 6)}
+    assert set(cropped) == set(full) == {"depth", "normals", "segmentation", "densepose"}
+    for task in cropped:
+        assert all(np.isfinite(v) for v in cropped[task].values()), task
+    # onnxruntime's fp32 decoder against PyTorch's: near-identical maps over either region.
+    assert cropped["segmentation"]["iou"] > 0.99 and full["segmentation"]["iou"] > 0.99
+    assert cropped["normals"]["mean_deg"] < 0.5 and full["normals"]["mean_deg"] < 0.5
