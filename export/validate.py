@@ -312,6 +312,14 @@ def drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) 
     return central(h), central(w)
 
 
+def region_decoder(decode: Callable[[np.ndarray], np.ndarray], height: int, width: int,
+                   side: int | None = DRIFT_DECODE_SIDE) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int]]:
+    """decode restricted to drift_region's latent cells, and the (height, width) of the maps it gives."""
+    rows, cols = drift_region(height, width, side)
+    hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
+    return (lambda latent: decode(np.ascontiguousarray(latent[..., rows, cols]))), hw
+
+
 def describe_drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) -> str:
     rows, cols = drift_region(height, width, side)
     h, w = (rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL
@@ -361,13 +369,8 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
 
         return call
 
-    rows, cols = drift_region(height, width, decode_side)
-
-    def decode_region(latent: np.ndarray) -> np.ndarray:
-        return decode(np.ascontiguousarray(latent[..., rows, cols]))
-
     # The clip is at the export grid, so the region's maps are already at output size.
-    region_hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
+    decode_region, region_hw = region_decoder(decode, height, width, decode_side)
     window = clip.shape[0]  # the export window: one window, no stitching
     ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
                          encode, core(run), decode_region, output_hw=region_hw) for run in (reference, candidate))
@@ -451,18 +454,13 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
                 outputs[key] = tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
         return outputs[key]
 
-    rows, cols = drift_region(height, width, decode_side)
-    region_hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
-
-    def region(decode: Encode) -> Encode:
-        return lambda latent: decode(np.ascontiguousarray(latent[..., rows, cols]))
-
+    paths = [(enc, *region_decoder(dec, height, width, decode_side)) for enc, dec in (reference, candidate)]
     per_clip: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
     for clip in clips:
         window = clip.shape[0]
         outputs.clear()
         ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
-                             enc, core, region(dec), output_hw=region_hw) for enc, dec in (reference, candidate))
+                             enc, core, dec, output_hw=hw) for enc, dec, hw in paths)
         for task in tasks:
             per_clip[task].append(output_drift(task, ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]))
     # A metric undefined on every clip (no body pixel, no valid depth) is left out; its bound then fails.
