@@ -312,17 +312,20 @@ def drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) 
     return central(h), central(w)
 
 
+def _region_pixels(rows: slice, cols: slice) -> tuple[int, int]:
+    return (rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL
+
+
 def region_decoder(decode: Callable[[np.ndarray], np.ndarray], height: int, width: int,
                    side: int | None = DRIFT_DECODE_SIDE) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int]]:
     """decode restricted to drift_region's latent cells, and the (height, width) of the maps it gives."""
     rows, cols = drift_region(height, width, side)
-    hw = ((rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL)
-    return (lambda latent: decode(np.ascontiguousarray(latent[..., rows, cols]))), hw
+    return (lambda latent: decode(np.ascontiguousarray(latent[..., rows, cols]))), _region_pixels(rows, cols)
 
 
 def describe_drift_region(height: int, width: int, side: int | None = DRIFT_DECODE_SIDE) -> str:
     rows, cols = drift_region(height, width, side)
-    h, w = (rows.stop - rows.start) * VAE_SPATIAL, (cols.stop - cols.start) * VAE_SPATIAL
+    h, w = _region_pixels(rows, cols)
     if (h, w) == (height, width):
         return f"dense tasks over every pixel ({width}x{height})"
     return (f"dense tasks over the central {w}x{h} pixels of {width}x{height} "
@@ -354,13 +357,7 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
     tasks = tasks or ck.tasks
     text = task_texts(ck, tasks)
     vae_encode, decode = (vae.encode, vae.decode) if vae is not None else torch_vae(ck)
-    encoded: dict[bytes, np.ndarray] = {}  # the same clip for both cores: encode it once
-
-    def encode(x: np.ndarray) -> np.ndarray:
-        key = x.tobytes()
-        if key not in encoded:
-            encoded[key] = vae_encode(x)
-        return encoded[key]
+    encode = _once_per_input(vae_encode)  # the same clip for both cores: encode it once
 
     def core(run: Runner):
         def call(latent: np.ndarray, txt: np.ndarray):
@@ -384,6 +381,20 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
             scale, unit = (1.0, "px") if task == "keypoints2d" else (1000.0, "mm")
             out[task] = {f"mean_{unit}": float(err.mean() * scale), f"max_{unit}": float(err.max() * scale)}
     return out
+
+
+def _once_per_input(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn(x, *rest) computed once per distinct array x (by its bytes): a drift's reference and candidate
+    paths share the work they have in common."""
+    done: dict[bytes, Any] = {}
+
+    def call(x: np.ndarray, *rest: Any) -> Any:
+        key = x.tobytes()
+        if key not in done:
+            done[key] = fn(x, *rest)
+        return done[key]
+
+    return call
 
 
 def _batched(run: Runner, latent: np.ndarray, text: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
@@ -445,20 +456,15 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
     text = task_texts(ck, tasks)
     module = ck.core()
 
-    outputs: dict[bytes, tuple[np.ndarray, ...]] = {}
-
-    def core(latent: np.ndarray, txt: np.ndarray):
-        key = latent.tobytes()
-        if key not in outputs:
-            with torch.no_grad():
-                outputs[key] = tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
-        return outputs[key]
+    def run_core(latent: np.ndarray, txt: np.ndarray):
+        with torch.no_grad():
+            return tuple(o.numpy() for o in module(torch.from_numpy(latent), torch.from_numpy(txt)))
 
     paths = [(enc, *region_decoder(dec, height, width, decode_side)) for enc, dec in (reference, candidate)]
     per_clip: dict[str, list[dict[str, float]]] = {t: [] for t in tasks}
     for clip in clips:
         window = clip.shape[0]
-        outputs.clear()
+        core = _once_per_input(run_core)  # the text rows are the same for every call
         ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
                              enc, core, dec, output_hw=hw) for enc, dec, hw in paths)
         for task in tasks:
