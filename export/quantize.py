@@ -38,6 +38,7 @@ torch module path in their metadata):
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,13 +365,36 @@ def qdq_stats(path: Path) -> dict[str, int]:
 
 VAE_OP_TYPES = ("Conv",)
 
+# The decoder's float tail. Dense pose writes the part index as I/24 in one channel, so an error of
+# 1/48 flips a part; through int8 activations all the way to the pixels, a trained small decoder kept
+# 73% of the parts and a Wan2.1-1.3B-shaped one 78% (export/RESULTS.md). The error that matters is
+# added where the maps are at full resolution: the last up block and conv_out, which stay float.
+# (Found by weight name, diffusers' AutoencoderKLWan layout: decoder.up_blocks.<i>, decoder.conv_out.)
+DECODER_UP_BLOCK = re.compile(r"(?:^|\.)decoder\.up_blocks\.(\d+)\.")
+DECODER_CONV_OUT = re.compile(r"(?:^|\.)decoder\.conv_out\.")
+
+
+def decoder_tail_convs(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv nodes of the decoder's last up block and of its conv_out (by their weights'
+    names); empty for a graph without a decoder (the encoder)."""
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1]
+    blocks = {n.name: int(m.group(1)) for n in convs if (m := DECODER_UP_BLOCK.search(n.input[1]))}
+    last = max(blocks.values(), default=None)
+    return [n.name for n in convs
+            if DECODER_CONV_OUT.search(n.input[1]) or (last is not None and blocks.get(n.name) == last)]
+
 
 @dataclass(frozen=True)
 class VaeQdqRecipe:
     """How the VAE graphs are quantised for onnxruntime on CPU (see the section comment above)."""
 
-    name: str = "onnxruntime-x86-conv"
+    name: str = "onnxruntime-x86-conv-float-tail"
     op_types: tuple[str, ...] = VAE_OP_TYPES
+    float_tail: bool = True  # the decoder's last up block and conv_out stay float (decoder_tail_convs)
+
+    def float_convs(self, model: onnx.ModelProto) -> list[str]:
+        """The Convs this recipe leaves in float in `model`."""
+        return decoder_tail_convs(model) if self.float_tail else []
 
     def quantize_static_kwargs(self) -> dict[str, Any]:
         from onnxruntime.quantization import QuantFormat, QuantType
@@ -382,8 +406,9 @@ class VaeQdqRecipe:
         }
 
     def describe(self) -> str:
+        tail = ", the decoder's last up block and conv_out in float" if self.float_tail else ""
         return (f"onnxruntime quantize_static QDQ, MinMax, uint8 asymmetric activations, int8 symmetric per-channel "
-                f"weights, {'/'.join(self.op_types)} only ({self.name})")
+                f"weights, {'/'.join(self.op_types)} only{tail} ({self.name})")
 
 
 VAE_RECIPE = VaeQdqRecipe()
@@ -401,15 +426,16 @@ def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nda
     rows = single_rows(samples)
     logger.info("int8 VAE (%s): calibrating %s on %d samples (%d rows, one per run)", recipe.name,
                 fp32_path.parent.name, len(samples), len(rows))
+    keep_float = recipe.float_convs(onnx.load(str(fp32_path), load_external_data=False))
     with tempfile.TemporaryDirectory(prefix="thfm-vae-calib-") as tmp:
         cache = Path(tmp) / "ranges.json"
         minmax_cache(fp32_path, rows, recipe.op_types, cache)
         _quantize_static("int8 VAE", str(fp32_path), str(out_path), calibration_data_reader=None,
                          calibration_cache_path=str(cache), calibrate_method=CalibrationMethod.MinMax,
-                         **recipe.quantize_static_kwargs())
+                         nodes_to_exclude=keep_float, **recipe.quantize_static_kwargs())
     out_path.chmod(out_path.stat().st_mode | 0o444)
-    stats = check_conv_qdq(onnx.load(str(out_path)))
-    stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["convs"])
+    stats = check_conv_qdq(onnx.load(str(out_path)), keep_float)
+    stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["quantized_convs"], len(keep_float))
     stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name,
                   "method": recipe.describe()})
     return stats
@@ -460,11 +486,11 @@ def single_rows(samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarr
     return out
 
 
-def check_conv_qdq(model: onnx.ModelProto) -> dict[str, int]:
-    """Every Conv of `model` reads a dequantised activation and a dequantised int8 weight with one
-    symmetric scale per output channel, and its output is quantised again (uint8): the pattern
-    onnxruntime fuses into QLinearConv. ExportError naming the first offenders otherwise (an
-    unquantised graph fails here)."""
+def check_conv_qdq(model: onnx.ModelProto, float_convs: Iterable[str] = ()) -> dict[str, int]:
+    """Every Conv of `model` but `float_convs` reads a dequantised activation and a dequantised int8
+    weight with one symmetric scale per output channel, and its output is quantised again (uint8): the
+    pattern onnxruntime fuses into QLinearConv; the `float_convs` read a float weight. ExportError
+    naming the first offenders otherwise (an unquantised graph fails here)."""
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -474,11 +500,17 @@ def check_conv_qdq(model: onnx.ModelProto) -> dict[str, int]:
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     if not convs:
         raise ExportError("int8 VAE: the graph has no Conv to quantise")
+    keep_float = set(float_convs)
+    if missing := keep_float - {n.name for n in convs}:
+        raise ExportError(f"int8 VAE: Conv(s) to keep float are not in the graph: {sorted(missing)[:3]}")
     problems = []
     for n in convs:
         x, w = (producer.get(n.input[i]) for i in (0, 1))
         why = None
-        if x is None or x.op_type != "DequantizeLinear":
+        if n.name in keep_float:
+            if n.input[1] not in inits or inits[n.input[1]].data_type != onnx.TensorProto.FLOAT:
+                why = "it should stay float but its weight is not a float initializer"
+        elif x is None or x.op_type != "DequantizeLinear":
             why = "its input is not dequantised"
         elif w is None or w.op_type != "DequantizeLinear" or w.input[0] not in inits:
             why = "its weight is not a dequantised initializer"
@@ -502,7 +534,8 @@ def check_conv_qdq(model: onnx.ModelProto) -> dict[str, int]:
         raise ExportError(f"int8 VAE: {len(problems)} of {len(convs)} Conv(s) lack the Q/DQ onnxruntime fuses into "
                           f"QLinearConv, e.g. {'; '.join(problems[:3])}")
     ops = [n.op_type for n in model.graph.node]
-    return {"convs": len(convs), "quantized_convs": len(convs), "quantize_linear": ops.count("QuantizeLinear"),
+    return {"convs": len(convs), "quantized_convs": len(convs) - len(keep_float), "float_convs": len(keep_float),
+            "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear"),
             "int8_initializers": sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)}
 
@@ -530,12 +563,13 @@ def qlinear_conv_counts(path: Path) -> dict[str, int]:
     return out
 
 
-def check_qlinear_conv(path: Path, convs: int) -> dict[str, int]:
-    """Fatal unless onnxruntime turns every quantised Conv into QLinearConv: a Q/DQ Conv it leaves
-    in float would run the fp32 kernel with a dequantisation per call, slower than fp32."""
+def check_qlinear_conv(path: Path, convs: int, float_convs: int = 0) -> dict[str, int]:
+    """Fatal unless onnxruntime turns every quantised Conv into QLinearConv and leaves only the
+    recipe's `float_convs` in float: a Q/DQ Conv it leaves in float would run the fp32 kernel with a
+    dequantisation per call, slower than fp32."""
     counts = qlinear_conv_counts(path)
     fused = counts["qlinear_conv_2d"] + counts["qlinear_conv_3d"]
-    if fused < convs or counts["float_conv"]:
+    if fused < convs or counts["float_conv"] > float_convs:
         raise ExportError(f"int8 VAE: onnxruntime fused {fused} of {convs} quantised Conv(s) into QLinearConv "
                           f"({counts}); the int8 conv kernels would not run")
     return counts

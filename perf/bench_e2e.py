@@ -19,7 +19,9 @@ Stages of one request:
                    grid, mapping outputs back to the input's frames and size); served, also the entry
                    model's calls to the other models (tensors between the server's processes).
   wire             served only: the client's round trip minus the entry model's request time
-                   (serialisation, gRPC, the server's request handling).
+                   (serialisation, gRPC, the server's request handling). The server stops its clock
+                   when it releases the request, which can be after the answer has left, so on a
+                   request of a few milliseconds this can read a fraction of a millisecond below 0.
 
 In process the stages are timed around the PyTorch modules; served they come from tritonserver's own
 per-model statistics (success time per request, queueing included), read before and after each
@@ -135,7 +137,9 @@ def served_stages(before: Mapping[str, Mapping[str, int]], after: Mapping[str, M
 
     A model's success time covers its requests from arrival to response, queueing included. The entry
     model's covers the whole request on the server, its calls to the other models included, so its own
-    share (pre/postprocess) is the remainder, and the client's round trip minus it is the wire."""
+    share (pre/postprocess) is the remainder, and the client's round trip minus it is the wire. The
+    wire is not clamped: the server's request end is its release of the request, which may follow the
+    response, so a tiny request can show a slightly negative wire, and hiding that would hide the skew."""
     def spent(model: str) -> float:
         a, b = after.get(model, {"ns": 0}), before.get(model, {"ns": 0})
         return (a["ns"] - b["ns"]) / 1e9

@@ -93,7 +93,10 @@ def test_whole_run_on_the_tiny_checkpoint(request, tiny_checkpoint, tmp_path_fac
             assert sum(run.values()) == pytest.approx(total)
         for stage in ("video", "encode", "core", "decode"):
             assert p["stages_s"][stage] > 0, (path, stage)
-    assert r["served"]["stages_s"]["wire"] > 0
+    # The entry model's server time accounts for the client's round trip: the wire is what is left,
+    # small next to the request (it can dip a hair below 0 as the server's clock stops at release).
+    served = r["served"]["stages_s"]
+    assert abs(served["wire"]) < 0.5 * r["served"]["median_s"], served
     assert r["served"]["precisions"] == {"vae_encoder": "fp32", "core": "fp32", "vae_decoder": "fp32"}
     # The fp32 repository serves what the fp32 pipeline computes (onnxruntime vs PyTorch).
     d = r["drift"]["tasks"]

@@ -24,7 +24,7 @@ from thfm_serve.contract.specs import VAE_DRIFT_BOUNDS, Target
 from thfm_serve.errors import ExportError, ThfmError
 from thfm_serve.export import build, export_repository
 from thfm_serve.export.calibration import procedural_clips
-from thfm_serve.export.quantize import check_conv_qdq, check_qlinear_conv
+from thfm_serve.export.quantize import check_conv_qdq, check_qlinear_conv, decoder_tail_convs
 from thfm_serve.export.validate import check_vae_drift
 
 logger = logging.getLogger(__name__)
@@ -97,12 +97,19 @@ def test_qdq_check_fails_on_float_graphs_and_passes_on_the_exported_ones(int8_re
 
     for name in (VAE_ENCODER, VAE_DECODER):
         model = _graph(repo / name / "1" / "model.onnx")
-        stats = check_conv_qdq(model)
-        assert stats["convs"] == stats["quantized_convs"] > 10 and stats["int8_initializers"] >= stats["convs"]
-        # onnxruntime runs every quantised Conv as QLinearConv, the 3D ones included.
-        counts = check_qlinear_conv(repo / name / "1" / "model.onnx", stats["convs"])
-        assert counts["float_conv"] == 0 and counts["qlinear_conv_3d"] > 0
-        assert counts["qlinear_conv_2d"] + counts["qlinear_conv_3d"] == stats["convs"]
+        tail = decoder_tail_convs(model)
+        assert (len(tail) > 0) == (name == VAE_DECODER)
+        stats = check_conv_qdq(model, tail)
+        assert stats["convs"] == stats["quantized_convs"] + len(tail) and stats["quantized_convs"] > 10
+        assert stats["int8_initializers"] >= stats["quantized_convs"]
+        # onnxruntime runs every quantised Conv as QLinearConv, the 3D ones included; the tail stays float.
+        counts = check_qlinear_conv(repo / name / "1" / "model.onnx", stats["quantized_convs"], len(tail))
+        assert counts["float_conv"] == len(tail) and counts["qlinear_conv_3d"] > 0
+        assert counts["qlinear_conv_2d"] + counts["qlinear_conv_3d"] == stats["quantized_convs"]
+        # Without its float tail the decoder is not the all-int8 graph the plain check expects.
+        if tail:
+            with pytest.raises(ExportError, match=f"{len(tail)} of {stats['convs']} Conv.*its input is not dequantised"):
+                check_conv_qdq(model)
 
     # One Conv of the exported decoder rewired to read the float activation: named, fatal.
     model = _graph(repo / VAE_DECODER / "1" / "model.onnx")
@@ -110,11 +117,30 @@ def test_qdq_check_fails_on_float_graphs_and_passes_on_the_exported_ones(int8_re
     conv = [n for n in model.graph.node if n.op_type == "Conv"][5]
     conv.input[0] = producer[producer[conv.input[0]].input[0]].input[0]  # DQ(Q(x)) -> x
     with pytest.raises(ExportError, match=f"1 of \\d+ Conv.*{conv.name}"):
-        check_conv_qdq(model)
+        check_conv_qdq(model, decoder_tail_convs(model))
     # An unquantised graph never reaches QLinearConv either.
     onnx.save(_conv_model(quantised=False), str(tmp_path / "float.onnx"))
     with pytest.raises(ExportError, match="fused 0 of 1"):
         check_qlinear_conv(tmp_path / "float.onnx", 1)
+
+
+def test_the_float_tail_is_the_decoders_last_up_block_and_conv_out(int8_repo, ck):
+    """The Convs kept float are those of diffusers' AutoencoderKLWan decoder's last up block and its
+    conv_out (read from the PyTorch module, not from the graph), each unrolled latent step's copy."""
+    repo, _ = int8_repo
+    decoder = ck.vae_decoder().vae.decoder
+    last = len(decoder.up_blocks) - 1
+    expected = {f"vae.decoder.up_blocks.{last}.{n}.weight" for n, m in decoder.up_blocks[last].named_modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))} | {"vae.decoder.conv_out.weight"}
+    model = _graph(repo / VAE_DECODER / "1" / "model.onnx")
+    nodes = {n.name: n for n in model.graph.node}
+    tail = decoder_tail_convs(model)
+    assert {nodes[t].input[1] for t in tail} == expected and len(tail) >= len(expected)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(inits[nodes[t].input[1]].data_type == TensorProto.FLOAT for t in tail)
+    # A Conv named as a tail Conv that is not in the graph is a loud error, not a silent no-op.
+    with pytest.raises(ExportError, match="not in the graph"):
+        check_conv_qdq(model, [*tail, "no_such_conv"])
 
 
 def _two_convs(tmp_path):
