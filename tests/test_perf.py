@@ -531,8 +531,8 @@ def test_int8_recipes_slice(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_vae_int8_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
-    """perf/vae_int8.py: both graphs timed in fp32 and int8, every Conv of the int8 graphs run as
-    QLinearConv, and the decoder batch a CPU repository would use at this grid (all four dense rows).
+    """perf/vae_int8.py: both graphs timed in fp32 and int8 (the decoder also with every Conv int8),
+    every quantised Conv run as QLinearConv, and the decoder batch a CPU repository would use at this grid (all four dense rows).
     Slow (four exports and a calibration: about a minute on 2 cores)."""
     mod = load_perf_script("vae_int8")
     out = tmp_path / "out"
@@ -545,8 +545,16 @@ def test_vae_int8_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
     rows = report["rows"]
     assert rows["vae_decoder"]["input_shape"][0] == 4 and rows["vae_encoder"]["input_shape"] == [1, 3, 5, 32, 32]
     for r in rows.values():
-        assert r["int8_runs_as"]["float_conv"] == 0 and r["int8_runs_as"]["qlinear_conv_3d"] > 0
+        assert r["int8_runs_as"]["qlinear_conv_3d"] > 0
         assert r["fp32_median_s"] > 0 and r["int8_median_s"] > 0 and np.isfinite(r["max_abs_vs_fp32"])
+    # The recipe's decoder keeps its float tail; the every-Conv variant beside it has none.
+    assert rows["vae_encoder"]["int8_runs_as"]["float_conv"] == 0 and "vae_encoder" not in report["every_conv"]
+    assert rows["vae_decoder"]["int8_runs_as"]["float_conv"] > 0
+    every = report["every_conv"]["vae_decoder"]
+    assert every["int8_runs_as"]["float_conv"] == 0 and every["int8_median_s"] > 0
+    assert (every["int8_runs_as"]["qlinear_conv_3d"] + every["int8_runs_as"]["qlinear_conv_2d"]
+            == rows["vae_decoder"]["int8_runs_as"]["qlinear_conv_3d"] + rows["vae_decoder"]["int8_runs_as"]["qlinear_conv_2d"]
+            + rows["vae_decoder"]["int8_runs_as"]["float_conv"])
     assert "perf/vae_int8.py" in js.with_suffix(".md").read_text()
 
 
