@@ -28,10 +28,11 @@ def register(sub) -> None:
                    help="core precision; the VAE's is --vae-precision (default for cpu: chosen for this machine's instruction sets and logged, int8 with AVX2 and up, fp32 below, never bf16; bf16 for gpu; fp8 is gpu only)")
     p.add_argument("--vae-precision", default=Precision.FP32.value, metavar="{" + ",".join(q.value for q in VAE_PRECISIONS) + "}",
                    help="VAE encoder and decoder precision, --target cpu only (default fp32). int8: Q/DQ on the "
-                   "convolutions (int8 per-channel weights, uint8 activations) for onnxruntime's int8 conv kernels, "
-                   "calibrated on the --calibration clips; fatal if its task drift against the fp32 VAE exceeds the "
-                   "stated bounds. fp32 stays the default because int8 was slower than fp32 where measured "
-                   "(tiny preset, export/RESULTS.md); run perf/vae_int8.py on your CPU before choosing it")
+                   "convolutions (int8 per-channel weights, uint8 activations) for onnxruntime's int8 conv kernels, the "
+                   "decoder's last up block and conv_out kept float; calibrated on the --calibration clips; fatal if "
+                   "its task drift against the fp32 VAE exceeds the stated bounds. fp32 stays the default: int8 was "
+                   "slower than fp32 on narrow VAEs (tiny preset) and its decoder's memory at Wan2.1's width is "
+                   "unresolved (export/RESULTS.md); run perf/vae_int8.py on your CPU before choosing it")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")
