@@ -227,7 +227,7 @@ def _dims_str(dims: Mapping[str, int]) -> str:
 
 class OnnxVae:
     """The exported VAE graphs as the window loop's encode/decode, in onnxruntime with the session
-    options the server uses (serving.sessions) less the memory arena, one row per call: the drift then
+    options the server uses (serving.sessions), one row per call: the drift then
     measures the core on the path users get, and costs what serving costs, not PyTorch's VAE (the
     export's slowest step at 1.3B). Each session is created on first use, so a report without dense
     tasks never loads the decoder."""
@@ -247,13 +247,11 @@ class OnnxVae:
             from thfm_serve.serving.sessions import OnnxModel, session_options
 
             spec, path = self._parts[part]
-            opts = session_options()
             # The export holds the PyTorch checkpoint and the candidate core beside these sessions. At
             # the 1.3B shape (17x256x256) an arena sized by a 4-row decoder call took the export past
-            # 24 GB (killed by the OOM killer); without the arena each call's activations are freed
-            # when it returns, and one row per call (_run) caps them at one row's.
-            opts.enable_cpu_mem_arena = False
-            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            # 24 GB (killed by the OOM killer); serving's options have no arena, so each call's
+            # activations are freed when it returns, and one row per call (_run) caps them at one row's.
+            session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
             self._models[part] = OnnxModel(spec, session)
         return self._models[part]
 

@@ -28,6 +28,11 @@ def session_options(threads: int = 0):
     # same cores: a thread pool spinning after its run would steal CPU from the next model.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No CPU memory arena: the arena keeps its peak and grows with fragmentation, and a graph that
+    # mixes channels-last int8 convolutions with float ones (the int8 VAE decoder's float tail) grew
+    # it past 17 GB on one 17x256x256 row, killed by the OOM killer; without it the same call peaked
+    # at 3.2 GB, and the fp32 and every-Conv int8 decoders ran no slower (export/RESULTS.md).
+    opts.enable_cpu_mem_arena = False
     return opts
 
 
