@@ -44,6 +44,16 @@ def _first(result: dict[str, Any]) -> np.ndarray:
     return next(iter(result["outputs"].values()))
 
 
+def _int8_row(fp32: dict[str, Any], int8: dict[str, Any], path: Path) -> dict[str, Any]:
+    """One int8 graph's timings against the fp32 graph's, and what onnxruntime runs it as."""
+    from thfm_serve.export.quantize import qlinear_conv_counts
+
+    diff = np.abs(_first(int8) - _first(fp32))
+    return {"int8_median_s": int8["median_s"], "int8_times_s": int8["times_s"],
+            "speedup": fp32["median_s"] / int8["median_s"], "max_abs_vs_fp32": float(diff.max()),
+            "mean_abs_vs_fp32": float(diff.mean()), "int8_runs_as": qlinear_conv_counts(path)}
+
+
 def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, height: int, width: int) -> dict[str, Path]:
     """fp32 and int8 graphs of `name` (cached in work/<name>/), and for the decoder also "int8_all":
     every Conv int8, the recipe without its float tail, so the tail's cost is measured beside it."""
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from thfm_serve.export.quantize import VAE_RECIPE, qlinear_conv_counts
+    from thfm_serve.export.quantize import VAE_RECIPE
     from thfm_serve.machine import read_cpu
 
     from thfm_serve.config import DENSE_TASKS
@@ -138,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args, work, prepared)
         return 0
     # The graphs and the held-out inputs are made in a child process: the checkpoint (a 1.3B transformer
-    # is 5.7 GB in fp32) and what calibration allocated go back to the system when it exits, and the
-    # timed sessions get the memory (in one process the 17x256x256 decoder timing was OOM-killed at 24 GB).
+    # is 5.7 GB in fp32) and what calibration allocated go back to the system when it exits, instead of
+    # staying resident beside the timed sessions.
     subprocess.run([sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv),
                     "--decoder-rows", str(args.decoder_rows), "--prepare"], check=True)
     info = json.loads(prepared.read_text())
@@ -157,22 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             results[precision] = time_onnx(path, feed, args.threads, args.runs, args.warmup)
         fp32, int8 = results["fp32"], results["int8"]
         if "int8_all" in results:
-            every = results["int8_all"]
-            every_conv[name] = {
-                "int8_median_s": every["median_s"], "int8_times_s": every["times_s"],
-                "speedup": fp32["median_s"] / every["median_s"],
-                "max_abs_vs_fp32": float(np.abs(_first(every) - _first(fp32)).max()),
-                "mean_abs_vs_fp32": float(np.abs(_first(every) - _first(fp32)).mean()),
-                "int8_runs_as": qlinear_conv_counts(paths["int8_all"])}
-        rows[name] = {
-            "input_shape": list(next(iter(feed.values())).shape),
-            "fp32_median_s": fp32["median_s"], "int8_median_s": int8["median_s"],
-            "fp32_times_s": fp32["times_s"], "int8_times_s": int8["times_s"],
-            "speedup": fp32["median_s"] / int8["median_s"],
-            "max_abs_vs_fp32": float(np.abs(_first(int8) - _first(fp32)).max()),
-            "mean_abs_vs_fp32": float(np.abs(_first(int8) - _first(fp32)).mean()),
-            "int8_runs_as": qlinear_conv_counts(paths["int8"]),
-        }
+            every_conv[name] = _int8_row(fp32, results["int8_all"], paths["int8_all"])
+        rows[name] = {"input_shape": list(next(iter(feed.values())).shape), "fp32_median_s": fp32["median_s"],
+                      "fp32_times_s": fp32["times_s"], **_int8_row(fp32, int8, paths["int8"])}
 
     lines = [f"# Wan VAE in onnxruntime, fp32 vs int8 Q/DQ: {Path(args.checkpoint).name}, window {shape}", "",
              "Command:", "", "```", command, "```", "",
