@@ -165,9 +165,42 @@ def test_resume_reproduces_an_uninterrupted_run(synth_data, tmp_path):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
     for (name, pa), (_, pb) in zip(a.heads.state_dict().items(), b.heads.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    # The latents were encoded once: the resumed run read them back from the run's store.
+    assert [p.name.split("-")[0] for p in sorted((run_b / "latents").iterdir())] == ["train", "val"]
     # And the resumed run did continue from step 3 rather than start over.
     steps = [json.loads(x)["step"] for x in (run_b / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_data, tmp_path):
+    from thfm_serve.checkpoint import init_checkpoint
+    from thfm_serve.model import VaeEncoder
+
+    ck = load_checkpoint(init_checkpoint("tiny", tmp_path / "ck"))
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    encoder = VaeEncoder(ck.vae)
+    calls = []
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    store = tmp_path / "latents" / "train"
+    first = core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == len(samples) and len(list(store.parent.glob("train-*.pt"))) == 1
+    again = core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == len(samples)  # read back, not encoded again
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a.latent, b.latent, rtol=0, atol=0)
+        for t in a.targets:
+            torch.testing.assert_close(a.targets[t], b.targets[t], rtol=0, atol=0)
+        torch.testing.assert_close(a.keypoints2d, b.keypoints2d)
+    # Other pixels (one window's video changed) or other weights: encoded again, the old store replaced.
+    samples[0].video = samples[0].video.clone()
+    samples[0].video[:, 0] = 0.0
+    core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == 2 * len(samples)
+    with torch.no_grad():
+        next(ck.vae.parameters()).add_(0.01)
+    changed = core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == 3 * len(samples) and len(list(store.parent.glob("train-*.pt"))) == 1
+    assert not torch.equal(changed[1].latent, first[1].latent)
 
 
 def test_bad_settings_are_refused(synth_data, tmp_path):

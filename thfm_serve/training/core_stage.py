@@ -12,8 +12,11 @@ Per-task weights scale the rows (GenCeption reports that joint training hurts 3D
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -46,18 +49,61 @@ class LatentSample:
         return out
 
 
+def _encoder_inputs(s: Sample) -> list[torch.Tensor]:
+    """What the encoder sees for one window: the video, then each dense target map as a 3-channel
+    image in [-1, 1] (the way RGB video is encoded), in DENSE_TASKS order."""
+    return [s.video.float()] + [s.maps[t].float() * 2.0 - 1.0 for t in DENSE_TASKS if t in s.maps]
+
+
+def latent_key(encoder, samples: list[Sample]) -> str:
+    """Names one set of cached latents: a digest of the encoder's weights and of every pixel it is
+    given, so a store written for other weights, clips or windows never matches."""
+    h = hashlib.sha256()
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for s in samples:
+        h.update(f"{s.clip}:{s.start}:{sorted(s.maps)}".encode())
+        for x in _encoder_inputs(s):
+            h.update(str(tuple(x.shape)).encode())
+            h.update(x.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def cache_latents(encoder, samples: list[Sample], device: torch.device | str = "cpu",
-                  keep_maps: bool = False) -> list[LatentSample]:
-    """Encode every window's video and dense target maps (3-channel images in [-1, 1], the way RGB
-    video is encoded) with the frozen VAE encoder (`model.VaeEncoder`: distribution mode, Wan's
-    latent normalisation). keep_maps keeps the ground-truth maps too (validation compares the
-    decoded prediction with them)."""
-    out = []
+                  keep_maps: bool = False, store: Path | None = None) -> list[LatentSample]:
+    """Encode every window's video and dense target maps with the frozen VAE encoder
+    (`model.VaeEncoder`: distribution mode, Wan's latent normalisation). keep_maps keeps the
+    ground-truth maps too (validation compares the decoded prediction with them).
+
+    With `store` (a path prefix, e.g. RUN/latents/train), the latents are kept in STORE-<key>.pt
+    (`latent_key`) and read back by a later call with the same encoder and inputs: on a CPU the
+    encoding takes longer than many core steps, and a resumed run would otherwise repeat it on every
+    start. A new store replaces the prefix's older ones."""
     encoder.eval()
-    for s in samples:
-        images = [s.video.float()] + [s.maps[t].float() * 2.0 - 1.0 for t in DENSE_TASKS if t in s.maps]
-        lat = encoder(torch.stack(images).to(device)).float().cpu()  # [1 + n_dense, 16, T', h, w]
+    lats: list[torch.Tensor] | None = None
+    path = None
+    if store is not None:
+        store = Path(store)
+        path = store.parent / f"{store.name}-{latent_key(encoder, samples)}.pt"
+        if path.is_file():
+            lats = torch.load(path, map_location="cpu", weights_only=True)
+            if len(lats) != len(samples):
+                raise ValueError(f"latent store {path} holds {len(lats)} windows, expected {len(samples)}")
+            logger.info("read %d windows' latents from %s", len(lats), path)
+    if lats is None:
+        lats = [encoder(torch.stack(_encoder_inputs(s)).to(device)).float().cpu() for s in samples]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(lats, tmp)
+            os.replace(tmp, path)  # a run stopped mid-write leaves no half store under the real name
+            for old in path.parent.glob(f"{store.name}-*.pt"):
+                if old != path:
+                    old.unlink()
+    out = []
+    for s, lat in zip(samples, lats):  # lat: [1 + n_dense, 16, T', h, w]
         dense = [t for t in DENSE_TASKS if t in s.maps]
         out.append(LatentSample(
             clip=s.clip, start=s.start, latent=lat[0],

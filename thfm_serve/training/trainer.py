@@ -1,8 +1,9 @@
 """The training run: starting checkpoint -> stage 1 (VAE, small presets only) -> stage 2 (core).
 
 A run folder holds `step-NNNNNNN/` checkpoints written at intervals (each loadable as is, with
-`train_state/` to resume from), `train_log.jsonl` (one line per logged step and per validation) and,
-at the end, `checkpoint/`: the trained model in the project's layout, stored in `save_dtype`.
+`train_state/` to resume from), `train_log.jsonl` (one line per logged step and per validation),
+`latents/` (stage 2's frozen-VAE latents, read back on resume: `core_stage.cache_latents`) and, at
+the end, `checkpoint/`: the trained model in the project's layout, stored in `save_dtype`.
 Steps are counted over the whole run: stage 1 covers [0, vae_steps), stage 2 the `core_steps` after.
 """
 
@@ -283,9 +284,9 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
     tcfg = ck.config
     encoder = VaeEncoder(ck.vae).to(device)
     t_cache = time.monotonic()
-    data = core_stage.cache_latents(encoder, samples, device)
-    val = core_stage.cache_latents(encoder, val_samples, device, keep_maps=True)
-    logger.info("cached latents of %d training and %d validation windows in %.1f s", len(data), len(val),
+    data = core_stage.cache_latents(encoder, samples, device, store=Path(cfg.out) / "latents" / "train")
+    val = core_stage.cache_latents(encoder, val_samples, device, keep_maps=True, store=Path(cfg.out) / "latents" / "val")
+    logger.info("latents of %d training and %d validation windows ready in %.1f s", len(data), len(val),
                 time.monotonic() - t_cache)
     # Stage 2 needs only the latents: drop the pixels (the caller's list) to free their memory.
     samples.clear()
