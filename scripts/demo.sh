@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# End-to-end demo on a fresh machine: set up, write a tiny random checkpoint, export it for CPU, serve
-# it with tritonserver, run `thfm predict --url` on a clip, and write outputs and pictures.
+# End-to-end demo on a fresh machine: set up, export a checkpoint for CPU, serve it with tritonserver,
+# run `thfm predict --url` on a clip, and write outputs and pictures.
 #
-#   scripts/demo.sh [VIDEO]      # default: a generated clip of a walking figure
-#   THFM_DEMO_CHECKPOINT=CK scripts/demo.sh   # serve CK (e.g. one `thfm train` wrote) instead, on a rendered
-#                                             # clip of an unseen seed, and print `thfm eval` against its truth
+#   scripts/demo.sh              # the small trained THFM shipped in the package (thfm_serve/weights/
+#                                # thfm-small) on a rendered clip of an unseen seed; prints `thfm eval`
+#                                # against the clip's ground truth
+#   scripts/demo.sh VIDEO        # the same model on your video (outputs and pictures, no ground truth)
+#   THFM_DEMO_CHECKPOINT=CK scripts/demo.sh      # serve CK instead (e.g. one `thfm train` wrote)
+#   THFM_DEMO_CHECKPOINT=random scripts/demo.sh  # a tiny random-weight checkpoint: the path only, the
+#                                                # outputs are noise
 #
 # Everything goes under runs/demo/ (THFM_DEMO_DIR overrides). Re-running reuses the checkpoint and the
-# exported models (the exporter checks their manifests) and overwrites the outputs. The random weights
-# make the outputs meaningless; the point is the path: decode -> windows -> Triton -> stitched results.
+# exported models (the exporter checks their manifests) and overwrites the outputs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="${THFM_DEMO_DIR:-$ROOT/runs/demo}"
@@ -20,16 +23,24 @@ THFM=("$PY" -m thfm_serve.cli)
 mkdir -p "$RUN"
 RUN="$(cd "$RUN" && pwd)"
 
-# 1. A tiny random checkpoint (kept when complete: same preset and seed give the same files), or the
-#    checkpoint named by THFM_DEMO_CHECKPOINT.
+# 1. The checkpoint: THFM_DEMO_CHECKPOINT, else the trained small THFM shipped in the package, else
+#    (THFM_DEMO_CHECKPOINT=random, or a package without it) a tiny random one, kept when complete.
 CK="$RUN/checkpoint"
-if [ -n "${THFM_DEMO_CHECKPOINT:-}" ]; then
+TRAINED="$("$PY" -c "from thfm_serve.checkpoint import TRAINED_SMALL, missing_parts; print('' if missing_parts(TRAINED_SMALL) else TRAINED_SMALL)" 2>/dev/null || true)"
+MEANINGFUL=1
+if [ "${THFM_DEMO_CHECKPOINT:-}" = random ] || { [ -z "${THFM_DEMO_CHECKPOINT:-}" ] && [ -z "$TRAINED" ]; }; then
+  MEANINGFUL=0
+  if ! "$PY" -c "import sys; from thfm_serve.checkpoint import missing_parts; sys.exit(1 if missing_parts(sys.argv[1]) else 0)" "$CK" 2>/dev/null; then
+    log "writing a tiny random checkpoint to $CK (random weights: the outputs are noise)"
+    rm -rf "$CK"
+    "${THFM[@]}" init-checkpoint --preset tiny --out "$CK"
+  fi
+elif [ -n "${THFM_DEMO_CHECKPOINT:-}" ]; then
   CK="$(cd "$THFM_DEMO_CHECKPOINT" && pwd)"
   log "using checkpoint $CK"
-elif ! "$PY" -c "import sys; from thfm_serve.checkpoint import missing_parts; sys.exit(1 if missing_parts(sys.argv[1]) else 0)" "$CK" 2>/dev/null; then
-  log "writing a tiny random checkpoint to $CK"
-  rm -rf "$CK"
-  "${THFM[@]}" init-checkpoint --preset tiny --out "$CK"
+else
+  CK="$TRAINED"
+  log "using the trained small THFM $CK"
 fi
 
 # 2. Export for CPU (reuses models whose manifest matches the checkpoint; about 2 minutes the first time).
@@ -42,11 +53,13 @@ GT=""
 if [ $# -ge 1 ]; then
   CLIP="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
   [ -f "$CLIP" ] || { log "no such file: $1"; exit 2; }
-elif [ -n "${THFM_DEMO_CHECKPOINT:-}" ]; then
+elif [ "$MEANINGFUL" = 1 ]; then
   # A rendered person with exact ground truth; seed 9999 is outside the documented training seeds.
   GT="$RUN/ground_truth"
   rm -rf "$GT"
-  "${THFM[@]}" synth --out "$GT" --clips 1 --frames 33 --height 128 --width 128 --seed 9999
+  # Drawn at the checkpoint's own grid (its thfm/config.json), where the model was trained to see people.
+  read -r GH GW < <("$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); print(c['height'], c['width'])" "$CK/thfm/config.json")
+  "${THFM[@]}" synth --out "$GT" --clips 1 --frames 33 --height "$GH" --width "$GW" --seed 9999
   GT="$GT/clip_00000"
   CLIP="$GT/video.mp4"
 else
