@@ -35,7 +35,7 @@ THFM_WEIGHTS = "thfm.safetensors"
 PROMPT_PREFIX = "prompt_embeds."
 HEADS_PREFIX = "heads."
 REQUIRED_PARTS = ("transformer", "vae")
-# The small THFM trained by `thfm train --preset small` on the synthetic renderer's clips and shipped
+# The small THFM (the `small` preset's shape) trained with `thfm train` on the renderer's clips and shipped
 # inside the package (docs/training.md: command, data seeds, time, held-out metrics). An ordinary
 # checkpoint directory: it loads through load_checkpoint like any other.
 TRAINED_SMALL = Path(__file__).resolve().parent / "weights" / "thfm-small"
