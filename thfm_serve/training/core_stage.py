@@ -64,8 +64,8 @@ def latent_key(encoder, samples: list[Sample]) -> str:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     for s in samples:
         h.update(f"{s.clip}:{s.start}:{sorted(s.maps)}".encode())
-        for x in _encoder_inputs(s):
-            h.update(str(tuple(x.shape)).encode())
+        for x in [s.video] + [s.maps[t] for t in sorted(s.maps)]:  # as held (fp16), before the [-1, 1] shift
+            h.update(f"{tuple(x.shape)}{x.dtype}".encode())
             h.update(x.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
