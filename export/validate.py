@@ -367,7 +367,7 @@ def task_drift(ck: Any, reference: Runner, candidate: Runner, clip: np.ndarray, 
     # The clip is at the export grid, so the region's maps are already at output size.
     decode_region, region_hw = region_decoder(decode, height, width, decode_side)
     window = clip.shape[0]  # the export window: one window, no stitching
-    ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
+    ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_code, cfg.joint_names,
                          encode, core(run), decode_region, output_hw=region_hw) for run in (reference, candidate))
     out: dict[str, dict[str, float]] = {}
     for task in tasks:
@@ -463,7 +463,7 @@ def vae_drift(ck: Any, reference: tuple[Encode, Encode], candidate: tuple[Encode
     for clip in clips:
         window = clip.shape[0]
         core = _once_per_input(run_core)  # the text rows are the same for every call
-        ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_log_scale, cfg.joint_names,
+        ref, got = (run_clip(clip, tasks, text, height, width, window, 0, cfg.depth_code, cfg.joint_names,
                              enc, core, dec, output_hw=hw) for enc, dec, hw in paths)
         for task in tasks:
             per_clip[task].append(output_drift(task, ref[task][OUTPUT_KEYS[task]], got[task][OUTPUT_KEYS[task]]))

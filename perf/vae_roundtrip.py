@@ -31,7 +31,7 @@ def roundtrip(checkpoint: str, gt: str, windows: int) -> dict[str, float]:
     ck = load_checkpoint(checkpoint)
     cfg = ck.config
     encoder, decoder = VaeEncoder(ck.vae).eval(), VaeDecoder(ck.vae).eval()
-    samples = load_samples(gt, cfg.frames, cfg.height, cfg.width, cfg.num_joints, cfg.depth_log_scale)[:windows]
+    samples = load_samples(gt, cfg.frames, cfg.height, cfg.width, cfg.num_joints, cfg.depth_code)[:windows]
     sums: dict[str, list[float]] = {}
     for s in samples:
         video = s.video.float()[None]

@@ -566,7 +566,7 @@ def test_ensemble_path_equals_the_pipeline(tiny_pipeline):
     core = {t: graphs(protocol.CORE, {"latent": latent, "text": pre[serving.TEXT_PREFIX + t]}, ["pred_latent", "kp2d", "kp3d"])
             for t in tasks}
     maps = {t: graphs(protocol.VAE_DECODER, {"latent": core[t]["pred_latent"]}, ["maps"])["maps"] for t in dense_tasks}
-    dense = serving.postprocess_dense(pre[serving.GEOMETRY], maps, 9, tiny_pipeline.cfg.depth_log_scale)
+    dense = serving.postprocess_dense(pre[serving.GEOMETRY], maps, 9, tiny_pipeline.cfg.depth_code)
     sparse = serving.postprocess_sparse(pre[serving.GEOMETRY], {"keypoints2d": core["keypoints2d"]["kp2d"],
                                                                "keypoints3d": core["keypoints3d"]["kp3d"]},
                                         9, tiny_pipeline.cfg.joint_names)

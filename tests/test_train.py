@@ -14,12 +14,16 @@ from safetensors import safe_open
 
 from thfm_serve.checkpoint import load_checkpoint
 from thfm_serve.config import DENSE_TASKS, TASKS
+from thfm_serve.contract.depth import DepthCode
+from thfm_serve.errors import ThfmError
 from thfm_serve.processing import dense_output
 from thfm_serve.synth.dataset import clip_name, read_clip, write_set
 from thfm_serve.synth.scene import render_clip
 from thfm_serve.training import core_stage
 from thfm_serve.training.data import DataError, depth_to_map, load_clip, load_samples
 from thfm_serve.training.trainer import TrainConfig, TrainError, train
+
+LOG1P = DepthCode("log1p", 0.5)  # the tiny preset's code
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def synth_data(tmp_path_factory) -> Path:
 
 def test_targets_follow_the_recipe(synth_data):
     (s,) = load_clip(synth_data / "train" / clip_name(0), window=9, height=64, width=64, num_joints=24,
-                     depth_log_scale=0.5)
+                     depth=LOG1P)
     truth = read_clip(synth_data / "train" / clip_name(0))
     gt = {"normals": truth["normals"]["normals"], "alpha": truth["segmentation"]["alpha"],
           "kp2d": truth["keypoints2d"]["keypoints"], "kp3d": truth["keypoints3d"]["keypoints"]}
@@ -48,20 +52,46 @@ def test_targets_follow_the_recipe(synth_data):
     np.testing.assert_allclose(s.keypoints3d.numpy(), gt["kp3d"], atol=1e-6)
 
 
-def test_depth_target_inverts_through_the_engine():
+@pytest.mark.parametrize("code", [LOG1P, DepthCode("log", 2.0)], ids=["log1p", "log"])
+def test_depth_target_inverts_through_the_engine(code):
     """The squash the targets use is undone by the engine's own depth output: what comes back is
     depth over the clip's median foreground depth (computed here directly)."""
     clip = render_clip(3, frames=9, height=64, width=64)
     depth, alpha = clip.depth, clip.alpha
-    squashed = depth_to_map(depth, alpha, log_scale=0.5)  # [F, H, W]
+    squashed = depth_to_map(depth, alpha, code)  # [F, H, W]
     maps = torch.from_numpy(np.repeat(squashed[:, None], 3, axis=1))
-    relative = dense_output("depth", maps, 64, 64, depth_log_scale=0.5)
+    relative = dense_output("depth", maps, 64, 64, code)
     median = np.median(depth[alpha > 0.5])
-    np.testing.assert_allclose(relative, depth / median, rtol=1e-4)
+    inside = (squashed > 0) & (squashed < 1)  # the centred code clips depth far from the person
+    np.testing.assert_allclose(relative[inside], (depth / median)[inside], rtol=1e-4)
+    person = alpha > 0.5  # soft-edge pixels whose depth is the wall's may clip; the body does not
+    assert inside[person].mean() > 0.98, inside[person].mean()
+    if code.encoding == "log1p":
+        np.testing.assert_allclose(relative, depth / median, rtol=1e-4)
     # No surface (infinite depth) is far, the top of the squashed range.
     d = depth.copy()
     d[:, 0, 0] = np.inf
-    assert np.all(depth_to_map(d, alpha, 0.5)[:, 0, 0] == 1.0)
+    assert np.all(depth_to_map(d, alpha, code)[:, 0, 0] == 1.0)
+
+
+def test_centred_depth_code_spreads_the_person_over_the_map():
+    """The reason for the centred code: the person's relief gets a usable share of [0, 1]."""
+    clip = render_clip(3, frames=9, height=64, width=64)
+    person = clip.alpha > 0.5
+
+    def spread(code):
+        m = depth_to_map(clip.depth, clip.alpha, code)[person]
+        return float(np.percentile(m, 95) - np.percentile(m, 5))
+
+    old, new = spread(LOG1P), spread(DepthCode("log", 2.0))
+    assert new > 6 * old, (old, new)
+
+
+def test_unknown_depth_code_is_refused():
+    with pytest.raises(ThfmError, match="unknown depth encoding 'linear'"):
+        DepthCode("linear", 1.0)
+    with pytest.raises(ThfmError, match="positive"):
+        DepthCode("log", 0.0)
 
 
 def test_bad_ground_truth_is_named(tmp_path):
@@ -69,15 +99,15 @@ def test_bad_ground_truth_is_named(tmp_path):
     clip = tmp_path / clip_name(0)
     np.savez(clip / "keypoints3d.npz", keypoints=np.zeros((9, 17, 3), np.float32))
     with pytest.raises(DataError, match=r"keypoints3d.npz.*\[F, 24, 3\]"):
-        load_clip(clip, 9, 64, 64, 24, 0.5)
+        load_clip(clip, 9, 64, 64, 24, LOG1P)
     np.savez(clip / "keypoints3d.npz", keypoints=np.zeros((5, 24, 3), np.float32))
     with pytest.raises(DataError, match="5 frames, but the video has 9"):
-        load_clip(clip, 9, 64, 64, 24, 0.5)
+        load_clip(clip, 9, 64, 64, 24, LOG1P)
     (clip / "keypoints3d.npz").unlink()
-    (s,) = load_clip(clip, 9, 64, 64, 24, 0.5)  # a clip without a task file trains the others
+    (s,) = load_clip(clip, 9, 64, 64, 24, LOG1P)  # a clip without a task file trains the others
     assert "keypoints3d" not in s.tasks and s.keypoints2d is not None
     with pytest.raises(DataError, match="holds no clips"):
-        load_samples(tmp_path / clip_name(0), 9, 64, 64, 24, 0.5)
+        load_samples(tmp_path / clip_name(0), 9, 64, 64, 24, LOG1P)
 
 
 def _config(data: Path, out: Path, **kw) -> TrainConfig:
@@ -90,7 +120,7 @@ def _config(data: Path, out: Path, **kw) -> TrainConfig:
 def _training_loss(ck_path: Path, data_root: Path) -> dict[str, float]:
     """Mean loss per task over every training window and task (no sampling)."""
     ck = load_checkpoint(ck_path)
-    samples = load_samples(data_root, 9, 64, 64, 24, 0.5)
+    samples = load_samples(data_root, 9, 64, 64, 24, LOG1P)
     from thfm_serve.model import VaeEncoder
 
     data = core_stage.cache_latents(VaeEncoder(ck.vae), samples)
@@ -172,12 +202,26 @@ def test_resume_reproduces_an_uninterrupted_run(synth_data, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6, 4, 5, 6]
 
 
+def test_depth_code_chosen_at_training_is_the_checkpoints(synth_data, tmp_path):
+    """`--depth-encoding/--depth-scale` retarget depth: the checkpoint records the code, so serving
+    and evaluation invert what the core was trained on."""
+    from thfm_serve.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(synth_data / "train"), "--preset", "tiny", "--out", str(run), "--steps", "2",
+                 "--batch", "4", "--save-every", "2", "--val-every", "1000", "--threads", "2",
+                 "--depth-encoding", "log", "--depth-scale", "2"]) == 0
+    cfg = load_checkpoint(run / "checkpoint").config
+    assert cfg.depth_code == DepthCode("log", 2.0)
+    assert load_checkpoint(run / "init").config.depth_code == LOG1P  # the preset's own code is unchanged
+
+
 def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_data, tmp_path):
     from thfm_serve.checkpoint import init_checkpoint
     from thfm_serve.model import VaeEncoder
 
     ck = load_checkpoint(init_checkpoint("tiny", tmp_path / "ck"))
-    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, LOG1P)
     encoder = VaeEncoder(ck.vae)
     calls = []
     encoder.register_forward_hook(lambda *_: calls.append(1))
@@ -214,6 +258,21 @@ def test_bad_settings_are_refused(synth_data, tmp_path):
         train(_config(synth_data, tmp_path, vae_video_share=-0.1))
     with pytest.raises(TrainError, match="vae-person-weight"):
         train(_config(synth_data, tmp_path, vae_person_weight=-1.0))
+    with pytest.raises(TrainError, match="decoder-crop 40 must be a multiple of 16"):
+        train(_config(synth_data, tmp_path, decoder_steps=2, decoder_crop=40))
+    with pytest.raises(TrainError, match="give --steps too"):
+        train(_config(synth_data, tmp_path, core_steps=0, decoder_steps=2))
+
+
+def test_wan_vae_is_never_trained(synth_data, tmp_path, monkeypatch):
+    """Stages 1 and 3 train the VAE; THFM keeps a real Wan2.1 VAE frozen, so both refuse one (here the
+    tiny preset's VAE stands in for Wan's shape)."""
+    from thfm_serve.training import trainer
+
+    monkeypatch.setattr(trainer, "WAN_VAE_BASE_DIM", 8)
+    for kw in (dict(vae_steps=2), dict(decoder_steps=2)):
+        with pytest.raises(TrainError, match="keeps the pretrained Wan VAE frozen"):
+            train(_config(synth_data, tmp_path / str(len(kw)), **kw))
 
 
 def test_vae_person_weight_follows_the_matte(synth_data, monkeypatch):
@@ -221,7 +280,7 @@ def test_vae_person_weight_follows_the_matte(synth_data, monkeypatch):
     1 on the background; and the weighted loss is a mean error that weighs the person's pixels more."""
     from thfm_serve.training import vae_stage
 
-    (s,) = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)[:1]
+    (s,) = load_samples(synth_data / "train", 9, 64, 64, 24, LOG1P)[:1]
     gen = torch.Generator().manual_seed(1)
     x, matte = vae_stage.vae_item(s, "depth", 5, None, gen)
     assert matte.shape == (1, 5, 64, 64) and 0 < float(matte.mean()) < 0.5  # a person, not the frame
@@ -260,7 +319,7 @@ def test_vae_person_weight_follows_the_matte(synth_data, monkeypatch):
 def test_vae_video_share_sets_how_many_rows_are_video(synth_data, monkeypatch):
     from thfm_serve.training import vae_stage
 
-    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, LOG1P)
     gen = torch.Generator().manual_seed(0)
     sources: list[str] = []
     real = vae_stage.vae_item
@@ -279,7 +338,7 @@ def test_person_crops_hold_a_visible_joint(synth_data):
     of the crop); uniform crops of the same clips often do not."""
     from thfm_serve.training import vae_stage
 
-    samples = load_samples(synth_data / "train", 9, 64, 64, 24, 0.5)
+    samples = load_samples(synth_data / "train", 9, 64, 64, 24, LOG1P)
     gen = torch.Generator().manual_seed(0)
 
     def holds_joint(share: float) -> list[bool]:
@@ -287,7 +346,7 @@ def test_person_crops_hold_a_visible_joint(synth_data):
         for i in range(60):
             s = samples[i % len(samples)]
             t0, frames, crop = 2, 5, 16
-            y0, x0 = vae_stage._crop_origin(s, t0, frames, crop, 64, 64, gen, share)
+            y0, x0 = vae_stage.crop_origin(s, t0, frames, crop, 64, 64, gen, share)
             kp = s.keypoints2d[t0 : t0 + frames].reshape(-1, 2) * 64
             vis = s.visibility[t0 : t0 + frames].reshape(-1) > 0
             inside = (kp[:, 0] >= x0) & (kp[:, 0] < x0 + crop) & (kp[:, 1] >= y0) & (kp[:, 1] < y0 + crop)
@@ -350,3 +409,51 @@ def test_vae_crops_cover_the_whole_window_by_default(synth_data, tmp_path, monke
     assert seen == [9] and "not trained" not in caplog.text  # the tiny preset's window
     train(_config(synth_data, tmp_path / "b", vae_frames=5, **cfg))
     assert seen == [9, 5] and "later latent frames are not trained" in caplog.text
+
+
+def _decoded_error(ck_path: Path, data_root: Path) -> float:
+    """Mean absolute error, over every training window and dense task, between the ground-truth map
+    and the decoder's drawing of the core's prediction (the whole frame, the served path's modules)."""
+    ck = load_checkpoint(ck_path)
+    samples = load_samples(data_root, 9, 64, 64, 24, LOG1P)
+    encoder, decoder, core = ck.vae_encoder(), ck.vae_decoder(), ck.core()
+    errs = []
+    with torch.no_grad():
+        for s in samples:
+            latent = encoder(s.video.float()[None])
+            for t in DENSE_TASKS:
+                pred = core(latent, ck.prompt_embeds[t][None])[0]
+                errs.append(float((decoder(pred)[0] - s.maps[t].float()).abs().mean()))
+    return float(np.mean(errs))
+
+
+def test_decoder_stage_fits_the_cores_latents_and_leaves_the_rest(synth_data, tmp_path):
+    """Stage 3 lowers the error of the decoded core predictions against ground truth, trains nothing
+    but the decoder (the encoder, its latent statistics, the core and the heads are bit-identical),
+    and resumes like the other stages."""
+    kw = dict(core_steps=6, decoder_steps=60, decoder_batch=2, decoder_crop=32, decoder_lr=3e-3,
+              save_every=30, keep=10, vae_person_share=0.5, vae_person_weight=2.0)
+    final = train(_config(synth_data, tmp_path / "a", **kw))
+    before, after = load_checkpoint(tmp_path / "a" / "step-0000006"), load_checkpoint(final)
+    changed = {n for n, p in after.vae.state_dict().items()
+               if not torch.equal(p.float(), before.vae.state_dict()[n].float())}
+    assert changed and all(n.startswith(("decoder.", "post_quant_conv.")) for n in changed), sorted(changed)[:5]
+    assert after.vae.config.latents_mean == before.vae.config.latents_mean
+    for a, b in ((after.transformer, before.transformer), (after.heads, before.heads)):
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(pa, pb), name
+    e_before = _decoded_error(tmp_path / "a" / "step-0000006", synth_data / "train")
+    e_after = _decoded_error(final, synth_data / "train")
+    assert e_after < 0.8 * e_before, (e_before, e_after)
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == {"core", "decoder"}
+    # Interrupted in stage 3 (after step 60): resuming reads the stage 2 latents back and ends where an
+    # uninterrupted run does.
+    run_b = tmp_path / "b"
+    train(_config(synth_data, run_b, **kw))
+    shutil.rmtree(run_b / "step-0000066")
+    shutil.rmtree(run_b / "checkpoint")
+    resumed = load_checkpoint(train(_config(synth_data, run_b, **kw)))
+    whole = load_checkpoint(final)
+    for (name, pa), (_, pb) in zip(whole.vae.state_dict().items(), resumed.vae.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)

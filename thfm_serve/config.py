@@ -17,7 +17,8 @@ from typing import Any
 # because the checkpoint config is validated against them, and re-exported for the model code.
 from .contract.geometry import PATCH_SPATIAL, PIXEL_MULTIPLE, VAE_SPATIAL, VAE_TEMPORAL, check_resolution, latent_frames  # noqa: F401
 from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, TASKS, parse_tasks  # noqa: F401
-from .errors import CheckpointError
+from .contract.depth import DepthCode
+from .errors import CheckpointError, ThfmError
 
 # SMPL's 24 joints (the RICH/EMDB protocols); joint 0 (pelvis) is the root for 3D keypoints.
 SMPL_JOINTS = (
@@ -47,8 +48,10 @@ class ThfmConfig:
     height: int = 480
     width: int = 832
     head_hidden: int = 1024  # hidden width of the keypoint MLP heads
-    # Depth targets were squashed as d' = clip(a * log(d + 1), 0, 1); `a` is needed to invert it.
+    # How depth targets were squashed into [0, 1] (contract.depth): the code and its gain `a`, both
+    # needed to invert it. Configs without `depth_encoding` predate the choice and used log1p.
     depth_log_scale: float = 0.5
+    depth_encoding: str = "log1p"
     root_joint: int = 0  # 3D keypoints are relative to this joint
     text_len: int = 512  # UMT5 context length used for the cached prompt embeddings
     text_dim: int = 4096
@@ -58,6 +61,10 @@ class ThfmConfig:
     @property
     def num_joints(self) -> int:
         return len(self.joint_names)
+
+    @property
+    def depth_code(self) -> DepthCode:
+        return DepthCode(self.depth_encoding, self.depth_log_scale)
 
     def validate(self) -> "ThfmConfig":
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -69,6 +76,10 @@ class ThfmConfig:
             raise CheckpointError("thfm/config.json has an empty joint set")
         if not 0 <= self.root_joint < self.num_joints:
             raise CheckpointError(f"root_joint {self.root_joint} outside the {self.num_joints}-joint set")
+        try:
+            self.depth_code
+        except ThfmError as e:
+            raise CheckpointError(f"thfm/config.json: {e}") from None
         return self
 
     def to_json(self) -> str:

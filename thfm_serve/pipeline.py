@@ -97,7 +97,7 @@ class ThfmPipeline:
         def decode(latent: np.ndarray) -> np.ndarray:
             return self.decoder(torch.from_numpy(latent)).numpy()
 
-        return run_clip(frames, tasks, text, h, w, window, overlap, self.cfg.depth_log_scale, self.cfg.joint_names,
+        return run_clip(frames, tasks, text, h, w, window, overlap, self.cfg.depth_code, self.cfg.joint_names,
                         encode, core, decode, output_hw)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .contract.depth import DepthCode
 from .contract.geometry import check_resolution, validate_frames
 from .contract.tasks import DENSE_TASKS, SPARSE_TASKS, task_result
 from .contract.windows import run_windows
@@ -48,18 +49,18 @@ def resize_maps(maps: np.ndarray | torch.Tensor, height: int, width: int) -> tor
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
-def dense_output(task: str, maps: np.ndarray | torch.Tensor, height: int, width: int, depth_log_scale: float) -> np.ndarray:
+def dense_output(task: str, maps: np.ndarray | torch.Tensor, height: int, width: int, depth: DepthCode) -> np.ndarray:
     """Decoded map [F, 3, h, w] in [0, 1] -> the task's array at the input resolution.
 
-    depth: the targets were squashed as d' = clip(a * log(d + 1), 0, 1), so d = exp(d'/a) - 1
-    (relative depth); normals: [0,1] -> [-1,1], renormalised to unit length; segmentation: the
-    channel mean is the alpha matte; densepose: the 3-channel IUV map as is.
+    depth: the channel mean un-squashed by the checkpoint's code (relative depth); normals: [0,1] ->
+    [-1,1], renormalised to unit length; segmentation: the channel mean is the alpha matte; densepose:
+    the 3-channel IUV map as is.
     """
     if task not in DENSE_TASKS:
         raise TaskError(f"{task!r} is not a dense task")
     x = resize_maps(maps, height, width).clamp(0.0, 1.0)
     if task == "depth":
-        return torch.expm1(x.mean(dim=1) / depth_log_scale).numpy().astype(np.float32)
+        return depth.decode(x.mean(dim=1).numpy())
     if task == "segmentation":
         return x.mean(dim=1).clamp(0.0, 1.0).numpy().astype(np.float32)
     chan_last = x.permute(0, 2, 3, 1)
@@ -90,7 +91,7 @@ Decode = Callable[[np.ndarray], np.ndarray]
 
 
 def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height: int, width: int, window: int,
-             overlap: int | None, depth_log_scale: float, joint_names: Sequence[str], encode: Encode, core: Core,
+             overlap: int | None, depth: DepthCode, joint_names: Sequence[str], encode: Encode, core: Core,
              decode: Decode, output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Every requested task on a clip: frames uint8 [F, H, W, 3] -> {task: {key: array}} at the input's
     frames; dense maps at output_hw (default: the input's resolution; budget.output_resolution), keypoints
@@ -115,7 +116,7 @@ def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height:
         for j, t in enumerate(tasks):
             if t in DENSE_TASKS:
                 m = maps[dense_idx.index(j)].transpose(1, 0, 2, 3)[: win.frames]  # [f, 3, h, w]
-                out[t] = dense_output(t, m, out_h, out_w, depth_log_scale)
+                out[t] = dense_output(t, m, out_h, out_w, depth)
             else:
                 kp = (kp2d if t == "keypoints2d" else kp3d)[j][: win.frames]
                 out[t] = sparse_output(t, kp, in_h, in_w)

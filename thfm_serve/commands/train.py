@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..contract.depth import DEPTH_ENCODINGS
 from ..errors import ThfmError
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,8 @@ def register(sub) -> None:
         description="Stage 1 (only with --vae-steps, for a VAE without pretrained weights) trains the Wan "
         "VAE as an autoencoder on frames and task maps; stage 2 fine-tunes the transformer at timestep 0 "
         "(-v is the task latent; L2 in latent space for dense tasks, MLP heads on per-frame tokens for "
-        "keypoints) on multi-task batches. Checkpoints land in RUN/step-NNNNNNN/ and, at the end, "
+        "keypoints) on multi-task batches; stage 3 (only with --decoder-steps, same VAEs as stage 1) adapts "
+        "the VAE decoder to the latents the trained core predicts. Checkpoints land in RUN/step-NNNNNNN/ and, at the end, "
         "RUN/checkpoint/; a run restarted with the same --out resumes from its latest step.",
     )
     p.add_argument("data", type=Path, help="training clips: DATA/<clip>/video.mp4 + <task>.npz")
@@ -32,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--height", type=int, help="model height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="model width, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--max-clips", type=int, help="use only the first N training clips")
+    p.add_argument("--depth-encoding", choices=DEPTH_ENCODINGS,
+                   help="how depth targets are squashed into [0, 1] (contract.depth; default: the checkpoint's). "
+                        "'log' centres the person and spreads its relief over the map")
+    p.add_argument("--depth-scale", type=float, help="the depth code's gain a (default: the checkpoint's)")
     s1 = p.add_argument_group("stage 1: VAE autoencoder (small presets without pretrained weights)")
     s1.add_argument("--vae-steps", type=int, default=0, help="steps (default 0: the VAE stays as it is)")
     s1.add_argument("--vae-batch", type=int, default=4)
@@ -61,6 +67,17 @@ def register(sub) -> None:
     s2.add_argument("--warmup", type=int, default=100)
     s2.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
                     help="loss weight of a task (repeat; default 1 each)")
+    s3 = p.add_argument_group("stage 3: the VAE decoder adapted to the trained core (small presets without "
+                              "pretrained weights; crops and person weight from --vae-person-share/-weight)")
+    s3.add_argument("--decoder-steps", type=int, default=0,
+                    help="steps (default 0). The frozen core predicts each task's latent, the decoder learns "
+                         "to draw the ground truth from it; the encoder and the latent space stay as they are")
+    s3.add_argument("--decoder-lr", type=float, default=1e-4)
+    s3.add_argument("--decoder-batch", type=int, default=4)
+    s3.add_argument("--decoder-crop", type=int, default=64,
+                    help="square crop of the predicted map in pixels, 0 = whole frame (default 64)")
+    s3.add_argument("--decoder-windows", type=int, default=256,
+                    help="training windows whose maps are kept in memory for this stage (default 256)")
     run = p.add_argument_group("run")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="autocast precision of the forward pass (fp16 adds a gradient scaler)")
@@ -94,10 +111,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, checkpoint=args.checkpoint, preset=args.preset, val_data=args.val_data,
         tasks=parse_tasks(args.tasks), frames=args.frames, height=args.height, width=args.width,
-        max_clips=args.max_clips, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_frames=args.vae_frames,
+        max_clips=args.max_clips, depth_encoding=args.depth_encoding, depth_scale=args.depth_scale,
+        vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_frames=args.vae_frames,
         vae_crop=args.vae_crop or None, vae_lr=args.vae_lr, vae_kl=args.vae_kl, vae_sample=args.vae_sample, vae_person_share=args.vae_person_share,
         vae_video_share=args.vae_video_share, vae_person_weight=args.vae_person_weight,
-        core_steps=args.steps,
+        core_steps=args.steps, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr,
+        decoder_batch=args.decoder_batch, decoder_crop=args.decoder_crop or None, decoder_windows=args.decoder_windows,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
         precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..contract import protocol
+from ..contract.depth import DepthCode
 from ..contract.params import Grid
 from ..contract.protocol import CLIP, GEOMETRY, MAPS_PREFIX, TEXT_PREFIX
 from ..contract.windows import Stitcher, plan_windows, stitched
@@ -70,7 +71,7 @@ def _stitch(windows_array: np.ndarray, num_frames: int, window: int, overlap: in
 
 
 def postprocess_dense(geometry: np.ndarray, maps: Mapping[str, np.ndarray], window: int,
-                      depth_log_scale: float, overlap: int | None = None) -> dict[str, np.ndarray]:
+                      depth: DepthCode, overlap: int | None = None) -> dict[str, np.ndarray]:
     """maps_<task> [W, 3, T, h, w] (full windows) -> {task output name: array at the input's frames and size}."""
     from ..processing import dense_output
 
@@ -82,7 +83,7 @@ def postprocess_dense(geometry: np.ndarray, maps: Mapping[str, np.ndarray], wind
             raise ShapeError(f"{MAPS_PREFIX}{task} must be [windows, 3, frames, height, width], got {list(m.shape)}")
         out[protocol.OUTPUT_FOR_TASK[task]] = _stitch(  # each window's part: [f, 3, h, w]
             m.transpose(0, 2, 1, 3, 4), num_frames, window, overlap,
-            lambda p, task=task: dense_output(task, p, in_h, in_w, depth_log_scale), task)
+            lambda p, task=task: dense_output(task, p, in_h, in_w, depth), task)
     return out
 
 

@@ -72,7 +72,7 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
         return decode_in_window(run, latent, grid.window)
 
     return run_clip(frames, tasks, text, grid.height, grid.width, grid.window, grid.window_overlap,
-                    cfg.depth_log_scale, cfg.joint_names, encode, core, decode, output_hw)
+                    cfg.depth_code, cfg.joint_names, encode, core, decode, output_hw)
 
 
 def entry_outputs(results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -103,7 +103,7 @@ class PostprocessModel:
             if not maps:
                 raise ShapeError(f"no {MAPS_PREFIX}<task> input: send at least one of "
                                  f"{', '.join(MAPS_PREFIX + t for t in self.tasks)}")
-            return postprocess_dense(inputs[GEOMETRY], maps, self.window, self.cfg.depth_log_scale, self.overlap)
+            return postprocess_dense(inputs[GEOMETRY], maps, self.window, self.cfg.depth_code, self.overlap)
         kps = {t: inputs[k] for t, k in (("keypoints2d", KP2D), ("keypoints3d", KP3D))
                if t in self.tasks and inputs.get(k) is not None}
         if not kps:

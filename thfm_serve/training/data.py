@@ -14,7 +14,7 @@ so a prediction folder and a ground-truth folder compare file by file::
 
 A clip may lack some task files; it then trains only the tasks it has. Every dense target becomes a
 3-channel image in [0, 1] (THFM's recipe): depth median-normalised over the clip's foreground and
-squashed as d' = clip(a * log(d + 1), 0, 1) (the inverse is what `processing.dense_output` applies),
+squashed into [0, 1] by the checkpoint's depth code (`contract.depth`; `processing.dense_output` inverts it),
 normals mapped from [-1, 1] to [0, 1], the matte repeated over three channels, dense pose as is.
 Keypoints2d are normalised to [0, 1] image coordinates (the core's sigmoid range), 3D keypoints stay
 in metres.
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..config import DENSE_TASKS, SPARSE_TASKS, TASKS
 from ..errors import ShapeError, ThfmError
+from ..contract.depth import DepthCode
 from ..contract.tasks import OUTPUT_KEYS
 from ..contract.windows import plan_windows
 from ..processing import fit_clip
@@ -99,7 +100,7 @@ def load_ground_truth(clip_dir: Path, num_frames: int) -> dict[str, dict[str, np
     return out
 
 
-def depth_to_map(depth: np.ndarray, alpha: np.ndarray | None, log_scale: float) -> np.ndarray:
+def depth_to_map(depth: np.ndarray, alpha: np.ndarray | None, code: DepthCode) -> np.ndarray:
     """Metric depth [F, H, W] -> squashed relative depth in [0, 1].
 
     Median-normalised over the clip (over the person where a matte says where it is, else over every
@@ -113,17 +114,16 @@ def depth_to_map(depth: np.ndarray, alpha: np.ndarray | None, log_scale: float) 
     if not ref.any():
         ref = valid
     median = float(np.median(depth[ref]))
-    rel = np.where(valid, depth / median, 0.0)
-    squashed = np.clip(log_scale * np.log1p(rel), 0.0, 1.0)
-    return np.where(valid, squashed, 1.0).astype(np.float32)
+    rel = np.where(valid, depth / median, 1.0)
+    return np.where(valid, code.encode(rel), 1.0).astype(np.float32)
 
 
-def task_maps(gt: dict[str, dict[str, np.ndarray]], log_scale: float) -> dict[str, np.ndarray]:
+def task_maps(gt: dict[str, dict[str, np.ndarray]], depth: DepthCode) -> dict[str, np.ndarray]:
     """Dense ground truth -> {task: [F, H, W, 3] float32 in [0, 1]} (THFM's 3-channel targets)."""
     out = {}
     alpha = gt["segmentation"]["alpha"].astype(np.float32) if "segmentation" in gt else None
     if "depth" in gt:
-        d = depth_to_map(gt["depth"]["depth"], alpha, log_scale)
+        d = depth_to_map(gt["depth"]["depth"], alpha, depth)
         out["depth"] = np.repeat(d[..., None], 3, axis=-1)
     if "normals" in gt:
         n = np.nan_to_num(gt["normals"]["normals"].astype(np.float32))
@@ -159,7 +159,7 @@ def _pad_frames(x: np.ndarray, length: int) -> torch.Tensor:
 
 
 def load_clip(clip_dir: Path, window: int, height: int, width: int, num_joints: int,
-              depth_log_scale: float) -> list[Sample]:
+              depth: DepthCode) -> list[Sample]:
     """Every model window of one clip (the windows `plan_windows` gives the in-process pipeline)."""
     from ..video import read_video
 
@@ -169,7 +169,7 @@ def load_clip(clip_dir: Path, window: int, height: int, width: int, num_joints: 
     gt = load_ground_truth(clip_dir, num_frames)
     if not gt:
         raise DataError(f"{clip_dir} has a video but no <task>.npz ground truth")
-    maps = task_maps(gt, depth_log_scale)
+    maps = task_maps(gt, depth)
     for task in SPARSE_TASKS:
         if task in gt:
             k = gt[task]["keypoints"]
@@ -202,14 +202,14 @@ def load_clip(clip_dir: Path, window: int, height: int, width: int, num_joints: 
 
 
 def load_samples(root: str | Path, window: int, height: int, width: int, num_joints: int,
-                 depth_log_scale: float, max_clips: int | None = None) -> list[Sample]:
+                 depth: DepthCode, max_clips: int | None = None) -> list[Sample]:
     """All windows of all clips under root (or of the first max_clips clips)."""
     if window < 1 or (window - 1) % 4:
         raise ShapeError(f"window {window} is not of the form 4n+1")
     clips = find_clips(root)[:max_clips]
     samples: list[Sample] = []
     for clip in clips:
-        samples.extend(load_clip(clip, window, height, width, num_joints, depth_log_scale))
+        samples.extend(load_clip(clip, window, height, width, num_joints, depth))
         _return_freed_memory()
     logger.info("%s: %d clips, %d windows of %d frames at %dx%d", root, len(clips), len(samples), window, height, width)
     return samples

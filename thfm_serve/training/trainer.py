@@ -1,10 +1,12 @@
-"""The training run: starting checkpoint -> stage 1 (VAE, small presets only) -> stage 2 (core).
+"""The training run: starting checkpoint -> stage 1 (VAE, small presets only) -> stage 2 (core) ->
+stage 3 (the VAE decoder adapted to the core, small presets only).
 
 A run folder holds `step-NNNNNNN/` checkpoints written at intervals (each loadable as is, with
 `train_state/` to resume from), `train_log.jsonl` (one line per logged step and per validation),
 `latents/` (stage 2's frozen-VAE latents, read back on resume: `core_stage.cache_latents`) and, at
 the end, `checkpoint/`: the trained model in the project's layout, stored in `save_dtype`.
-Steps are counted over the whole run: stage 1 covers [0, vae_steps), stage 2 the `core_steps` after.
+Steps are counted over the whole run: stage 1 covers [0, vae_steps), stage 2 the `core_steps` after,
+stage 3 the `decoder_steps` after that.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, init_checkpoint, load_checkpoint
-from ..config import PRESETS, TASKS, check_resolution, latent_frames
+from ..config import DENSE_TASKS, PRESETS, TASKS, check_resolution, latent_frames
 from ..errors import ThfmError
 from ..model import ThfmCore, VaeDecoder, VaeEncoder
-from . import core_stage, state, vae_stage
+from . import core_stage, decoder_stage, state, vae_stage
 from .data import find_clips, load_samples
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class TrainConfig:
     height: int | None = None
     width: int | None = None
     max_clips: int | None = None
+    # the depth targets' code (contract.depth); None: the checkpoint's. A changed code changes every
+    # depth latent, so it belongs to a core stage that trains depth (the VAE carries either).
+    depth_encoding: str | None = None
+    depth_scale: float | None = None
     # stage 1: the VAE as an autoencoder (only for a VAE without pretrained weights)
     vae_steps: int = 0
     vae_batch: int = 4
@@ -69,6 +75,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 100
     task_weights: dict[str, float] = field(default_factory=dict)
+    # stage 3: the VAE decoder adapted to the trained core (small presets; crops and person weight as
+    # stage 1's --vae-person-share / --vae-person-weight)
+    decoder_steps: int = 0
+    decoder_lr: float = 1e-4
+    decoder_batch: int = 4
+    decoder_crop: int | None = 64
+    decoder_windows: int = 256  # training windows whose maps stay in memory for this stage
     # run
     precision: str = "fp32"
     device: str = "cpu"
@@ -95,7 +108,7 @@ class TrainConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise TrainError(f"tasks {unknown or '(none)'}: choose from {', '.join(TASKS)}")
-        for name in ("vae_steps", "core_steps"):
+        for name in ("vae_steps", "core_steps", "decoder_steps"):
             if getattr(self, name) < 0:
                 raise TrainError(f"{name} must be >= 0")
         for name in ("vae_person_share", "vae_video_share"):
@@ -105,13 +118,17 @@ class TrainConfig:
             raise TrainError("eval_every must be >= 0")
         if self.vae_person_weight < 0:
             raise TrainError(f"--vae-person-weight {self.vae_person_weight} must be at least 0")
-        for name in ("vae_batch", "batch", "save_every", "log_every", "val_every"):
+        for name in ("vae_batch", "batch", "decoder_batch", "decoder_windows", "save_every", "log_every", "val_every"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1")
         if self.vae_frames is not None and (self.vae_frames < 1 or (self.vae_frames - 1) % 4):
             raise TrainError(f"--vae-frames {self.vae_frames} is not of the form 4n+1")
-        if self.vae_crop is not None and (self.vae_crop < 16 or self.vae_crop % 16):
-            raise TrainError(f"--vae-crop {self.vae_crop} must be a multiple of 16 (at least 16)")
+        for name in ("vae_crop", "decoder_crop"):
+            crop = getattr(self, name)
+            if crop is not None and (crop < 16 or crop % 16):
+                raise TrainError(f"--{name.replace('_', '-')} {crop} must be a multiple of 16 (at least 16)")
+        if self.decoder_steps and not self.core_steps:
+            raise TrainError("--decoder-steps adapts the decoder to a core trained in the same run: give --steps too")
         if self.frames is not None:
             latent_frames(self.frames)
         if (self.height is None) != (self.width is None):
@@ -182,6 +199,8 @@ def train(cfg: TrainConfig) -> Path:
     tcfg = ck.config
     frames, height, width = cfg.frames or tcfg.frames, cfg.height or tcfg.height, cfg.width or tcfg.width
     tcfg.frames, tcfg.height, tcfg.width = frames, height, width  # the trained geometry is the new default
+    tcfg.depth_encoding = cfg.depth_encoding or tcfg.depth_encoding
+    tcfg.depth_log_scale = cfg.depth_scale if cfg.depth_scale is not None else tcfg.depth_log_scale
     tcfg.validate()
     missing = [t for t in cfg.tasks if t not in ck.prompt_embeds]
     if missing:
@@ -191,14 +210,20 @@ def train(cfg: TrainConfig) -> Path:
     if resume_from is not None:
         saved_state = state.load_train_state(resume_from, None, gen)  # the sampler's RNG; the optimizer below
         done = int(saved_state["step"])
-    total = cfg.vae_steps + cfg.core_steps
+    core_end = cfg.vae_steps + cfg.core_steps
+    total = core_end + cfg.decoder_steps
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    logger.info("training %s: %d frames at %dx%d, steps %d (VAE) + %d (core), %d done", source, frames, height,
-                width, cfg.vae_steps, cfg.core_steps, done)
+    logger.info("training %s: %d frames at %dx%d, steps %d (VAE) + %d (core) + %d (decoder), %d done", source, frames,
+                height, width, cfg.vae_steps, cfg.core_steps, cfg.decoder_steps, done)
+    if (cfg.vae_steps or cfg.decoder_steps) and ck.vae.config.base_dim >= WAN_VAE_BASE_DIM:
+        raise TrainError(
+            f"--vae-steps/--decoder-steps: the checkpoint's VAE has Wan2.1's shape (base_dim "
+            f"{ck.vae.config.base_dim}); THFM keeps the pretrained Wan VAE frozen. Leave both at 0."
+        )
 
     # 2. Data: every window of every clip, on the model grid.
-    samples = load_samples(cfg.data, frames, height, width, tcfg.num_joints, tcfg.depth_log_scale, cfg.max_clips)
-    val_samples = (load_samples(cfg.val_data, frames, height, width, tcfg.num_joints, tcfg.depth_log_scale)[: cfg.val_windows]
+    samples = load_samples(cfg.data, frames, height, width, tcfg.num_joints, tcfg.depth_code, cfg.max_clips)
+    val_samples = (load_samples(cfg.val_data, frames, height, width, tcfg.num_joints, tcfg.depth_code)[: cfg.val_windows]
                    if cfg.val_data else [])
 
     def save(step: int, stage_name: str, optimizer) -> Path:
@@ -213,11 +238,6 @@ def train(cfg: TrainConfig) -> Path:
 
     # 3. Stage 1: the VAE as an autoencoder on frames and task maps.
     if done < cfg.vae_steps:
-        if ck.vae.config.base_dim >= WAN_VAE_BASE_DIM:
-            raise TrainError(
-                f"--vae-steps {cfg.vae_steps}: the checkpoint's VAE has Wan2.1's shape (base_dim "
-                f"{ck.vae.config.base_dim}); THFM keeps the pretrained Wan VAE frozen. Use --vae-steps 0."
-            )
         vae_frames = cfg.vae_frames or frames
         if vae_frames < frames:
             # The Wan VAE is causal: latent frame k is decoded from the caches of frames before it, so
@@ -233,10 +253,25 @@ def train(cfg: TrainConfig) -> Path:
         vae_stage.set_latent_stats(ck.vae, samples)
     ck.vae.to(device).eval().requires_grad_(False)
 
-    # 4. Stage 2: the transformer at timestep 0 on cached latents of the frozen VAE.
+    # 4. Stage 2: the transformer at timestep 0 on cached latents of the frozen VAE. Stage 2 frees the
+    # windows' pixels; stage 3 keeps the maps of its first decoder_windows.
+    kept = samples[: cfg.decoder_windows] if done < total and cfg.decoder_steps else []
+    data = val = None
+    if done < core_end:
+        data, val = _train_core(cfg, ck, samples, val_samples, done, device, autocast, gen, log, save,
+                           resume_from if saved_state and saved_state["stage"] == "core" else None)
+        done = core_end
+
+    # 5. Stage 3: the decoder adapted to what the trained core predicts.
     if done < total:
-        _train_core(cfg, ck, samples, val_samples, done, device, autocast, gen, log, save,
-                    resume_from if saved_state and saved_state["stage"] == "core" else None)
+        if data is None:  # resumed in stage 3: the stage 2 latents are read back from the run's store
+            encoder = VaeEncoder(ck.vae).to(device)
+            data = core_stage.cache_latents(encoder, samples, device, store=Path(cfg.out) / "latents" / "train")
+            val = core_stage.cache_latents(encoder, val_samples, device, keep_maps=True,
+                                           store=Path(cfg.out) / "latents" / "val")
+            samples.clear()
+        _train_decoder(cfg, ck, list(zip(data, kept)), val, done, device, autocast, gen, log, save,
+                       resume_from if saved_state and saved_state["stage"] == "decoder" else None)
     final = state.write_checkpoint(run / "checkpoint", source, tcfg, ck.transformer, ck.vae, ck.heads,
                                    ck.prompt_embeds, dtype=SAVE_DTYPES[cfg.save_dtype],
                                    vae_dtype=SAVE_DTYPES[cfg.save_dtype])
@@ -300,7 +335,7 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
     if resume_from is not None:
         state.load_train_state(resume_from, opt, gen)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    first, total = cfg.vae_steps, cfg.vae_steps + cfg.core_steps
+    first, total = cfg.vae_steps, cfg.vae_steps + cfg.core_steps  # the end of this stage
     prompts = {t: ck.prompt_embeds[t] for t in cfg.tasks}
     bar = _bar(cfg.core_steps, done - first, "core")
     ema: dict[str, float] = {}
@@ -341,6 +376,62 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
             save(step + 1, "core", opt)
     bar.close()
     core.eval()
+    return data, val
+
+
+def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, gen, log, save, resume_from):
+    tcfg = ck.config
+    first, total = cfg.vae_steps + cfg.core_steps, cfg.vae_steps + cfg.core_steps + cfg.decoder_steps
+    core = ThfmCore(ck.transformer, ck.heads, tcfg.root_joint).to(device).eval().requires_grad_(False)
+    vae = ck.vae.to(device).eval().requires_grad_(False)  # eval: no dropout; the encoder stays untouched
+    params = decoder_stage.decoder_parameters(vae)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    if resume_from is not None:
+        state.load_train_state(resume_from, opt, gen)
+    prompts = {t: ck.prompt_embeds[t] for t in cfg.tasks if t in DENSE_TASKS}
+    if not prompts:
+        raise TrainError("--decoder-steps: no dense task is being trained")
+    bar = _bar(cfg.decoder_steps, done - first, "decoder")
+    ema: dict[str, float] = {}
+    t0 = time.monotonic()
+    for step in range(done, total):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step - first, cfg.decoder_steps, cfg.decoder_lr, min(cfg.warmup, max(1, cfg.decoder_steps // 10)))
+        batch = decoder_stage.adapt_batch(windows, prompts, cfg.decoder_batch, cfg.decoder_crop, gen,
+                                          cfg.vae_person_share, cfg.vae_person_weight)
+        with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
+            loss, per_task = decoder_stage.adapt_loss(vae, core, batch, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for t, v in per_task.items():
+            ema[t] = v if t not in ema else 0.9 * ema[t] + 0.1 * v
+        bar.update(1)
+        bar.set_postfix({_short(t): f"{v:.3f}" for t, v in ema.items()})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            log.write({"step": step + 1, "stage": "decoder", "lr": opt.param_groups[0]["lr"],
+                       "loss": round(float(loss.detach()), 6), "elapsed_s": round(time.monotonic() - t0, 1),
+                       "tasks": {t: round(v, 6) for t, v in per_task.items()},
+                       "tasks_ema": {t: round(v, 6) for t, v in ema.items()}})
+            logger.info("decoder step %d: l1 %.4f | %s", step + 1, float(loss.detach()),
+                        " ".join(f"{t} {v:.4f}" for t, v in ema.items()))
+        if step + 1 == total:
+            vae.eval().requires_grad_(False)
+            if val:
+                metrics = core_stage.validate(core, VaeDecoder(vae).to(device).eval(), val, ck.prompt_embeds,
+                                              cfg.tasks, device, tcfg.height, tcfg.width)
+                log.write({"step": step + 1, "stage": "decoder", "validation": {k: round(v, 6) for k, v in metrics.items()}})
+                logger.info("validation at step %d: %s", step + 1, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if cfg.val_data:
+                report = evaluate(ck, cfg.val_data, Path(cfg.out) / "eval" / f"step-{step + 1:07d}", cfg.tasks)
+                log.write({"step": step + 1, "stage": "decoder", "eval": report.overall})
+                logger.info("thfm eval at step %d:\n%s", step + 1, report.to_markdown().split("\n\n")[0])
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            save(step + 1, "decoder", opt)
+    bar.close()
 
 
 def evaluate(ck: Checkpoint, gt_dir: Path, out: Path, tasks: list[str]):

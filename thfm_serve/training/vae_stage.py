@@ -25,12 +25,19 @@ from .data import Sample
 logger = logging.getLogger(__name__)
 
 
-def _crop_origin(sample: Sample, t0: int, frames: int, crop: int, height: int, width: int,
-                 gen: torch.Generator, person_share: float) -> tuple[int, int]:
+def crop_origin(sample: Sample, t0: int, frames: int, crop: int, height: int, width: int,
+                gen: torch.Generator, person_share: float, align: int = 1) -> tuple[int, int]:
     """Top-left corner of a crop: with probability person_share centred (with jitter) on a visible
     joint of the crop's frames, else uniform. The person covers a small part of a frame and is
     where the thin structures are (limbs a few pixels wide); uniform crops spend most of the loss
-    on background that is easy to reconstruct."""
+    on background that is easy to reconstruct. align snaps the corner down to a multiple of it
+    (a crop of a latent must start on a latent cell)."""
+    y0, x0 = _origin(sample, t0, frames, crop, height, width, gen, person_share)
+    return y0 - y0 % align, x0 - x0 % align
+
+
+def _origin(sample: Sample, t0: int, frames: int, crop: int, height: int, width: int,
+            gen: torch.Generator, person_share: float) -> tuple[int, int]:
     u = float(torch.rand((), generator=gen))
     if sample.keypoints2d is not None and u < person_share:
         kp = sample.keypoints2d[t0 : t0 + frames].float().reshape(-1, 2)  # normalised x, y
@@ -58,7 +65,7 @@ def vae_item(sample: Sample, source: str, frames: int, crop: int | None, gen: to
     x = x[:, t0 : t0 + frames]
     matte = matte[:, t0 : t0 + frames] if matte is not None else None
     if crop and crop < min(height, width):
-        y0, x0 = _crop_origin(sample, t0, frames, crop, height, width, gen, person_share)
+        y0, x0 = crop_origin(sample, t0, frames, crop, height, width, gen, person_share)
         x = x[:, :, y0 : y0 + crop, x0 : x0 + crop]
         matte = matte[:, :, y0 : y0 + crop, x0 : x0 + crop] if matte is not None else None
     return x, matte
