@@ -18,8 +18,8 @@ from thfm_serve.checkpoint import TRAINED_SMALL, load_checkpoint, missing_parts
 from thfm_serve.cli import main
 from thfm_serve.synth.dataset import write_set
 
-# Training used seeds 1, 5 (128x128) and 11 (192x192); validation 2, the documented test set 3, the
-# demo 9999.
+# Training used seeds 1, 5 (128x128), 11 and 12 (192x192); validation 2, the documented test set 3,
+# the demo 9999.
 UNSEEN_SEED = 4242
 
 
@@ -45,15 +45,15 @@ def report(tmp_path_factory) -> dict:
 def test_the_matte_and_2d_joints_find_the_person(report):
     model = report["overall"]
     assert model["segmentation"]["iou"] >= 0.6  # the empty matte's IoU is 0
-    assert model["keypoints2d"]["pck_0.1"] >= 80.0
+    assert model["keypoints2d"]["pck_0.1"] >= 85.0
 
 
 def test_every_task_is_ahead_of_its_trivial_baseline(report):
     model, base = report["overall"], report["baselines"]["trivial"]
     # The baselines: the training set's mean 2D and 3D pose, every normal facing the camera, one
     # constant depth, no body part.
-    assert model["keypoints2d"]["mean_px"] <= 0.92 * base["keypoints2d"]["mean_px"]
-    assert model["keypoints3d"]["mpjpe_mm"] < base["keypoints3d"]["mpjpe_mm"]
+    assert model["keypoints2d"]["mean_px"] <= 0.85 * base["keypoints2d"]["mean_px"]
+    assert model["keypoints3d"]["mpjpe_mm"] <= 0.9 * base["keypoints3d"]["mpjpe_mm"]
     assert model["normals"]["mean_deg"] <= base["normals"]["mean_deg"] - 1.5
-    assert model["depth"]["abs_rel"] < base["depth"]["abs_rel"]
+    assert model["depth"]["abs_rel"] <= 0.8 * base["depth"]["abs_rel"]
     assert model["densepose"]["part_acc"] >= base["densepose"]["part_acc"] + 0.03
