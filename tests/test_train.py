@@ -260,8 +260,6 @@ def test_bad_settings_are_refused(synth_data, tmp_path):
         train(_config(synth_data, tmp_path, vae_person_weight=-1.0))
     with pytest.raises(TrainError, match="decoder-crop 40 must be a multiple of 16"):
         train(_config(synth_data, tmp_path, decoder_steps=2, decoder_crop=40))
-    with pytest.raises(TrainError, match="give --steps too"):
-        train(_config(synth_data, tmp_path, core_steps=0, decoder_steps=2))
 
 
 def test_wan_vae_is_never_trained(synth_data, tmp_path, monkeypatch):
@@ -457,6 +455,13 @@ def test_decoder_stage_fits_the_cores_latents_and_leaves_the_rest(synth_data, tm
     whole = load_checkpoint(final)
     for (name, pa), (_, pb) in zip(whole.vae.state_dict().items(), resumed.vae.state_dict().items()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    # Stage 3 alone on a finished checkpoint (no core steps): its core stays as given.
+    alone = load_checkpoint(train(_config(synth_data, tmp_path / "c", checkpoint=tmp_path / "a" / "step-0000006",
+                                          preset=None, core_steps=0, decoder_steps=3, decoder_batch=2,
+                                          decoder_crop=32)))
+    assert not torch.equal(alone.vae.decoder.conv_out.weight, before.vae.decoder.conv_out.weight)
+    for (name, pa), (_, pb) in zip(alone.transformer.state_dict().items(), before.transformer.state_dict().items()):
+        assert torch.equal(pa, pb), name
 
 
 def test_vae_roundtrip_scores_depth_like_eval_for_either_code(synth_data, tmp_path):

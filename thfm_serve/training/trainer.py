@@ -127,8 +127,6 @@ class TrainConfig:
             crop = getattr(self, name)
             if crop is not None and (crop < 16 or crop % 16):
                 raise TrainError(f"--{name.replace('_', '-')} {crop} must be a multiple of 16 (at least 16)")
-        if self.decoder_steps and not self.core_steps:
-            raise TrainError("--decoder-steps adapts the decoder to a core trained in the same run: give --steps too")
         if self.frames is not None:
             latent_frames(self.frames)
         if (self.height is None) != (self.width is None):
@@ -264,7 +262,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # 5. Stage 3: the decoder adapted to what the trained core predicts.
     if done < total:
-        if data is None:  # resumed in stage 3: the stage 2 latents are read back from the run's store
+        if data is None:  # no stage 2 in this run, or resumed in stage 3: latents from the run's store
             encoder = VaeEncoder(ck.vae).to(device)
             data = core_stage.cache_latents(encoder, samples, device, store=Path(cfg.out) / "latents" / "train")
             val = core_stage.cache_latents(encoder, val_samples, device, keep_maps=True,
