@@ -350,15 +350,9 @@ def _train_core(cfg, ck: Checkpoint, samples, val_samples, done, device, autocas
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
-        for t, v in per_task.items():
-            ema[t] = v if t not in ema else 0.9 * ema[t] + 0.1 * v
-        bar.update(1)
-        bar.set_postfix({_short(t): f"{v:.3f}" for t, v in ema.items()})
+        _progress(ema, per_task, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            log.write({"step": step + 1, "stage": "core", "lr": opt.param_groups[0]["lr"], "loss": round(float(loss.detach()), 6),
-                       "elapsed_s": round(time.monotonic() - t0, 1),
-                       "tasks": {t: round(v, 6) for t, v in per_task.items()},
-                       "tasks_ema": {t: round(v, 6) for t, v in ema.items()}})
+            log.write(_loss_record(step + 1, "core", opt, loss, t0, per_task, ema))
             logger.info("core step %d: loss %.4f | %s", step + 1, float(loss.detach()),
                         " ".join(f"{t} {v:.4f}" for t, v in ema.items()))
         if val and ((step + 1) % cfg.val_every == 0 or step + 1 == total):
@@ -405,15 +399,9 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for t, v in per_task.items():
-            ema[t] = v if t not in ema else 0.9 * ema[t] + 0.1 * v
-        bar.update(1)
-        bar.set_postfix({_short(t): f"{v:.3f}" for t, v in ema.items()})
+        _progress(ema, per_task, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-            log.write({"step": step + 1, "stage": "decoder", "lr": opt.param_groups[0]["lr"],
-                       "loss": round(float(loss.detach()), 6), "elapsed_s": round(time.monotonic() - t0, 1),
-                       "tasks": {t: round(v, 6) for t, v in per_task.items()},
-                       "tasks_ema": {t: round(v, 6) for t, v in ema.items()}})
+            log.write(_loss_record(step + 1, "decoder", opt, loss, t0, per_task, ema))
             logger.info("decoder step %d: l1 %.4f | %s", step + 1, float(loss.detach()),
                         " ".join(f"{t} {v:.4f}" for t, v in ema.items()))
         if step + 1 == total:
@@ -449,6 +437,22 @@ def evaluate(ck: Checkpoint, gt_dir: Path, out: Path, tasks: list[str]):
     (out / "eval.md").write_text(report.to_markdown())
     (out / "eval.json").write_text(report.to_json())
     return report
+
+
+def _progress(ema: dict[str, float], per_task: dict[str, float], bar) -> None:
+    """One step of a stage that reports a loss per task: the running average and the progress bar."""
+    for t, v in per_task.items():
+        ema[t] = v if t not in ema else 0.9 * ema[t] + 0.1 * v
+    bar.update(1)
+    bar.set_postfix({_short(t): f"{v:.3f}" for t, v in ema.items()})
+
+
+def _loss_record(step: int, stage: str, opt, loss: torch.Tensor, t0: float, per_task: dict[str, float],
+                 ema: dict[str, float]) -> dict:
+    """The train_log.jsonl line of a logged step."""
+    return {"step": step, "stage": stage, "lr": opt.param_groups[0]["lr"], "loss": round(float(loss.detach()), 6),
+            "elapsed_s": round(time.monotonic() - t0, 1), "tasks": {t: round(v, 6) for t, v in per_task.items()},
+            "tasks_ema": {t: round(v, 6) for t, v in ema.items()}}
 
 
 def _short(task: str) -> str:
