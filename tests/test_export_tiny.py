@@ -1,8 +1,9 @@
 """`thfm export` end to end on the tiny checkpoint, on CPU: every precision, validation at shapes the
 export never used, manifests and reuse, int8 Q/DQ and drift, and the CLI's error cases.
 
-One module fixture runs the exports in sequence into one repository (the fp32 VAE graphs are exported
-once and reused by the later precisions, which also exercises reuse) and keeps a copy of each core.
+One module fixture runs the exports in sequence into one repository (the fp32 VAE graphs, exported
+once per session and shared with test_export_drift_vae, are reused by every precision, which also
+exercises reuse) and keeps a copy of each core.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ UNSEEN = {"batch": 2, "latent_frames": 3, "hp": 4, "wp": 1}
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_checkpoint, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("export") / "model_repository"
+def exports(request, tiny_checkpoint, tmp_path_factory):
+    from serverfix import copy_export, exported_vae
+
+    # The fp32 VAE graphs come from the session's shared export (the first run below finds them
+    # matching); the core is exported here at every precision.
+    repo = copy_export(exported_vae(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+                       tmp_path_factory.mktemp("export") / "model_repository")
     cores = tmp_path_factory.mktemp("cores")
     reports = {}
 
