@@ -225,8 +225,11 @@ class VaeDecoder(nn.Module):
         self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1), persistent=False)
 
+    def denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        """The core's normalised latent -> the VAE's own latent space (Wan's latents_mean/std)."""
+        return latent * self.std.to(latent.dtype) + self.mean.to(latent.dtype)
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        z = latent * self.std.to(latent.dtype) + self.mean.to(latent.dtype)
-        video = self.vae.decode(z).sample  # [-1, 1] (the Wan decoder clamps)
+        video = self.vae.decode(self.denormalise(latent)).sample  # [-1, 1] (the Wan decoder clamps)
         # Every dense target was a 3-channel image in [0, 1].
         return ((video.float() + 1.0) * 0.5).clamp(0.0, 1.0)

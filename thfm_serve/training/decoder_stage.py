@@ -76,16 +76,14 @@ def crop_latents(latent: torch.Tensor, origins: list[tuple[int, int]], height: i
                         for i, (y0, x0) in enumerate(origins)])
 
 
-def adapt_loss(vae, core, batch: AdaptBatch, device) -> tuple[torch.Tensor, dict[str, float]]:
+def adapt_loss(decoder, core, batch: AdaptBatch, device) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted L1 between the decoder's (unclamped) drawing of the core's predicted latent and the
-    ground truth, over each row's crop; also the loss per task."""
+    ground truth, over each row's crop; also the loss per task. `decoder` is the model's VaeDecoder
+    (its denormalisation is the served one); only its VAE's decoder half learns."""
     with torch.no_grad():
         pred = core(batch.latent.to(device), batch.text.to(device))[0].float()  # normalised latents
-        z_dim = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean, device=device).view(1, z_dim, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=device).view(1, z_dim, 1, 1, 1)
-        z = crop_latents(pred * std + mean, batch.origins, batch.target.shape[-2], batch.target.shape[-1])
-    recon = decode_unclamped(vae, z)
+        z = crop_latents(decoder.denormalise(pred), batch.origins, batch.target.shape[-2], batch.target.shape[-1])
+    recon = decode_unclamped(decoder.vae, z)
     err = (recon.float() - batch.target.to(device)).abs() * batch.weight.to(device)
     per_row = err.flatten(1).mean(1) / batch.weight.to(device).flatten(1).mean(1)
     per_task: dict[str, list[float]] = {}

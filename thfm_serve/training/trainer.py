@@ -376,6 +376,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
     first, total = cfg.vae_steps + cfg.core_steps, cfg.vae_steps + cfg.core_steps + cfg.decoder_steps
     core = ThfmCore(ck.transformer, ck.heads, tcfg.root_joint).to(device).eval().requires_grad_(False)
     vae = ck.vae.to(device).eval().requires_grad_(False)  # eval: no dropout; the encoder stays untouched
+    decoder = VaeDecoder(vae).to(device)
     params = decoder_stage.decoder_parameters(vae)
     for p in params:
         p.requires_grad_(True)
@@ -394,7 +395,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
         batch = decoder_stage.adapt_batch(windows, prompts, cfg.decoder_batch, cfg.decoder_crop, gen,
                                           cfg.vae_person_share, cfg.vae_person_weight)
         with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
-            loss, per_task = decoder_stage.adapt_loss(vae, core, batch, device)
+            loss, per_task = decoder_stage.adapt_loss(decoder, core, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -407,7 +408,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
         if step + 1 == total:
             vae.eval().requires_grad_(False)
             if val:
-                metrics = core_stage.validate(core, VaeDecoder(vae).to(device).eval(), val, ck.prompt_embeds,
+                metrics = core_stage.validate(core, decoder.eval(), val, ck.prompt_embeds,
                                               cfg.tasks, device, tcfg.height, tcfg.width)
                 log.write({"step": step + 1, "stage": "decoder", "validation": {k: round(v, 6) for k, v in metrics.items()}})
                 logger.info("validation at step %d: %s", step + 1, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
