@@ -35,7 +35,7 @@ class AdaptBatch:
     text: torch.Tensor  # [B, L, D] the rows' prompt embeddings
     origins: list[tuple[int, int]]  # per row: the crop's top-left pixel (a multiple of the latent cell)
     target: torch.Tensor  # [B, 3, T, c, c] the ground-truth crops in [-1, 1]
-    weight: torch.Tensor  # [B, 1, T, c, c] per-pixel loss weight, 1 + person_weight * matte
+    weight: torch.Tensor  # [B, 1, T, c, c] per-pixel loss weight: 1 + person_weight * matte (1 for the matte)
 
 
 def adapt_batch(windows: list[tuple[LatentSample, Sample]], prompt_embeds: dict[str, torch.Tensor],
@@ -58,7 +58,10 @@ def adapt_batch(windows: list[tuple[LatentSample, Sample]], prompt_embeds: dict[
         target = s.maps[task][:, :, y0 : y0 + ch, x0 : x0 + cw].float() * 2.0 - 1.0
         matte = (s.maps["segmentation"][:1, :, y0 : y0 + ch, x0 : x0 + cw].float() if "segmentation" in s.maps
                  else torch.zeros_like(target[:1]))
-        rows.append((task, lat.latent, prompt_embeds[task], (y0, x0), target, 1.0 + person_weight * matte))
+        # The matte's own rows are weighted evenly: weighting them by the ground-truth matte makes a
+        # missed person pixel cost more than a false one, and the decoder learns to grow the silhouette.
+        weight = torch.ones_like(matte) if task == "segmentation" else 1.0 + person_weight * matte
+        rows.append((task, lat.latent, prompt_embeds[task], (y0, x0), target, weight))
     return AdaptBatch(
         tasks=[r[0] for r in rows],
         latent=torch.stack([r[1] for r in rows]),
