@@ -20,12 +20,13 @@ SHAPE = dict(frames=5, height=32, width=48)
 
 @pytest.fixture(scope="module")
 def vae_repo(request, tiny_checkpoint, tmp_path_factory):
-    from serverfix import copy_export, exported_vae
+    from serverfix import copy_export, exported_repo
 
     from thfm_serve.checkpoint import load_checkpoint
 
     # The session's shared fp32 VAE export (the run below finds it matching and reuses it).
-    repo = copy_export(exported_vae(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE,
+                                     models=[VAE_ENCODER, VAE_DECODER]),
                        tmp_path_factory.mktemp("drift") / "model_repository")
     # No --precision: the CPU recipe of this machine (the VAE graphs stay fp32 whatever it is).
     report = export_repository(tiny_checkpoint, repo, "cpu", None, **SHAPE, models=[VAE_ENCODER, VAE_DECODER],

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from thfm_serve.cli import main
+from thfm_serve.contract.protocol import VAE_DECODER, VAE_ENCODER
+from thfm_serve.contract.specs import Precision
 from thfm_serve.errors import ExportError
 from thfm_serve.export import build_specs, export_repository
 from thfm_serve.export.onnx_export import doubles_in_proto
-from thfm_serve.contract.specs import Precision
 
 SHAPE = dict(frames=5, height=32, width=48)  # small export shape; the checkpoint's clip is 9 x 64 x 64
 # A shape none of the exports used (opt: batch 1, 2 latent frames, 2x3 patches; trace: batch 2).
@@ -31,11 +32,12 @@ UNSEEN = {"batch": 2, "latent_frames": 3, "hp": 4, "wp": 1}
 
 @pytest.fixture(scope="module")
 def exports(request, tiny_checkpoint, tmp_path_factory):
-    from serverfix import copy_export, exported_vae
+    from serverfix import copy_export, exported_repo
 
     # The fp32 VAE graphs come from the session's shared export (the first run below finds them
     # matching); the core is exported here at every precision.
-    repo = copy_export(exported_vae(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE,
+                                     models=[VAE_ENCODER, VAE_DECODER]),
                        tmp_path_factory.mktemp("export") / "model_repository")
     cores = tmp_path_factory.mktemp("cores")
     reports = {}
