@@ -56,4 +56,5 @@ def test_every_task_is_ahead_of_its_trivial_baseline(report):
     assert model["keypoints3d"]["mpjpe_mm"] <= 0.9 * base["keypoints3d"]["mpjpe_mm"]
     assert model["normals"]["mean_deg"] <= base["normals"]["mean_deg"] - 1.5
     assert model["depth"]["abs_rel"] <= 0.8 * base["depth"]["abs_rel"]
-    assert model["densepose"]["part_acc"] >= base["densepose"]["part_acc"] + 0.03
+    # Stage 3 (the decoder adapted to the core) doubled the parts labelled right: 0.116 here, 0.057 before.
+    assert model["densepose"]["part_acc"] >= base["densepose"]["part_acc"] + 0.08
