@@ -26,6 +26,7 @@ from thfm_serve.cli import main as cli_main
 from thfm_serve.config import DENSE_TASKS, PRESETS, SPARSE_TASKS, TASKS, ThfmConfig
 from thfm_serve.errors import CheckpointError, ShapeError, TaskError, ThfmError, VideoError
 from thfm_serve.contract.specs import SubmodelSpec, TensorSpec, Tolerance, build_specs, tolerance_for
+from thfm_serve.contract.params import model_parameters, read_params
 from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.repository import (
     ALL_MODELS, SOURCES, check_repository, default_grid, model_configs, write_repository,
@@ -119,7 +120,13 @@ def test_entry_config_carries_the_protocol_parameters(specs):
     assert params == {protocol.PARAM_WINDOW_FRAMES: "9", protocol.PARAM_HEIGHT: "64", protocol.PARAM_WIDTH: "64",
                       protocol.PARAM_OVERLAP: "1", protocol.PARAM_MAX_FRAMES: "100", protocol.PARAM_MAX_PIXELS: str(640 * 480),
                       protocol.PARAM_MAX_REQUEST_BYTES: str(1 << 20), protocol.PARAM_MAX_RESPONSE_BYTES: str(3 << 20),
-                      protocol.PARAM_VAE_MAX_BATCH: "6"}
+                      protocol.PARAM_VAE_MAX_BATCH: "6", protocol.PARAM_WINDOW_PIPELINE: "0"}
+    gpu = parse(model_configs(specs, "gpu", "bf16", TINY, default_grid(specs), limits)[protocol.ENTRY_MODEL])
+    assert gpu.parameters[protocol.PARAM_WINDOW_PIPELINE].string_value == "1"  # on by default on a GPU
+    cpu_on = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits,
+                                 window_pipeline=True)[protocol.ENTRY_MODEL])
+    assert read_params(model_parameters({"parameters": {k: {"string_value": v.string_value}
+                                                        for k, v in cpu_on.parameters.items()}})).window_pipeline
     assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS,
                                            protocol.INPUT_OUTPUT_SIZE]
     assert [t.optional for t in cfg.input] == [True, True, False, True]

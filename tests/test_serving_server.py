@@ -47,11 +47,13 @@ def repo(request, tiny_checkpoint, tmp_path_factory) -> Path:
     from serverfix import served_repo
 
     # The exporter's output (cached across runs) at this module's grid, copied; then an operator
-    # tightens the limits with write_repository, as the exporter's hook wrote the defaults.
+    # tightens the limits with write_repository, as the exporter's hook wrote the defaults, and turns
+    # on window pipelining (a GPU repository's default), so that every multi-window request here makes
+    # its BLS calls from two threads and is still checked against the pipeline.
     repo = served_repo(request.config, tmp_path_factory, tiny_checkpoint, None, WINDOW, HEIGHT, WIDTH)
     report = json.loads((repo / "export_report.json").read_text())
     specs = {n: SubmodelSpec.from_dict(d) for n, d in report["specs"].items()}
-    write_repository(repo, specs, "cpu", "fp32", limits=LIMITS)
+    write_repository(repo, specs, "cpu", "fp32", limits=LIMITS, window_pipeline=True)
     check_repository(repo, "cpu")
     return repo
 
@@ -163,7 +165,7 @@ def test_health_ready_and_metadata(client, repo):
                       protocol.PARAM_MAX_REQUEST_BYTES: str(2 << 20),
                       protocol.PARAM_MAX_RESPONSE_BYTES: str(LIMITS.max_response_bytes),
                       # On CPU the VAE takes every dense row of a window in one call (the spec's max batch).
-                      protocol.PARAM_VAE_MAX_BATCH: str(MAX_BATCH)}
+                      protocol.PARAM_VAE_MAX_BATCH: str(MAX_BATCH), protocol.PARAM_WINDOW_PIPELINE: "1"}
     for name in (protocol.DENSE_ENSEMBLE, protocol.SPARSE_ENSEMBLE):
         assert client.get_model_metadata(name, as_json=True)["platform"] == "ensemble"
 

@@ -92,7 +92,8 @@ Decode = Callable[[np.ndarray], np.ndarray]
 
 def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height: int, width: int, window: int,
              overlap: int | None, depth: DepthCode, joint_names: Sequence[str], encode: Encode, core: Core,
-             decode: Decode, output_hw: tuple[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+             decode: Decode, output_hw: tuple[int, int] | None = None,
+             pipelined: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Every requested task on a clip: frames uint8 [F, H, W, 3] -> {task: {key: array}} at the input's
     frames; dense maps at output_hw (default: the input's resolution; budget.output_resolution), keypoints
     in input pixels either way. The in-process pipeline and the served entry model both run this.
@@ -100,16 +101,22 @@ def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height:
     Per window of the one windowing policy (contract.windows): the clip is fitted to the model grid
     and encoded once, the core runs once with one batch row per task (text [N, L, D], one row per
     task), and the dense rows are decoded in one call; each task's window result is mapped back to
-    the input's resolution and stitched (cross-faded over the overlap) in frame order.
+    the input's resolution and stitched (cross-faded over the overlap) in frame order. pipelined:
+    the next window's fitting, encoding and core run while this one's rows are decoded and mapped
+    back (contract.windows.run_windows); the same results, in less time only where those
+    stages do not share the same cores.
     """
     num_frames, in_h, in_w = frames.shape[:3]
     out_h, out_w = output_hw or (in_h, in_w)
     dense_idx = [j for j, t in enumerate(tasks) if t in DENSE_TASKS]
 
-    def run_window(win, part: np.ndarray) -> dict[str, np.ndarray]:
+    def front(win, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         clip = fit_clip(part, win.length, height, width).numpy()  # [1, 3, T, H, W]
         latent = encode(clip)  # [1, 16, T', h, w]
-        pred, kp2d, kp3d = core(np.repeat(latent, len(tasks), axis=0), text)
+        return core(np.repeat(latent, len(tasks), axis=0), text)
+
+    def back(win, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        pred, kp2d, kp3d = state
         if dense_idx:
             maps = decode(np.ascontiguousarray(pred[dense_idx]))  # [n_dense, 3, T, h, w]
         out = {}
@@ -122,6 +129,6 @@ def run_clip(frames: np.ndarray, tasks: Sequence[str], text: np.ndarray, height:
                 out[t] = sparse_output(t, kp, in_h, in_w)
         return out
 
-    arrays = run_windows(frames, tasks, window, overlap, run_window, logger.debug)
+    arrays = run_windows(frames, tasks, window, overlap, front, back, logger.debug, pipelined=pipelined)
     joints = list(joint_names)
     return {t: task_result(t, arrays[t], joints if t in SPARSE_TASKS else None) for t in tasks}

@@ -209,9 +209,17 @@ def _header(name: str, target: Target, precision: Precision) -> str:
 
 def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, precision: str | Precision,
                   cfg: ThfmConfig, grid: Grid, limits: Limits, threads: int = 0,
-                  queue_delay_us: int = QUEUE_DELAY_US) -> dict[str, str]:
-    """model name -> config.pbtxt text, for every model the repository serves."""
+                  queue_delay_us: int = QUEUE_DELAY_US, window_pipeline: bool | None = None) -> dict[str, str]:
+    """model name -> config.pbtxt text, for every model the repository serves.
+
+    window_pipeline: the entry model runs the next window's encoder and core while this window is
+    decoded. Default: on for a GPU repository, where the decoder's GPU work and the next window's
+    hide each other's host-side gaps; off on CPU, where every model's onnxruntime session already
+    uses all the cores and two at once only contend for them.
+    """
     target, precision = parse_target(target), parse_precision(precision)
+    if window_pipeline is None:
+        window_pipeline = target == Target.GPU
     enc, core, dec = specs[protocol.VAE_ENCODER], specs[protocol.CORE], specs[protocol.VAE_DECODER]
     tasks = [t for t in TASKS if t in cfg.tasks]
     dense = [t for t in tasks if t in DENSE_TASKS]
@@ -288,7 +296,8 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
         "dynamic_batching": _front_queue(limits),
         "instance_group": _instances("KIND_CPU"),
         # protocol.PARAM_*: a client reads these (get_model_config) to plan its windows and sizes.
-        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_VAE_MAX_BATCH: vae_batch}),
+        "parameters": _params({**grid_params, **limits.to_params(), protocol.PARAM_VAE_MAX_BATCH: vae_batch,
+                               protocol.PARAM_WINDOW_PIPELINE: int(window_pipeline)}),
     }
     # An exported submodel's header names its own precision (an int8 VAE beside an fp32 core, say);
     # the pre/post-processing models carry the repository's.
@@ -390,6 +399,7 @@ def write_repository(
     queue_delay_us: int = QUEUE_DELAY_US,
     sources: str | Path | None = None,
     report: Mapping[str, Any] | None = None,
+    window_pipeline: bool | None = None,
 ) -> dict[str, Any]:
     """Write every config.pbtxt, the python models' model.py and the repository manifest into `repo`.
 
@@ -397,7 +407,7 @@ def write_repository(
     in core/1/ already (the exporter writes thfm_config.json and task_embeddings.npz there).
     grid: the model grid (default: the export shape, see default_grid); limits: request limits
     (default: those the repository already has, so that re-exporting keeps an operator's limits;
-    Limits() for a new repository).
+    Limits() for a new repository); window_pipeline: see model_configs (default by target).
     Returns a summary: models written and artifacts still missing (e.g. a TensorRT plan to build).
     """
     target, precision = parse_target(target), parse_precision(precision)
@@ -415,7 +425,7 @@ def write_repository(
     check_grid(specs, grid)
     limits = (limits or current_limits(repo) or Limits()).validate()
     cfg = ThfmConfig.load(core_dir / CONFIG_FILE) if cfg is None else cfg.validate()
-    configs = model_configs(specs, target, precision, cfg, grid, limits, threads, queue_delay_us)
+    configs = model_configs(specs, target, precision, cfg, grid, limits, threads, queue_delay_us, window_pipeline)
 
     core_dir.mkdir(parents=True, exist_ok=True)
     (core_dir / CONFIG_FILE).write_text(cfg.to_json())

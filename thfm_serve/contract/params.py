@@ -122,6 +122,15 @@ def _int_param(params: Mapping[str, str], name: str, default: int | None = None)
         raise ThfmError(f"model config parameter {name!r} is {raw!r}, not an integer") from None
 
 
+def _flag_param(params: Mapping[str, str], name: str) -> bool:
+    raw = str(params.get(name, "")).strip().lower()
+    if raw in ("", "0", "false"):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise ThfmError(f"model config parameter {name!r} is {raw!r}; use 1 or 0")
+
+
 @dataclass(frozen=True)
 class EntryParams:
     """The parameters as written, before defaults: a limit is None when the config has none."""
@@ -135,6 +144,7 @@ class EntryParams:
     max_request_bytes: int | None
     max_response_bytes: int | None = None
     vae_max_batch: int | None = None  # rows per VAE decoder call; None: all dense rows in one call
+    window_pipeline: bool = False  # the next window's encoder and core beside this one's decoder
 
     @property
     def grid(self) -> Grid:
@@ -175,6 +185,7 @@ def read_params(params: Mapping[str, str]) -> EntryParams:
         max_request_bytes=optional(protocol.PARAM_MAX_REQUEST_BYTES),
         max_response_bytes=optional(protocol.PARAM_MAX_RESPONSE_BYTES),
         vae_max_batch=optional(protocol.PARAM_VAE_MAX_BATCH),
+        window_pipeline=_flag_param(params, protocol.PARAM_WINDOW_PIPELINE),
     )
 
 

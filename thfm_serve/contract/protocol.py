@@ -49,6 +49,9 @@ PARAM_THREADS = "intra_op_threads"
 # Config parameter of preprocess: the most windows one ensemble request may take (the VAE's max batch).
 PARAM_MAX_WINDOWS = "max_windows"
 PARAM_VAE_MAX_BATCH = "vae_max_batch"  # entry model: rows per VAE call (capped on a GPU, gpu_options)
+# Entry model: "1" runs the next window's encoder and core while this window is decoded
+# (contract.windows.run_windows, pipelined); "0" or absent: one window after another.
+PARAM_WINDOW_PIPELINE = "window_pipeline"
 
 # Tensor names between the models (the ensembles' wiring).
 CLIP = "clip"  # FP32 [W, 3, T, H, W]: W full windows in [-1, 1]

@@ -30,8 +30,9 @@ terms is commutative, so the bytes do not depend on which window (or server) ans
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -216,24 +217,57 @@ def stitched(task: str, stitcher: Stitcher) -> np.ndarray:
     return arr
 
 
-# run_window(window, its frames [f, H, W, 3]) -> {task: array [f, ...]} at the input's resolution
-WindowRun = Callable[[ClipWindow, np.ndarray], Mapping[str, np.ndarray]]
+# A window's work in two halves: front(window, its frames [f, H, W, 3]) -> state (the encoder and
+# core's work), back(window, state) -> {task: array [f, ...]} at the input's resolution (the
+# decoder's and everything after it).
+WindowFront = Callable[[ClipWindow, np.ndarray], Any]
+WindowBack = Callable[[ClipWindow, Any], Mapping[str, np.ndarray]]
 
 
 def run_windows(frames: np.ndarray, tasks: Sequence[str], window: int, overlap: int | None,
-                run_window: WindowRun, log: Callable[..., None] | None = None) -> dict[str, np.ndarray]:
+                front: WindowFront, back: WindowBack, log: Callable[..., None] | None = None,
+                pipelined: bool = False) -> dict[str, np.ndarray]:
     """The window loop: plan, run every window, stitch -> {task: array [F, ...]} in frame order.
 
     The in-process pipeline, the served entry model and export validation run this loop; the
     client drives the same plan and Stitcher over the network (thfm_serve.client.core.Run).
+    pipelined: the front of window i+1 runs on a worker thread while the back of window i runs on
+    the caller's.
+
+    Where the two halves use different devices or model instances (a served GPU repository: the
+    decoder of one window beside the encoder and core of the next) that hides one behind the other;
+    on a CPU whose cores every stage already uses it only adds contention, so callers choose.
+    Results are the same either way: each window's halves see the same inputs and the stitching is
+    order-independent (module docstring). At most one front runs ahead, so at most two windows'
+    latents are held at once. An error in either half stops the loop and is raised as it was.
     """
     num_frames = frames.shape[0]
     plan = plan_windows(num_frames, window, overlap)
     stitchers = {t: Stitcher(plan, num_frames) for t in tasks}
-    for win in plan:
+
+    def start(win: ClipWindow) -> Any:
         if log is not None:
             log("window %d/%d: frames %d-%d", win.index + 1, len(plan), win.start, win.stop - 1)
-        outputs = run_window(win, frames[win.start : win.stop])
+        return front(win, frames[win.start : win.stop])
+
+    def finish(win: ClipWindow, state: Any) -> None:
+        outputs = back(win, state)
         for t in tasks:
             stitchers[t].add(win, outputs[t], OUTPUT_KEYS[t])
+
+    if not pipelined or len(plan) == 1:
+        for win in plan:
+            finish(win, start(win))
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-front") as pool:
+            ahead = pool.submit(start, plan[0])
+            for i, win in enumerate(plan):
+                state = ahead.result()
+                if i + 1 < len(plan):
+                    ahead = pool.submit(start, plan[i + 1])
+                try:
+                    finish(win, state)
+                except BaseException:
+                    ahead.cancel()  # a front already running finishes (the pool waits) and is dropped
+                    raise
     return {t: stitched(t, stitchers[t]) for t in tasks}

@@ -40,7 +40,7 @@ class ModelCallError(RuntimeError):
 def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmConfig,
               embeddings: Mapping[str, np.ndarray], call: ModelCall,
               output_hw: tuple[int, int] | None = None,
-              vae_max_batch: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+              vae_max_batch: int | None = None, pipelined: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """What ThfmPipeline.run does, with the exported models behind `call`: {task: {key: array}}.
 
     The same window loop (processing.run_clip) and windowing policy (the grid's window and overlap);
@@ -48,6 +48,8 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
     cropped back (contract.vae_window: exact, the Wan VAE is causal in time). The dense rows are
     decoded in calls of at most `vae_max_batch` rows (the VAE's max_batch_size; None: one call).
     Dense maps come out at output_hw (default: the input's size); keypoints are in input pixels.
+    pipelined: the next window's encoder and core calls are made while this window's decoder calls
+    run (the entry model's `window_pipeline`); `call` is then used from two threads at once.
     """
     from ..processing import run_clip
 
@@ -72,7 +74,7 @@ def run_entry(frames: np.ndarray, tasks: Sequence[str], grid: Grid, cfg: ThfmCon
         return decode_in_window(run, latent, grid.window)
 
     return run_clip(frames, tasks, text, grid.height, grid.width, grid.window, grid.window_overlap,
-                    cfg.depth_code, cfg.joint_names, encode, core, decode, output_hw)
+                    cfg.depth_code, cfg.joint_names, encode, core, decode, output_hw, pipelined=pipelined)
 
 
 def entry_outputs(results: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

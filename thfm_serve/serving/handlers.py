@@ -32,7 +32,8 @@ class EntryModel:
         self.embeddings = self.assets.embeddings()
         self.call = call
         self.output_names = frozenset(o["name"] for o in model_config.get("output", []))
-        self.vae_max_batch = read_params(params).vae_max_batch
+        entry = read_params(params)
+        self.vae_max_batch, self.window_pipeline = entry.vae_max_batch, entry.window_pipeline
 
     def handle(self, inputs: Mapping[str, np.ndarray | None], wanted: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs for one request; `wanted` is request.requested_output_names() (checked against
@@ -49,7 +50,7 @@ class EntryModel:
         budget.check_response(tasks, frames.shape[0], output_hw, joints, self.limits.max_response_bytes,
                               grid_hw=grid_hw, window=self.grid.window)
         results = run_entry(frames, tasks, self.grid, self.assets.config, self.embeddings, self.call,
-                            output_hw, self.vae_max_batch)
+                            output_hw, self.vae_max_batch, self.window_pipeline)
         return entry_outputs(results)
 
 
