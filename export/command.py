@@ -31,8 +31,9 @@ def register(sub) -> None:
                    "convolutions (int8 per-channel weights, uint8 activations) for onnxruntime's int8 conv kernels, the "
                    "decoder's last up block and conv_out kept float; calibrated on the --calibration clips; fatal if "
                    "its task drift against the fp32 VAE exceeds the stated bounds. fp32 stays the default: int8 was "
-                   "slower than fp32 on narrow VAEs (tiny preset), and at Wan2.1's width its drift with the float "
-                   "tail is not yet measured (export/RESULTS.md); run perf/vae_int8.py on your CPU before choosing it")
+                   "slower than fp32 on narrow VAEs (tiny preset), and at Wan2.1's width (random weights) its dense pose "
+                   "drift was beyond the bound even with the float tail (export/RESULTS.md); run perf/vae_int8.py on your "
+                   "CPU before choosing it")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")
