@@ -214,8 +214,9 @@ def model_configs(specs: Mapping[str, SubmodelSpec], target: str | Target, preci
 
     window_pipeline: the entry model runs the next window's encoder and core while this window is
     decoded. Default: on for a GPU repository, where the decoder's GPU work and the next window's
-    hide each other's host-side gaps; off on CPU, where every model's onnxruntime session already
-    uses all the cores and two at once only contend for them.
+    can fill each other's host-side gaps (not measured: no GPU has served a multi-window clip here);
+    off on CPU, where every model's onnxruntime session already uses all the cores and two at once
+    only contend for them.
     """
     target, precision = parse_target(target), parse_precision(precision)
     if window_pipeline is None:
