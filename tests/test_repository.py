@@ -125,8 +125,7 @@ def test_entry_config_carries_the_protocol_parameters(specs):
     assert gpu.parameters[protocol.PARAM_WINDOW_PIPELINE].string_value == "1"  # on by default on a GPU
     cpu_on = parse(model_configs(specs, "cpu", "fp32", TINY, default_grid(specs), limits,
                                  window_pipeline=True)[protocol.ENTRY_MODEL])
-    assert read_params(model_parameters({"parameters": {k: {"string_value": v.string_value}
-                                                        for k, v in cpu_on.parameters.items()}})).window_pipeline
+    assert read_params(model_parameters(json.loads(_as_json(cpu_on)))).window_pipeline
     assert [t.name for t in cfg.input] == [protocol.INPUT_VIDEO, protocol.INPUT_FRAMES, protocol.INPUT_TASKS,
                                            protocol.INPUT_OUTPUT_SIZE]
     assert [t.optional for t in cfg.input] == [True, True, False, True]
@@ -138,9 +137,12 @@ def test_entry_config_carries_the_protocol_parameters(specs):
 
 
 def _as_json(cfg: model_config_pb2.ModelConfig) -> str:
+    """The config as tritonclient's get_model_config(as_json=True) gives it: proto field names
+    (string_value), which is what model_parameters reads; protobuf's default camelCase would leave
+    every parameter unread."""
     from google.protobuf import json_format
 
-    return json_format.MessageToJson(cfg)
+    return json_format.MessageToJson(cfg, preserving_proto_field_name=True)
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
