@@ -163,8 +163,11 @@ def export_repository(
                 # just before: the encoder comes first in MODELS).
                 encoder = _exported_part(repo, specs, VAE_ENCODER, ck_hash, precision, calibration, calibration_clips,
                                          target) if name == VAE_DECODER and spec.precision != Precision.FP32.value else None
+                fp32_graph = _fp32_graph(repo, cfg, name, spec, ck_hash, frames, height, width, max_batch, max_frames,
+                                         max_height, max_width, calibration_clips, target) \
+                    if _quantised(name, spec, precision) else None
                 entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
-                                     target, vae=vae, vae_encoder=encoder)
+                                     target, vae=vae, vae_encoder=encoder, fp32_graph=fp32_graph)
             except ExportError as e:
                 report["models"][name] = {"status": "failed", "error": str(e)}
                 _write_report(repo, report)
@@ -315,9 +318,56 @@ def _exported_part(repo: Path, specs: dict[str, SubmodelSpec], name: str, ck_has
     return specs[name], vdir / MODEL_FILE
 
 
+def _fp32_graph(repo: Path, cfg: ThfmConfig, name: str, spec: SubmodelSpec, ck_hash: str, frames: int, height: int,
+                width: int, max_batch: int, max_frames: int | None, max_height: int | None, max_width: int | None,
+                clips: int, target: Target) -> Path | None:
+    """The repository's fp32 graph of `name` when it is the graph a quantised export would trace.
+
+    A quantised export starts from the fp32 graph of the same module at the same spec (only the
+    precision and the tolerances differ); when the repository holds that graph, current by its
+    manifest, it is the quantiser's input and the module is not traced again (a trace is most of a
+    tiny model's export and minutes of a 1.3B core's).
+    """
+    fp32 = build_specs(cfg, frames, height, width, precision=Precision.FP32, max_batch=max_batch,
+                       max_frames=max_frames, max_height=max_height, max_width=max_width)[name]
+    if _graph_fields(fp32) != _graph_fields(spec):
+        return None
+    vdir = repo / name / VERSION
+    key = _model_key(name, fp32, ck_hash, Precision.FP32, [], clips, target)
+    if mf.stale_reason(mf.read_manifest(vdir), key, vdir) is not None:
+        return None
+    return vdir / MODEL_FILE
+
+
+def _quantised(name: str, spec: SubmodelSpec, precision: Precision) -> bool:
+    """Whether `name` is exported by quantising its fp32 graph (int8/fp8 core, int8 VAE)."""
+    return precision in QUANTIZED if name == CORE else spec.precision != Precision.FP32.value
+
+
+def _graph_fields(spec: SubmodelSpec) -> dict[str, Any]:
+    """What a traced graph depends on: the spec without its precision and validation tolerances."""
+    return {k: v for k, v in spec.to_dict().items() if k not in ("precision", "tolerances")}
+
+
+def _fp32_source(module: Any, spec: SubmodelSpec, stage: Path, fp32_graph: Path | None, entry: dict[str, Any]) -> Path:
+    """The fp32 graph to quantise, in stage/fp32: the repository's current one copied, or a fresh trace."""
+    path = stage / "fp32" / MODEL_FILE
+    if fp32_graph is None:
+        entry["fp32_graph"] = "traced"
+        return export_onnx(module, spec, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for f in onnx_files(fp32_graph):
+        shutil.copy2(f, path.parent / f.name)
+    entry["fp32_graph"] = f"the repository's fp32 {spec.name} (manifest current)"
+    logger.info("%s: quantising the repository's fp32 graph (%s) instead of tracing the module again", spec.name,
+                fp32_graph)
+    return path
+
+
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
                 height: int, width: int, calibration: list[str], clips: int, target: Target,
-                vae: OnnxVae | None = None, vae_encoder: tuple[SubmodelSpec, Path] | None = None) -> dict[str, Any]:
+                vae: OnnxVae | None = None, vae_encoder: tuple[SubmodelSpec, Path] | None = None,
+                fp32_graph: Path | None = None) -> dict[str, Any]:
     ck = state.ck
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
@@ -326,7 +376,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     if name == CORE:
         reference = lowered_core(ck.core(), Precision.FP32)
         if precision in QUANTIZED:
-            fp32_path = export_onnx(reference, spec, stage / "fp32" / MODEL_FILE)
+            fp32_path = _fp32_source(reference, spec, stage, fp32_graph, entry)
             entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
                                                 target, reference, precision, latent_of=latent_of)
             shutil.rmtree(stage / "fp32")
@@ -341,7 +391,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         reference = module
         int8_vae = spec.precision != Precision.FP32.value
         if int8_vae:
-            fp32_path = export_onnx(module, spec, stage / "fp32" / MODEL_FILE)
+            fp32_path = _fp32_source(module, spec, stage, fp32_graph, entry)
             entry["quantization"] = _quantize_vae(name, fp32_path, onnx_path, ck, spec, frames, height, width,
                                                   calibration, clips)
             shutil.rmtree(stage / "fp32")

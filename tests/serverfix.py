@@ -66,11 +66,18 @@ def exported_repo(config: pytest.Config, tmp_path_factory, checkpoint: Path, fra
     return repo
 
 
-def copy_export(src: Path, dest: Path) -> Path:
-    """A private copy of a cached export (never taken while another session re-exports into it)."""
+def copy_export(src: Path, dest: Path, models: Sequence[str] | None = None) -> Path:
+    """A private copy of a cached export (never taken while another session re-exports into it);
+    with `models`, a repository holding only those submodels' folders (the export tests start from
+    the served export's fp32 VAE pair this way, so a session traces the tiny VAE once)."""
     with open(src.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
-        shutil.copytree(src, dest)
+        if models is None:
+            shutil.copytree(src, dest)
+        else:
+            dest.mkdir(parents=True)
+            for name in models:
+                shutil.copytree(src / name, dest / name)
     return dest
 
 

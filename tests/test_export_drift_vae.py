@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from thfm_serve.contract.geometry import latent_size
 from thfm_serve.contract.protocol import CORE, CORE_OUT, VAE_DECODER, VAE_ENCODER
 from thfm_serve.contract.specs import Precision, Target
 from thfm_serve.export import build, export_repository
 from thfm_serve.export.calibration import procedural_clips
 from thfm_serve.export.validate import OnnxVae, task_drift, torch_runner
 
-SHAPE = dict(frames=5, height=32, width=48)
+from serverfix import HEIGHT, WIDTH, WINDOW
+
+SHAPE = dict(frames=WINDOW, height=HEIGHT, width=WIDTH)  # the served tests' grid: their VAE export is reused
+LATENT_HW = (latent_size(HEIGHT), latent_size(WIDTH))
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +28,9 @@ def vae_repo(request, tiny_checkpoint, tmp_path_factory):
 
     from thfm_serve.checkpoint import load_checkpoint
 
-    # The session's shared fp32 VAE export (the run below finds it matching and reuses it).
-    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE,
-                                     models=[VAE_ENCODER, VAE_DECODER]),
-                       tmp_path_factory.mktemp("drift") / "model_repository")
+    # The fp32 VAE pair of the session's served export (the run below finds it matching and reuses it).
+    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+                       tmp_path_factory.mktemp("drift") / "model_repository", models=[VAE_ENCODER, VAE_DECODER])
     # No --precision: the CPU recipe of this machine (the VAE graphs stay fp32 whatever it is).
     report = export_repository(tiny_checkpoint, repo, "cpu", None, **SHAPE, models=[VAE_ENCODER, VAE_DECODER],
                                write_configs=False)
@@ -115,7 +118,7 @@ def test_no_matching_exported_vae_falls_back_to_pytorch(vae_repo, tmp_path):
     args = (Precision.FP32, [], build.DEFAULT_CLIPS, Target.CPU, SHAPE["frames"])
     assert build._exported_vae(tmp_path, specs, report["checkpoint_sha256"], *args) is None  # nothing exported
     assert build._exported_vae(vae_repo["repo"], specs, "0" * 64, *args) is None  # another checkpoint's VAE
-    other = build.build_specs(ck.config, precision=Precision.FP32, frames=9, height=32, width=48)
+    other = build.build_specs(ck.config, precision=Precision.FP32, frames=9, height=HEIGHT, width=WIDTH)
     assert build._exported_vae(vae_repo["repo"], other, report["checkpoint_sha256"], *args) is None  # another window
     assert "pytorch" in build._vae_note(None)
 
@@ -144,10 +147,10 @@ def test_drift_decodes_only_the_region(vae_repo):
     clip = procedural_clips(1, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=7)[0]
     cropped = task_drift(ck, core, _noisy(core, 0.05, seed=3), clip, SHAPE["height"], SHAPE["width"], vae=vae,
                          decode_side=2)
-    assert seen and all(s[-2:] == (2, 2) for s in seen), seen  # 2x2 latent cells, not 4x6
+    assert seen and all(s[-2:] == (2, 2) for s in seen), seen  # 2x2 latent cells, not the whole grid
     full = task_drift(ck, core, _noisy(core, 0.05, seed=3), clip, SHAPE["height"], SHAPE["width"], vae=vae,
                       decode_side=None)
-    assert seen[-1][-2:] == (4, 6)
+    assert seen[-1][-2:] == LATENT_HW
     for task in ("depth", "normals", "segmentation", "densepose"):
         assert all(np.isfinite(v) for v in cropped[task].values()) and cropped[task] != full[task], task
     # The keypoints never pass the decoder: the crop leaves them as they are.
@@ -182,12 +185,12 @@ def test_vae_drift_decodes_only_the_region_and_runs_the_core_once_per_latent(vae
     clips = procedural_clips(2, SHAPE["frames"], SHAPE["height"], SHAPE["width"], seed=11)
     reference, candidate = (ref_encode, recording(ref_decode)), (ref_encode, recording(vae.decode))
     cropped = vae_drift(ck, reference, candidate, clips, SHAPE["height"], SHAPE["width"], decode_side=2)
-    assert seen and set(seen) == {(2, 2)}, seen  # both decoders see 2x2 latent cells, not 4x6
+    assert seen and set(seen) == {(2, 2)}, seen  # both decoders see 2x2 latent cells, not the whole grid
     # The candidate encodes as the reference does: one core run per clip serves both paths.
     assert len(core_calls) == len(clips)
     seen.clear()
     full = vae_drift(ck, reference, candidate, clips, SHAPE["height"], SHAPE["width"], decode_side=None)
-    assert set(seen) == {(4, 6)}
+    assert set(seen) == {LATENT_HW}
     assert set(cropped) == set(full) == {"depth", "normals", "segmentation", "densepose"}
     for task in cropped:
         assert all(np.isfinite(v) for v in cropped[task].values()), task

@@ -1,9 +1,9 @@
 """`thfm export` end to end on the tiny checkpoint, on CPU: every precision, validation at shapes the
 export never used, manifests and reuse, int8 Q/DQ and drift, and the CLI's error cases.
 
-One module fixture runs the exports in sequence into one repository (the fp32 VAE graphs, exported
-once per session and shared with test_export_drift_vae, are reused by every precision, which also
-exercises reuse) and keeps a copy of each core.
+One module fixture runs the exports in sequence into one repository (the fp32 VAE graphs come from
+the served tests' cached export at the same grid, tests/serverfix.py, and are reused by every
+precision, which also exercises reuse) and keeps a copy of each core.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from thfm_serve.errors import ExportError
 from thfm_serve.export import build_specs, export_repository
 from thfm_serve.export.onnx_export import doubles_in_proto
 
-SHAPE = dict(frames=5, height=32, width=48)  # small export shape; the checkpoint's clip is 9 x 64 x 64
-# A shape none of the exports used (opt: batch 1, 2 latent frames, 2x3 patches; trace: batch 2).
+from serverfix import HEIGHT, WIDTH, WINDOW
+
+# The served tests' export grid (5 frames at 32x32; the checkpoint's clip is 9 x 64 x 64).
+SHAPE = dict(frames=WINDOW, height=HEIGHT, width=WIDTH)
+# A shape none of the exports used (opt: batch 1, 2 latent frames, 2x2 patches; trace: batch 2), and
+# not square, so a height/width mix-up anywhere in the graph shows.
 UNSEEN = {"batch": 2, "latent_frames": 3, "hp": 4, "wp": 1}
 
 
@@ -34,11 +38,10 @@ UNSEEN = {"batch": 2, "latent_frames": 3, "hp": 4, "wp": 1}
 def exports(request, tiny_checkpoint, tmp_path_factory):
     from serverfix import copy_export, exported_repo
 
-    # The fp32 VAE graphs come from the session's shared export (the first run below finds them
+    # The fp32 VAE graphs come from the session's served export (the first run below finds them
     # matching); the core is exported here at every precision.
-    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE,
-                                     models=[VAE_ENCODER, VAE_DECODER]),
-                       tmp_path_factory.mktemp("export") / "model_repository")
+    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+                       tmp_path_factory.mktemp("export") / "model_repository", models=[VAE_ENCODER, VAE_DECODER])
     cores = tmp_path_factory.mktemp("cores")
     reports = {}
 
@@ -48,9 +51,9 @@ def exports(request, tiny_checkpoint, tmp_path_factory):
 
     run("fp32", "cpu", "fp32")
     run("fp32_again", "cpu", "fp32")
+    run("int8", "cpu", "int8", calibration_clips=2)  # quantises the fp32 core the repository holds
     run("fp16", "cpu", "fp16")
-    run("int8", "cpu", "int8", calibration_clips=2)
-    run("int8_gpu", "gpu", "int8", calibration_clips=1, build_engine=False)
+    run("int8_gpu", "gpu", "int8", calibration_clips=1, build_engine=False)  # no fp32 core left: traces it
     # bf16 has no onnxruntime CPU kernels: it is a gpu precision; --no-engine stops before TensorRT.
     run("bf16", "gpu", "bf16", build_engine=False)
     return {"repo": repo, "cores": cores, "reports": reports, "checkpoint": tiny_checkpoint}
@@ -146,6 +149,15 @@ def test_second_export_reuses_matching_artifacts(exports):
     later = exports["reports"]["fp16"]["models"]
     assert later["core"]["status"] == "exported"  # precision changed: stale
     assert later["vae_encoder"]["status"] == "reused"  # the VAE stays fp32: still valid
+
+
+def test_quantised_exports_start_from_the_repositorys_current_fp32_graph(exports):
+    """int8 on cpu came after the fp32 export: it quantised that graph. int8 for gpu came after fp16,
+    whose core replaced the fp32 one: it traced the module. Both validated (the tests above and below)."""
+    reports = exports["reports"]
+    assert reports["int8"]["models"]["core"]["fp32_graph"] == "the repository's fp32 core (manifest current)"
+    assert reports["int8_gpu"]["models"]["core"]["fp32_graph"] == "traced"
+    assert "fp32_graph" not in reports["fp16"]["models"]["core"]  # fp16 is not quantised from fp32
 
 
 def test_int8_core_is_qdq_with_drift_reported(exports):
@@ -304,7 +316,7 @@ def test_gpu_target_without_tensorrt_fails_after_the_onnx_stage(exports, tmp_pat
     shutil.copytree(exports["repo"], repo)  # core (bf16) and VAEs are current: only the engine is left
     with caplog.at_level(logging.ERROR):
         code = main(["export", "--checkpoint", str(exports["checkpoint"]), "--repo", str(repo), "--target", "gpu",
-                     "--precision", "bf16", "--frames", "5", "--height", "32", "--width", "48", "--no-configs"])
+                     "--precision", "bf16", *_grid_args(), "--no-configs"])
     assert code == 2
     assert "TensorRT is not installed" in caplog.text
     report = json.loads((repo / "export_report.json").read_text())
@@ -388,8 +400,12 @@ def test_cli_refuses_a_repository_named_triton(tiny_checkpoint, tmp_path, caplog
     assert code == 2 and "named 'triton'" in errors[0].getMessage()
 
 
+def _grid_args():
+    return ["--frames", str(SHAPE["frames"]), "--height", str(SHAPE["height"]), "--width", str(SHAPE["width"])]
+
+
 def _shape_args():
-    return ["--frames", "5", "--height", "32", "--width", "48", "--only", "core", "--no-configs"]
+    return [*_grid_args(), "--only", "core", "--no-configs"]
 
 
 def test_hook_calibration_matches_onnxruntimes_calibrator(exports, tmp_path):

@@ -46,6 +46,8 @@ def int8_repo(request, tiny_checkpoint, tmp_path_factory):
                                vae_precision="int8")
     assert report["models"][CORE]["status"] == "reused"
     assert {report["models"][n]["status"] for n in (VAE_ENCODER, VAE_DECODER)} == {"exported"}
+    # The copied repository's fp32 VAE graphs are current: quantised as they are, not traced again.
+    assert all(report["models"][n]["fp32_graph"].startswith("the repository's fp32") for n in (VAE_ENCODER, VAE_DECODER))
     return repo, report
 
 
