@@ -120,6 +120,9 @@ def export_repository(
     cfg = _load_config(checkpoint)
     specs = build_specs(cfg, frames, height, width, precision=precision, max_batch=max_batch,
                         max_frames=max_frames, max_height=max_height, max_width=max_width, vae_precision=vae_precision)
+    # The same submodels at fp32: a quantised one starts from its fp32 graph (_fp32_graph).
+    fp32_specs = build_specs(cfg, frames, height, width, precision=Precision.FP32, max_batch=max_batch,
+                             max_frames=max_frames, max_height=max_height, max_width=max_width)
     frames = frames or cfg.frames
     height = height or cfg.height
     width = width or cfg.width
@@ -163,8 +166,7 @@ def export_repository(
                 # just before: the encoder comes first in MODELS).
                 encoder = _exported_part(repo, specs, VAE_ENCODER, ck_hash, precision, calibration, calibration_clips,
                                          target) if name == VAE_DECODER and spec.precision != Precision.FP32.value else None
-                fp32_graph = _fp32_graph(repo, cfg, name, spec, ck_hash, frames, height, width, max_batch, max_frames,
-                                         max_height, max_width, calibration_clips, target) \
+                fp32_graph = _fp32_graph(repo, name, spec, fp32_specs[name], ck_hash, calibration_clips, target) \
                     if _quantised(name, spec, precision) else None
                 entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
                                      target, vae=vae, vae_encoder=encoder, fp32_graph=fp32_graph)
@@ -318,9 +320,8 @@ def _exported_part(repo: Path, specs: dict[str, SubmodelSpec], name: str, ck_has
     return specs[name], vdir / MODEL_FILE
 
 
-def _fp32_graph(repo: Path, cfg: ThfmConfig, name: str, spec: SubmodelSpec, ck_hash: str, frames: int, height: int,
-                width: int, max_batch: int, max_frames: int | None, max_height: int | None, max_width: int | None,
-                clips: int, target: Target) -> Path | None:
+def _fp32_graph(repo: Path, name: str, spec: SubmodelSpec, fp32: SubmodelSpec, ck_hash: str, clips: int,
+                target: Target) -> Path | None:
     """The repository's fp32 graph of `name` when it is the graph a quantised export would trace.
 
     A quantised export starts from the fp32 graph of the same module at the same spec (only the
@@ -328,8 +329,6 @@ def _fp32_graph(repo: Path, cfg: ThfmConfig, name: str, spec: SubmodelSpec, ck_h
     manifest, it is the quantiser's input and the module is not traced again (a trace is most of a
     tiny model's export and minutes of a 1.3B core's).
     """
-    fp32 = build_specs(cfg, frames, height, width, precision=Precision.FP32, max_batch=max_batch,
-                       max_frames=max_frames, max_height=max_height, max_width=max_width)[name]
     if _graph_fields(fp32) != _graph_fields(spec):
         return None
     vdir = repo / name / VERSION
@@ -352,15 +351,18 @@ def _graph_fields(spec: SubmodelSpec) -> dict[str, Any]:
 def _fp32_source(module: Any, spec: SubmodelSpec, stage: Path, fp32_graph: Path | None, entry: dict[str, Any]) -> Path:
     """The fp32 graph to quantise, in stage/fp32: the repository's current one copied, or a fresh trace."""
     path = stage / "fp32" / MODEL_FILE
+    t0 = time.perf_counter()
     if fp32_graph is None:
         entry["fp32_graph"] = "traced"
-        return export_onnx(module, spec, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for f in onnx_files(fp32_graph):
-        shutil.copy2(f, path.parent / f.name)
-    entry["fp32_graph"] = f"the repository's fp32 {spec.name} (manifest current)"
-    logger.info("%s: quantising the repository's fp32 graph (%s) instead of tracing the module again", spec.name,
-                fp32_graph)
+        export_onnx(module, spec, path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for f in onnx_files(fp32_graph):
+            shutil.copy2(f, path.parent / f.name)
+        entry["fp32_graph"] = f"the repository's fp32 {spec.name} (manifest current)"
+        logger.info("%s: quantising the repository's fp32 graph (%s) instead of tracing the module again", spec.name,
+                    fp32_graph)
+    entry["fp32_graph_s"] = round(time.perf_counter() - t0, 1)
     return path
 
 
@@ -526,6 +528,7 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
     from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
     from .quantize import calibration_dtype_for, quantize_core
 
+    t0 = time.perf_counter()
     calib = calibration_set(calibration or None, frames, height, width, count=clips)
     text = task_texts(ck)
     latent_of = latent_of or _latent_fn(ck, None)
@@ -534,7 +537,8 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         latent = latent_of(clip, frames, height, width)
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
-    logger.info("int8: %d calibration clips encoded", len(samples))
+    inputs_s = round(time.perf_counter() - t0, 1)
+    logger.info("int8: %d calibration clips encoded in %.1f s", len(samples), inputs_s)
     size = sum(p.stat().st_size for p in onnx_files(fp32_path))
     if target == Target.GPU:
         from .quantize import DEFAULT_EXCLUDE
@@ -549,7 +553,8 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
         info = quantize_core(fp32_path, out_path, samples, target, external_data=size > PROTOBUF_LIMIT * 0.9,
                              module=reference, calibration_dtype=dtype)
     finalize_onnx(out_path, spec)
-    info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips)})
+    info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips),
+                 "calibration_inputs_s": inputs_s})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],
                 info["matmuls"], info["quantize_linear"], info["dequantize_linear"])
     return info

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -300,18 +301,24 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
     logger.info("int8 (%s): calibrating on %d samples by %s; %d MatMul nodes excluded (%s)", recipe.name, len(samples),
                 calibration, len(skip), ", ".join(exclude))
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="thfm-calib-") as tmp:
         calib_kwargs: dict[str, Any] = {"calibration_data_reader": _Reader(samples)}
         if use_hooks:
+            t0 = time.perf_counter()
             cache = Path(tmp) / "ranges.json"
             hook_calibration_cache(model, nodes, module, samples, cache, calibration_dtype)
             calib_kwargs = {"calibration_data_reader": None, "calibration_cache_path": str(cache)}
+            seconds["calibrate_s"] = round(time.perf_counter() - t0, 1)
         del model
+        t0 = time.perf_counter()
         _quantize_static(
             "int8", str(fp32_path), str(out_path), nodes_to_quantize=nodes, nodes_to_exclude=skip,
             use_external_data_format=external_data, calibrate_method=CalibrationMethod.MinMax,
             **calib_kwargs, **recipe.quantize_static_kwargs(),
         )
+        # Without hooks, onnxruntime's calibrator runs inside quantize_static: both are in this figure.
+        seconds["quantize_s"] = round(time.perf_counter() - t0, 1)
     from .onnx_export import onnx_files
 
     for f in onnx_files(out_path):
@@ -323,7 +330,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")
     stats.update({"excluded_scopes": list(exclude), "excluded_nodes": len(skip), "calibration_samples": len(samples),
                   "recipe": recipe.name, "method": recipe.describe(), "calibration": calibration,
-                  "calibration_dtype": calibration_dtype if use_hooks else "fp32"})
+                  "calibration_dtype": calibration_dtype if use_hooks else "fp32", **seconds})
     return stats
 
 

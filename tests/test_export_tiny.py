@@ -165,6 +165,8 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     q = core["quantization"]
     assert q["quantized_matmuls"] > 0 and q["quantized_matmuls"] < q["matmuls"]  # some excluded
     assert q["calibration_source"].startswith("procedural")
+    # Where the export's time went, phase by phase (export/RESULTS.md reads them).
+    assert {"calibration_inputs_s", "calibrate_s", "quantize_s"} <= set(q) and "fp32_graph_s" in core
     model = onnx.load(str(exports["cores"] / "int8" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
