@@ -42,27 +42,21 @@ def _cache_dir(config: pytest.Config, tmp_path_factory, name: str) -> Path:
 
 
 def exported_repo(config: pytest.Config, tmp_path_factory, checkpoint: Path, frames: int = WINDOW,
-                  height: int = HEIGHT, width: int = WIDTH, models: Sequence[str] | None = None) -> Path:
+                  height: int = HEIGHT, width: int = WIDTH) -> Path:
     """The tiny checkpoint exported (or reused) for cpu/fp32 at frames x height x width, in the cache.
 
-    `models`: only these submodels' graphs, without Triton configs (the export tests take the VAE pair
-    this way: each copies it into its own repository, where the exporter finds it matching and reuses
-    it, so one session exports the VAE once instead of once per file). The returned path is shared with
-    other sessions: copy it (copy_export) before changing anything.
+    The returned path is shared with other sessions: copy it (copy_export) before changing anything.
     """
     from thfm_serve.export import export_repository
 
-    kind = "served" if models is None else "-".join(sorted(models))
-    root = _cache_dir(config, tmp_path_factory, f"thfm-{kind}-{frames}x{height}x{width}")
+    root = _cache_dir(config, tmp_path_factory, f"thfm-served-{frames}x{height}x{width}")
     repo = root / "repo"
     # Two pytest sessions on one checkout must not export into the same folder at once.
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.perf_counter()
-        export_repository(checkpoint, repo, "cpu", "fp32", frames=frames, height=height, width=width,
-                          models=None if models is None else list(models), write_configs=models is None)
-        logger.info("export (cpu, fp32, %dx%dx%d, %s) ready in %.1f s", frames, height, width, kind,
-                    time.perf_counter() - t0)
+        export_repository(checkpoint, repo, "cpu", "fp32", frames=frames, height=height, width=width)
+        logger.info("export (cpu, fp32, %dx%dx%d) ready in %.1f s", frames, height, width, time.perf_counter() - t0)
     return repo
 
 
