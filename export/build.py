@@ -46,14 +46,14 @@ from thfm_serve.contract.protocol import (
 )
 
 from . import manifest as mf
-from .calibration import DEFAULT_CLIPS, calibration_set, clip_latent, procedural_clips, task_texts
+from .calibration import calibration_set, clip_latent, default_clips, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision, lowered_core,
                         precision_summary)
 from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, SubmodelSpec, Target, build_specs,
                                        parse_precision, parse_target, parse_vae_precision)
-from .validate import (OnnxVae, check_vae_drift, describe_drift_region, make_runner, task_drift, torch_runner, torch_vae,
-                       validate_values, vae_drift)
+from .validate import (OnnxVae, RowMemo, check_vae_drift, describe_drift_region, make_runner, once_per_input, task_drift,
+                       torch_runner, torch_vae, validate_values, vae_drift)
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def export_repository(
     max_frames: int | None = None,
     max_height: int | None = None,
     max_width: int | None = None,
-    calibration_clips: int = DEFAULT_CLIPS,
+    calibration_clips: int | None = None,
     write_configs: bool = True,
     vae_precision: str | Precision = Precision.FP32,
 ) -> dict[str, Any]:
@@ -256,11 +256,12 @@ def _remove_stale_staging(repo: Path) -> None:
 
 
 def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision, calibration: list[str],
-               clips: int, target: Target) -> dict[str, Any]:
+               clips: int | None, target: Target) -> dict[str, Any]:
     from .quantize import DEFAULT_EXCLUDE, recipe_for
 
     key: dict[str, Any] = {"recipe": mf.RECIPE_VERSION, "checkpoint_sha256": ck_hash, "precision": spec.precision,
                            "spec": spec.to_dict()}
+    clips = _clips(name, clips)
     if name == CORE and precision in QUANTIZED:
         from .calibration import PROCEDURAL_RECIPE
         from .quantize import calibration_dtype_for
@@ -281,6 +282,11 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
     return key
 
 
+def _clips(name: str, clips: int | None) -> int:
+    """--calibration-clips, or the model's default (calibration.default_clips)."""
+    return default_clips(name) if clips is None else clips
+
+
 def _tensorrt_recipe(precision: Precision) -> str:
     """The GPU quantisation recipe's identity (manifests key on it): ModelOpt's version and mode."""
     import importlib.metadata as md
@@ -295,7 +301,7 @@ def _tensorrt_recipe(precision: Precision) -> str:
 
 
 def _exported_vae(repo: Path, specs: dict[str, SubmodelSpec], ck_hash: str, precision: Precision, calibration: list[str],
-                  clips: int, target: Target, window: int) -> OnnxVae | None:
+                  clips: int | None, target: Target, window: int) -> OnnxVae | None:
     """The repository's exported VAE graphs when both match this export (their manifests' keys and
     files, as reuse checks them); None otherwise, and the drift falls back to the PyTorch VAE."""
     parts = []
@@ -309,7 +315,7 @@ def _exported_vae(repo: Path, specs: dict[str, SubmodelSpec], ck_hash: str, prec
 
 
 def _exported_part(repo: Path, specs: dict[str, SubmodelSpec], name: str, ck_hash: str, precision: Precision,
-                   calibration: list[str], clips: int, target: Target) -> tuple[SubmodelSpec, Path] | None:
+                   calibration: list[str], clips: int | None, target: Target) -> tuple[SubmodelSpec, Path] | None:
     """(spec, model file) of the repository's `name` when its manifest matches this export, else None."""
     vdir = repo / name / VERSION
     key = _model_key(name, specs[name], ck_hash, precision, calibration, clips, target)
@@ -320,7 +326,7 @@ def _exported_part(repo: Path, specs: dict[str, SubmodelSpec], name: str, ck_has
     return specs[name], vdir / MODEL_FILE
 
 
-def _fp32_graph(repo: Path, name: str, spec: SubmodelSpec, fp32: SubmodelSpec, ck_hash: str, clips: int,
+def _fp32_graph(repo: Path, name: str, spec: SubmodelSpec, fp32: SubmodelSpec, ck_hash: str, clips: int | None,
                 target: Target) -> Path | None:
     """The repository's fp32 graph of `name` when it is the graph a quantised export would trace.
 
@@ -367,20 +373,20 @@ def _fp32_source(module: Any, spec: SubmodelSpec, stage: Path, fp32_graph: Path 
 
 
 def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, precision: Precision, frames: int,
-                height: int, width: int, calibration: list[str], clips: int, target: Target,
+                height: int, width: int, calibration: list[str], clips: int | None, target: Target,
                 vae: OnnxVae | None = None, vae_encoder: tuple[SubmodelSpec, Path] | None = None,
                 fp32_graph: Path | None = None) -> dict[str, Any]:
     ck = state.ck
     t0 = time.perf_counter()
     onnx_path = stage / MODEL_FILE
     entry: dict[str, Any] = {"precision": spec.precision}
-    latent_of = _latent_fn(ck, vae) if name == CORE else None
+    latent_of = _ClipEncoder(ck, vae) if name == CORE else None
     if name == CORE:
         reference = lowered_core(ck.core(), Precision.FP32)
         if precision in QUANTIZED:
             fp32_path = _fp32_source(reference, spec, stage, fp32_graph, entry)
-            entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration, clips,
-                                                target, reference, precision, latent_of=latent_of)
+            entry["quantization"] = _quantize(fp32_path, onnx_path, ck, spec, frames, height, width, calibration,
+                                                _clips(name, clips), target, reference, precision, latent_of=latent_of)
             shutil.rmtree(stage / "fp32")
             module = reference
         else:
@@ -395,7 +401,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
         if int8_vae:
             fp32_path = _fp32_source(module, spec, stage, fp32_graph, entry)
             entry["quantization"] = _quantize_vae(name, fp32_path, onnx_path, ck, spec, frames, height, width,
-                                                  calibration, clips)
+                                                  calibration, _clips(name, clips))
             shutil.rmtree(stage / "fp32")
         else:
             export_onnx(module, spec, onnx_path)
@@ -427,18 +433,23 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
                                               runner_kind="torch-bf16 (proxy)")
     else:
         entry["runner"] = runner.kind
+        candidate = runner
+        drift_clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0] if name == CORE else None
         try:
             inputs = None
             if name == CORE and precision in QUANTIZED:
-                inputs = _clip_inputs(ck, latent_of)
-                entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips) through the VAE "
-                                              "encoder, the checkpoint's task embeddings")
+                # The export-shape check runs the drift clip's first rows: both cores answer them once.
+                inputs = _clip_inputs(ck, latent_of, at_export=drift_clip)
+                ref_run, candidate = RowMemo(ref_run), RowMemo(runner)
+                entry["validation_inputs"] = (f"procedural clips through the VAE encoder (the drift clip, seed {DRIFT_SEED}, "
+                                              "at the export shape; seeds 100+ at the others; none of them a calibration "
+                                              "clip), the checkpoint's task embeddings")
             if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
                 inputs = _vae_inputs(ck, name)
                 entry["validation_inputs"] = ("procedural clips (seed 100+, not the calibration clips)" +
                                               (" through the PyTorch VAE encoder and core (the latents and the core's "
                                                "dense rows)" if name == VAE_DECODER else ""))
-            entry["validation"] = validate_values(spec, runner, ref_run, trace_dims(spec), stage / "polygraphy", extra,
+            entry["validation"] = validate_values(spec, candidate, ref_run, trace_dims(spec), stage / "polygraphy", extra,
                                                   runner_kind=runner.kind, inputs=inputs)
             if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.FP32.value:
                 # The int8 graphs are the same window graphs quantised; padding is checked on the fp32 ones.
@@ -446,8 +457,10 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             if name == VAE_DECODER and spec.precision != Precision.FP32.value:
                 entry.update(_vae_drift_entry(ck, spec, onnx_path, vae_encoder, frames, height, width))
             if name == CORE and precision != Precision.FP32:
-                clip = procedural_clips(1, frames, height, width, seed=DRIFT_SEED)[0]
-                entry["drift"] = task_drift(ck, ref_run, runner, clip, height, width, max_batch=spec.max_batch, vae=vae)
+                entry["drift"] = task_drift(ck, ref_run, candidate, drift_clip, height, width, max_batch=spec.max_batch,
+                                            vae=vae, encode=latent_of.encode)
+                if isinstance(candidate, RowMemo):
+                    entry["drift_rows_from_validation"] = {"reference": ref_run.shared, "candidate": candidate.shared}
                 entry["drift_region"] = describe_drift_region(height, width)
                 entry["drift_runner"] = runner.kind
                 entry["drift_vae"] = _vae_note(vae)
@@ -484,38 +497,48 @@ def _runner_precision(name: str, precision: Precision, target: Target) -> Precis
     return precision
 
 
-LatentOf = Any  # (clip uint8 [F, H, W, 3], frames, height, width) -> latent [1, 16, T', h, w]
+class _ClipEncoder:
+    """How calibration, validation and drift clips become the core's latent input, each distinct clip
+    once (the export-shape validation and the task drift encode the same clip): through the
+    repository's exported VAE encoder when the drift uses it (onnxruntime, the encoder serving runs;
+    at the 1.3B shape on an AMX Xeon no faster than PyTorch's, 37 s a clip either way), else through
+    the checkpoint's. The exported encoder takes at most its window; a longer validation clip (the
+    core's profile can reach past the VAE window) goes through PyTorch's.
+
+    encode(x): the encoder's input [1, 3, F, H, W] in [-1, 1] (processing.fit_clip) -> latent, as the
+    window loop calls it; self(clip, frames, height, width): a uint8 clip fitted to the grid first."""
+
+    def __init__(self, ck: Any, vae: OnnxVae | None):
+        self._ck, self._vae, self._torch = ck, vae, None
+        self.encode = once_per_input(self._encode)
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self._vae is not None and x.shape[2] <= self._vae.window:
+            return self._vae.encode(x)
+        self._torch = self._torch or self._ck.vae_encoder()
+        with torch.no_grad():
+            return self._torch(torch.from_numpy(x)).numpy()
+
+    def __call__(self, clip: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+        from thfm_serve.processing import fit_clip
+
+        return self.encode(fit_clip(clip, frames, height, width).numpy())
 
 
-def _latent_fn(ck: Any, vae: OnnxVae | None) -> LatentOf:
-    """How calibration and validation clips become the core's latent input: through the repository's
-    exported VAE encoder when the drift uses it (onnxruntime, the encoder serving runs; at the 1.3B
-    shape on an AMX Xeon no faster than PyTorch's, 37 s a clip either way), else through the
-    checkpoint's. The exported encoder takes at most its window; a longer validation clip (the core's
-    profile can reach past the VAE window) goes through PyTorch's."""
-    from thfm_serve.processing import fit_clip
-
-    encoder = None
-
-    def latent(clip: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
-        nonlocal encoder
-        if vae is not None and frames <= vae.window:
-            return vae.encode(fit_clip(clip, frames, height, width).numpy())
-        encoder = encoder or ck.vae_encoder()
-        return clip_latent(encoder, clip, frames, height, width)
-
-    return latent
-
-
-def _clip_inputs(ck: Any, latent_of: LatentOf):
+def _clip_inputs(ck: Any, latent_of: _ClipEncoder, at_export: np.ndarray | None = None):
     """Core inputs from the distribution an int8 core is calibrated on, at any base dims: a procedural
     clip of the matching frames and size through the VAE encoder (repeated over the batch) and the
-    task embeddings (cycled over the batch)."""
+    task embeddings (cycled over the batch). at_export: the clip to use at its own grid (the drift
+    clip at the export shape, so that validation and drift share those rows, validate.RowMemo)."""
     text = task_texts(ck)
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
         frames, height, width = video_frames(dims["latent_frames"]), patch_pixels(dims["hp"]), patch_pixels(dims["wp"])
-        latent = latent_of(procedural_clips(1, frames, height, width, seed=seed)[0], frames, height, width)
+        clip = at_export if at_export is not None and at_export.shape[:3] == (frames, height, width) else \
+            procedural_clips(1, frames, height, width, seed=seed)[0]
+        latent = latent_of(clip, frames, height, width)
         batch = dims["batch"]
         return {"latent": np.repeat(latent, batch, axis=0), "text": text[np.arange(batch) % len(text)]}
 
@@ -524,14 +547,14 @@ def _clip_inputs(ck: Any, latent_of: LatentOf):
 
 def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, frames: int, height: int, width: int,
               calibration: list[str], clips: int, target: Target, reference: Any,
-              precision: Precision = Precision.INT8, latent_of: LatentOf | None = None) -> dict[str, Any]:
+              precision: Precision = Precision.INT8, latent_of: _ClipEncoder | None = None) -> dict[str, Any]:
     from .onnx_export import PROTOBUF_LIMIT, finalize_onnx
     from .quantize import calibration_dtype_for, quantize_core
 
     t0 = time.perf_counter()
     calib = calibration_set(calibration or None, frames, height, width, count=clips)
     text = task_texts(ck)
-    latent_of = latent_of or _latent_fn(ck, None)
+    latent_of = latent_of or _ClipEncoder(ck, None)
     samples = []
     for clip in calib.clips:
         latent = latent_of(clip, frames, height, width)

@@ -39,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--calibration", nargs="+", metavar="VIDEO",
                    help="int8: calibration videos (default: procedurally generated clips of a walking figure)")
-    p.add_argument("--calibration-clips", type=int, help="int8: generated clips when no video is given (default 4)")
+    p.add_argument("--calibration-clips", type=int, help="int8: generated clips when no video is given (default 2 for the core, 4 for the VAE)")
     p.add_argument("--only", nargs="+", metavar="MODEL", help="export only these of core, vae_encoder, vae_decoder")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"profile max batch (default {MAX_BATCH}: one row per task)")
     p.add_argument("--max-frames", type=int, help="profile max frames (default: the larger of the export and checkpoint clip)")

@@ -36,7 +36,7 @@ if str(ROOT / "perf") not in sys.path:  # the benchmark helpers (perf/engines.py
     sys.path.insert(0, str(ROOT / "perf"))
 from engines import time_onnx  # noqa: E402
 logger = logging.getLogger("vae_int8")
-CALIBRATION_CLIPS = 4  # the exporter's default (export/calibration.py DEFAULT_CLIPS)
+CALIBRATION_CLIPS = 4  # the exporter's default for the VAE (export/calibration.py VAE_CLIPS)
 HELD_OUT_SEED = 500  # not a calibration clip (seed 0) nor the export drift's (build.DRIFT_SEED)
 
 

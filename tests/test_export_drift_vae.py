@@ -14,7 +14,7 @@ from thfm_serve.contract.protocol import CORE, CORE_OUT, VAE_DECODER, VAE_ENCODE
 from thfm_serve.contract.specs import Precision, Target
 from thfm_serve.export import build, export_repository
 from thfm_serve.export.calibration import procedural_clips
-from thfm_serve.export.validate import OnnxVae, task_drift, torch_runner
+from thfm_serve.export.validate import OnnxVae, RowMemo, task_drift, torch_runner
 
 from serverfix import HEIGHT, WIDTH, WINDOW
 
@@ -36,7 +36,7 @@ def vae_repo(request, tiny_checkpoint, tmp_path_factory):
                                write_configs=False)
     ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
     specs = build.build_specs(ck.config, precision=Precision.FP32, **SHAPE)
-    vae = build._exported_vae(repo, specs, report["checkpoint_sha256"], Precision.FP32, [], build.DEFAULT_CLIPS,
+    vae = build._exported_vae(repo, specs, report["checkpoint_sha256"], Precision.FP32, [], None,
                               Target.CPU, SHAPE["frames"])
     return {"repo": repo, "ck": ck, "specs": specs, "vae": vae, "report": report}
 
@@ -115,7 +115,7 @@ def test_sparse_only_report_never_loads_the_decoder(vae_repo):
 
 def test_no_matching_exported_vae_falls_back_to_pytorch(vae_repo, tmp_path):
     ck, specs, report = vae_repo["ck"], vae_repo["specs"], vae_repo["report"]
-    args = (Precision.FP32, [], build.DEFAULT_CLIPS, Target.CPU, SHAPE["frames"])
+    args = (Precision.FP32, [], None, Target.CPU, SHAPE["frames"])
     assert build._exported_vae(tmp_path, specs, report["checkpoint_sha256"], *args) is None  # nothing exported
     assert build._exported_vae(vae_repo["repo"], specs, "0" * 64, *args) is None  # another checkpoint's VAE
     other = build.build_specs(ck.config, precision=Precision.FP32, frames=9, height=HEIGHT, width=WIDTH)
@@ -197,3 +197,29 @@ def test_vae_drift_decodes_only_the_region_and_runs_the_core_once_per_latent(vae
     # onnxruntime's fp32 decoder against PyTorch's: near-identical maps over either region.
     assert cropped["segmentation"]["iou"] > 0.99 and full["segmentation"]["iou"] > 0.99
     assert cropped["normals"]["mean_deg"] < 0.5 and full["normals"]["mean_deg"] < 0.5
+
+
+def test_row_memo_runs_each_row_once_and_answers_like_the_runner():
+    """The export-shape validation and the drift of a calibrated core share rows through RowMemo: a
+    row seen before (or twice in one batch) is not run again, and every answer equals the runner's."""
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((1, 4, 2, 3, 3)).astype(np.float32)
+    text = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    ran = []
+
+    def runner(feed):  # a per-row function of both inputs, like the core
+        ran.append(len(feed["latent"]))
+        scale = feed["text"].mean(axis=(1, 2))[:, None, None, None, None]
+        return {"pred_latent": feed["latent"] * scale, "kp2d": feed["text"][:, :2, :2].copy()}
+
+    memo = RowMemo(runner)
+    first = {"latent": latent, "text": text[:1]}
+    got, want = memo(first), runner(first)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    ran.clear()
+    batch = {"latent": np.repeat(latent, 4, axis=0), "text": text[[0, 1, 2, 1]]}  # row 0 seen, row 1 twice
+    got = memo(batch)
+    assert ran == [2]  # rows 1 and 2 only, each once
+    want = runner(batch)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert memo.shared == 1

@@ -23,6 +23,7 @@ from thfm_serve.contract.protocol import VAE_DECODER, VAE_ENCODER
 from thfm_serve.contract.specs import Precision
 from thfm_serve.errors import ExportError
 from thfm_serve.export import build_specs, export_repository
+from thfm_serve.export.calibration import CORE_CLIPS
 from thfm_serve.export.onnx_export import doubles_in_proto
 
 from serverfix import HEIGHT, WIDTH, WINDOW
@@ -51,7 +52,7 @@ def exports(request, tiny_checkpoint, tmp_path_factory):
 
     run("fp32", "cpu", "fp32")
     run("fp32_again", "cpu", "fp32")
-    run("int8", "cpu", "int8", calibration_clips=2)  # quantises the fp32 core the repository holds
+    run("int8", "cpu", "int8")  # default calibration clips; quantises the fp32 core the repository holds
     run("fp16", "cpu", "fp16")
     run("int8_gpu", "gpu", "int8", calibration_clips=1, build_engine=False)  # no fp32 core left: traces it
     # bf16 has no onnxruntime CPU kernels: it is a gpu precision; --no-engine stops before TensorRT.
@@ -165,6 +166,8 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     q = core["quantization"]
     assert q["quantized_matmuls"] > 0 and q["quantized_matmuls"] < q["matmuls"]  # some excluded
     assert q["calibration_source"].startswith("procedural")
+    # No --calibration-clips: the core's default (each sample is one clip with a row per task).
+    assert q["calibration_clips"] == CORE_CLIPS and q["calibration_samples"] == CORE_CLIPS
     # Where the export's time went, phase by phase (export/RESULTS.md reads them).
     assert {"calibration_inputs_s", "calibrate_s", "quantize_s"} <= set(q) and "fp32_graph_s" in core
     model = onnx.load(str(exports["cores"] / "int8" / "model.onnx"))
@@ -172,6 +175,8 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     drift = core["drift"]
     assert set(drift) == {"depth", "normals", "segmentation", "densepose", "keypoints2d", "keypoints3d"}
+    # The export-shape validation ran the drift clip's first task row (batch 1): neither core ran it again.
+    assert core["drift_rows_from_validation"] == {"reference": 1, "candidate": 1}
     assert {"abs_rel"} <= set(drift["depth"]) and "mean_angle_deg" in drift["normals"]
     assert "alpha_mse" in drift["segmentation"] and "mean_px" in drift["keypoints2d"] and "mean_mm" in drift["keypoints3d"]
     # Decoded through the repository's exported VAE (reused from the fp32 run), dense rows only:

@@ -23,7 +23,7 @@ from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 from thfm_serve.contract.specs import VAE_DRIFT_BOUNDS, Target
 from thfm_serve.errors import ExportError, ThfmError
 from thfm_serve.export import build, export_repository
-from thfm_serve.export.calibration import procedural_clips
+from thfm_serve.export.calibration import VAE_CLIPS, procedural_clips
 from thfm_serve.export.quantize import check_conv_qdq, check_qlinear_conv, decoder_tail_convs
 from thfm_serve.export.validate import check_vae_drift
 
@@ -48,6 +48,8 @@ def int8_repo(request, tiny_checkpoint, tmp_path_factory):
     assert {report["models"][n]["status"] for n in (VAE_ENCODER, VAE_DECODER)} == {"exported"}
     # The copied repository's fp32 VAE graphs are current: quantised as they are, not traced again.
     assert all(report["models"][n]["fp32_graph"].startswith("the repository's fp32") for n in (VAE_ENCODER, VAE_DECODER))
+    # No --calibration-clips: the VAE's own default, not the core's smaller one.
+    assert {report["models"][n]["quantization"]["calibration_clips"] for n in (VAE_ENCODER, VAE_DECODER)} == {VAE_CLIPS}
     return repo, report
 
 
@@ -269,7 +271,7 @@ def test_the_vae_precision_is_part_of_the_manifest_key(int8_repo, ck):
     """int8 VAE files are not reused for an fp32 export, nor fp32 ones for int8 (export_repository
     reuses a model only when _exported_part's key check passes)."""
     repo, report = int8_repo
-    args = (report["checkpoint_sha256"], build.Precision.FP32, [], build.DEFAULT_CLIPS, Target.CPU)
+    args = (report["checkpoint_sha256"], build.Precision.FP32, [], None, Target.CPU)
     for vae_precision, found in (("int8", True), ("fp32", False)):
         specs = build.build_specs(ck.config, WINDOW, HEIGHT, WIDTH, vae_precision=vae_precision)
         for name in (VAE_ENCODER, VAE_DECODER):
@@ -277,7 +279,7 @@ def test_the_vae_precision_is_part_of_the_manifest_key(int8_repo, ck):
     # Other calibration clips make other int8 graphs: stale too.
     specs = build.build_specs(ck.config, WINDOW, HEIGHT, WIDTH, vae_precision="int8")
     assert build._exported_part(repo, specs, VAE_DECODER, report["checkpoint_sha256"], build.Precision.FP32, [],
-                                build.DEFAULT_CLIPS + 1, Target.CPU) is None
+                                VAE_CLIPS + 1, Target.CPU) is None
 
 
 # --- the option -------------------------------------------------------------------------------------
