@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from thfm_serve.clipgen import RECIPE
-from thfm_serve.contract.protocol import CORE
 from thfm_serve.clipgen import walking_clips as procedural_clips  # noqa: F401 - calibration's name for them
+from thfm_serve.contract.protocol import CORE
 from thfm_serve.errors import ThfmError, VideoError
 
 logger = logging.getLogger(__name__)

@@ -303,20 +303,22 @@ class OnnxVae:
 
 def torch_vae(ck: Any) -> tuple[Runner, Runner]:
     """(encode, decode) through the checkpoint's PyTorch VAE: the fallback where no exported VAE
-    matching the checkpoint is in the repository (e.g. `--only core` into a new one)."""
+    matching the checkpoint is in the repository (e.g. `--only core` into a new one). Each half is
+    loaded on its first call: a caller that encodes elsewhere never holds a second encoder."""
     import torch
 
-    encoder, decoder = ck.vae_encoder(), ck.vae_decoder()
+    modules: dict[str, Any] = {}
 
-    def encode(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return encoder(torch.from_numpy(x)).numpy()
+    def runner(part: str, load: Callable[[], Any]) -> Runner:
+        def run(x: np.ndarray) -> np.ndarray:
+            if part not in modules:
+                modules[part] = load()
+            with torch.no_grad():
+                return modules[part](torch.from_numpy(x)).numpy()
 
-    def decode(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return decoder(torch.from_numpy(x)).numpy()
+        return run
 
-    return encode, decode
+    return runner("encoder", ck.vae_encoder), runner("decoder", ck.vae_decoder)
 
 
 # The dense drift decodes at most this many latent cells per side of each frame (the central ones):
