@@ -509,17 +509,14 @@ class _ClipEncoder:
     window loop calls it; self(clip, frames, height, width): a uint8 clip fitted to the grid first."""
 
     def __init__(self, ck: Any, vae: OnnxVae | None):
-        self._ck, self._vae, self._torch = ck, vae, None
+        self._vae = vae
+        self._torch_encode = torch_vae(ck)[0]  # loads the PyTorch encoder only if a clip needs it
         self.encode = once_per_input(self._encode)
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
         if self._vae is not None and x.shape[2] <= self._vae.window:
             return self._vae.encode(x)
-        self._torch = self._torch or self._ck.vae_encoder()
-        with torch.no_grad():
-            return self._torch(torch.from_numpy(x)).numpy()
+        return self._torch_encode(x)
 
     def __call__(self, clip: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
         from thfm_serve.processing import fit_clip
