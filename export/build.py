@@ -136,7 +136,7 @@ def export_repository(
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
         "precision": precision.value, "precision_chosen_by": chosen_by, "vae_precision": vae_precision.value,
-        "machine": read_cpu().to_dict(),
+        "machine": _machine(target),
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
     }
@@ -285,6 +285,22 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
 def _clips(name: str, clips: int | None) -> int:
     """--calibration-clips, or the model's default (calibration.default_clips)."""
     return default_clips(name) if clips is None else clips
+
+
+def _machine(target: Target) -> dict[str, Any]:
+    """The export report's machine: its CPU's instruction sets and class and, for a CPU target, its
+    measured matmul peak per precision at the thread count the export runs on (once per machine,
+    then from thfm_serve.matmul_peak's cache), against which the phase times can be read."""
+    out: dict[str, Any] = read_cpu().to_dict()
+    if target == Target.CPU:
+        import torch
+
+        from thfm_serve import matmul_peak
+
+        peak = matmul_peak.cached(torch.get_num_threads())
+        logger.info("matmul peak of this machine%s: %s", " (cached)" if peak["cached"] else "", matmul_peak.describe(peak))
+        out["matmul_peak"] = {k: peak[k] for k in ("peak", "gflops", "probe_only", "size", "threads", "runs", "loadavg_1m", "cached")}
+    return out
 
 
 def _tensorrt_recipe(precision: Precision) -> str:
@@ -757,6 +773,14 @@ def _repository_hook(repo: Path, specs: dict[str, SubmodelSpec], target: Target,
         return
     write = getattr(repository, "write_repository", None)
     if write is None:
+        return
+    if not (repo / CORE / VERSION / CONFIG_FILE).exists():
+        # The configs need the core's THFM config (tasks, joints, clip). Exporting the VAE pair first
+        # into a new repository is a normal order (the core's drift decodes through it): the export
+        # that adds the core writes them.
+        report["configs"] = f"not written: no exported core in {repo} yet; the export that adds it writes them"
+        logger.info("Triton configs %s", report["configs"])
+        _write_report(repo, report)
         return
     write(repo, specs, target.value, precision.value, report=report)
 

@@ -15,7 +15,9 @@ per output channel. Activations follow the kernels (RECIPES):
   activations part of the MatMuls stay DequantizeLinear(weight) -> float MatMul after optimisation,
   a weight dequantisation per call. Only the linears are quantised: quantised attention products
   add a QLinearSoftmax that costs more than the int8 products save (measured by perf/int8_recipes.py;
-  perf/README.md has the numbers).
+  perf/README.md has the numbers). On a CPU without VNNI (AVX2 only) the weights are 7-bit
+  ("cpu-no-vnni", chosen by recipe_for from the CPU the export runs on): onnxruntime's AVX2 kernel
+  sums pairs of u8 x s8 products in saturating int16, which 8-bit weights overflow.
 Both files run in onnxruntime on CPU, which is how they are validated here.
 
 Calibration (MinMax ranges of every quantised MatMul's input and output): for a recipe on the
@@ -69,6 +71,8 @@ class QdqRecipe:
     activations: str  # "uint8" or "int8"
     activation_symmetric: bool
     attention_products: bool  # also quantise MatMuls between two activations (QK^T, PV)
+    weights: str = "int8"  # "int8" or "uint8" (u8 x u8 GEMM: no vpmaddubsw saturation without VNNI)
+    reduce_range: bool = False  # 7-bit weights: u8 x s7 pairs cannot saturate vpmaddubsw's int16 sums
 
     def quantize_static_kwargs(self) -> dict[str, Any]:
         """The onnxruntime quantize_static options of this recipe (calibration and nodes aside)."""
@@ -77,7 +81,8 @@ class QdqRecipe:
         return {
             "quant_format": QuantFormat.QDQ, "op_types_to_quantize": ["MatMul"], "per_channel": True,
             "activation_type": QuantType.QUInt8 if self.activations == "uint8" else QuantType.QInt8,
-            "weight_type": QuantType.QInt8,
+            "weight_type": QuantType.QUInt8 if self.weights == "uint8" else QuantType.QInt8,
+            "reduce_range": self.reduce_range,
             "extra_options": {
                 "ActivationSymmetric": self.activation_symmetric,
                 "WeightSymmetric": True,
@@ -88,19 +93,35 @@ class QdqRecipe:
     def describe(self) -> str:
         act = f"{self.activations} {'symmetric' if self.activation_symmetric else 'asymmetric'} activations"
         what = "linears and attention products" if self.attention_products else "linears only"
-        return f"onnxruntime quantize_static QDQ, MinMax, {act}, int8 per-channel weights, {what} ({self.name})"
+        weights = f"{'7-bit ' if self.reduce_range else ''}{self.weights} per-channel weights"
+        return f"onnxruntime quantize_static QDQ, MinMax, {act}, {weights}, {what} ({self.name})"
 
 
 RECIPES = {
     "gpu": QdqRecipe("tensorrt", activations="int8", activation_symmetric=True, attention_products=True),
     "cpu": QdqRecipe("onnxruntime-x86", activations="uint8", activation_symmetric=False, attention_products=False),
+    # CPUs without a u8 x s8 dot-product instruction (AVX2 only): onnxruntime's u8 x s8 GEMM there
+    # multiplies with vpmaddubsw, which adds each pair of products into an int16 with saturation
+    # (255 * 127 * 2 > 32767). With 7-bit weights a pair stays below it (255 * 64 * 2 = 32640). On an
+    # AVX2-only EPYC the 8-bit recipe's task drift at 1.3B was 10-14x the VNNI machines' (depth
+    # abs-rel 0.027 against 0.0019, normals 5.3 against 0.38 deg: export/RESULTS.md), past the
+    # bounds; perf/int8_recipes.py measures the variants on such a CPU.
+    "cpu-no-vnni": QdqRecipe("onnxruntime-x86-7bit", activations="uint8", activation_symmetric=False,
+                             attention_products=False, reduce_range=True),
 }
 
 
-def recipe_for(target: Any) -> QdqRecipe:
+def recipe_for(target: Any, cpu: Any = None) -> QdqRecipe:
+    """The recipe of a target; for "cpu", the one for `cpu`'s int8 instructions (default: this
+    machine's, thfm_serve.machine.read_cpu), the machine that serves what it exports by default."""
     key = getattr(target, "value", target)
     if key not in RECIPES:
         raise ExportError(f"int8: no quantisation recipe for target {key!r} (known: {', '.join(RECIPES)})")
+    if key == "cpu":
+        from thfm_serve.machine import read_cpu
+
+        if not (cpu or read_cpu()).int8_dot:
+            key = "cpu-no-vnni"
     return RECIPES[key]
 
 
@@ -330,6 +351,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")
     stats.update({"excluded_scopes": list(exclude), "excluded_nodes": len(skip), "calibration_samples": len(samples),
                   "recipe": recipe.name, "method": recipe.describe(), "calibration": calibration,
+                  "weight_bits": 7 if recipe.reduce_range else 8,
                   "calibration_dtype": calibration_dtype if use_hooks else "fp32", **seconds})
     return stats
 
@@ -443,7 +465,7 @@ def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nda
     out_path.chmod(out_path.stat().st_mode | 0o444)
     stats = check_conv_qdq(onnx.load(str(out_path)), keep_float)
     stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["quantized_convs"], len(keep_float))
-    stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name,
+    stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name, "weight_bits": 8,
                   "method": recipe.describe()})
     return stats
 

@@ -214,71 +214,12 @@ def flop_counter_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 def peak_worker(job: dict[str, Any]) -> dict[str, Any]:
     """GFLOP/s of large matmuls per precision and backend, on the benchmark's thread count."""
-    import onnx
-    import onnxruntime as ort
-    import torch
-    from onnx import TensorProto, helper, numpy_helper
-
     from engines import set_torch_threads
 
-    from thfm_serve.serving.sessions import session_options
+    from thfm_serve.matmul_peak import BENCH_SIZE, measure
 
     threads = set_torch_threads(job["threads"])
-    n = job.get("matmul_size", 3072)
-    flops = 2.0 * n**3
-    runs = job.get("matmul_runs", 7)
-    rng = np.random.default_rng(0)
-    res: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}, "int8": {}}
-
-    def gflops(fn):
-        times, _ = time_calls(fn, runs, 2)
-        return flops / statistics.median(times) / 1e9
-
-    for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        res[prec]["torch.matmul"] = gflops(lambda: torch.matmul(a, b))
-    a8 = torch.randint(-127, 127, (n, n), dtype=torch.int8)
-    b8 = torch.randint(-127, 127, (n, n), dtype=torch.int8)
-    try:
-        res["int8"]["torch._int_mm"] = gflops(lambda: torch._int_mm(a8, b8))
-    except RuntimeError as e:  # not every build has a CPU int8 matmul
-        logger.warning("torch._int_mm: %s", e)
-
-    def ort_matmul(op: str, a_type, b_arr, out_type):
-        a_info = helper.make_tensor_value_info("A", a_type, [n, n])
-        y_info = helper.make_tensor_value_info("Y", out_type, [n, n])
-        graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"])], "peak", [a_info], [y_info],
-                                  [numpy_helper.from_array(b_arr, "B")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-
-    s = ort_matmul("MatMul", TensorProto.FLOAT, rng.standard_normal((n, n)).astype(np.float32), TensorProto.FLOAT)
-    x = rng.standard_normal((n, n)).astype(np.float32)
-    res["fp32"]["onnxruntime MatMul"] = gflops(lambda: s.run(None, {"A": x}))
-    # u8 x s8: the operand order x86 VNNI (vpdpbusd) multiplies natively.
-    s = ort_matmul("MatMulInteger", TensorProto.UINT8, rng.integers(-127, 127, (n, n)).astype(np.int8), TensorProto.INT32)
-    xq = rng.integers(0, 255, (n, n)).astype(np.uint8)
-    res["int8"]["onnxruntime MatMulInteger"] = gflops(lambda: s.run(None, {"A": xq}))
-    # QLinearMatMul u8 x s8 -> u8: the kernel the int8 core's linears run on after onnxruntime fuses
-    # their Q/DQ pairs; with its requantised 8-bit output it moves less memory than MatMulInteger.
-    scalar = lambda name, v, dt: numpy_helper.from_array(np.array(v, dtype=dt), name)  # noqa: E731
-    q_inits = [numpy_helper.from_array(rng.integers(-127, 127, (n, n)).astype(np.int8), "B"),
-               scalar("sa", 0.02, np.float32), scalar("za", 128, np.uint8), scalar("sb", 0.01, np.float32),
-               scalar("zb", 0, np.int8), scalar("sy", 0.5, np.float32), scalar("zy", 128, np.uint8)]
-    graph = helper.make_graph([helper.make_node("QLinearMatMul", ["A", "sa", "za", "B", "sb", "zb", "sy", "zy"], ["Y"])],
-                              "peak", [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
-                              [helper.make_tensor_value_info("Y", TensorProto.UINT8, [n, n])], q_inits)
-    s = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                             session_options(threads), providers=["CPUExecutionProvider"])
-    res["int8"]["onnxruntime QLinearMatMul"] = gflops(lambda: s.run(None, {"A": xq}))
-    from thfm_serve.machine import read_cpu
-
-    cpu = read_cpu()
-    # The peaks mean little without the instruction sets that produced them (bf16 without
-    # avx512_bf16/amx_bf16 is emulated; int8 without VNNI goes through vpmaddubsw).
-    return {"size": n, "threads": threads, "gflops": res,
-            "peak": {p: max(v.values()) if v else None for p, v in res.items()},
-            "machine_class": cpu.machine_class, "isa": cpu.isa}
+    return measure(threads, size=job.get("matmul_size", BENCH_SIZE), runs=job.get("matmul_runs", 7))
 
 
 # =============================================================================================
@@ -962,7 +903,8 @@ def markdown(r: dict[str, Any], png_name: str) -> str:
         for prec, backends in pk["gflops"].items():
             for b, v in backends.items():
                 star = " (peak)" if v == pk["peak"][prec] else ""
-                lines.append(f"| {prec} | {b} | {v:.0f}{star} |")
+                at = pk.get("probe_only", {}).get(f"{prec} {b}")
+                lines.append(f"| {prec} | {b} | {v:.3g}{star}{f', at {at}' if at else ''} |")
         lines.append("")
 
     # core

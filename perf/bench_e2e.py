@@ -53,6 +53,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from thfm_serve.matmul_peak import describe as describe_peak
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "perf") not in sys.path:  # the benchmark helpers are sibling scripts, not a package
     sys.path.insert(0, str(ROOT / "perf"))
@@ -390,8 +392,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Input: {r['video_note']}; tasks {', '.join(r['tasks'])} in one request; checkpoint `{r['checkpoint']}`, "
         f"repository `{r['repo']}` (served precisions: " +
         ", ".join(f"{k} {v}" for k, v in sv["precisions"].items()) + ").", "",
-        f"Matmul peak in the same run (perf/bench_core.py's peak worker, {r['peak']['size']}x{r['peak']['size']}): " +
-        ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in r["peak"]["peak"].items() if v) + ".", "",
+        "Matmul peak in the same run (perf/bench_core.py's peak worker): "
+        + describe_peak({"machine_class": r["machine"]["class"], **r["peak"]}) + ".", "",
         "| stage | FLOPs | pipeline (PyTorch fp32) | share | % of fp32 peak | served | share | precision | % of its peak |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]

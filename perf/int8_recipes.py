@@ -10,6 +10,8 @@ fp32 ONNX, quantised with onnxruntime's own calibrator by
   cpu            the CPU recipe: uint8 asymmetric activations, linears only;
   cpu+attention  the same, plus attention's QK^T and PV products (adds QLinearSoftmax);
   gpu            the TensorRT recipe: int8 symmetric activations, linears and attention products;
+  cpu+7bit       the CPU recipe with 7-bit weights (onnxruntime's reduce_range);
+  cpu+u8u8       the CPU recipe with uint8 weights;
 
 and each timed in onnxruntime (the serving session options) against the fp32 slice. The report also
 counts, after onnxruntime's graph optimisation, the fused QLinearMatMul nodes and the MatMuls left
@@ -43,8 +45,12 @@ def variants() -> dict[str, Any]:
     from thfm_serve.export.quantize import RECIPES
 
     cpu = RECIPES["cpu"]
+    # Without VNNI (AVX2 only) onnxruntime's u8 x s8 GEMM sums pairs of products in int16 with
+    # saturation (vpmaddubsw); 7-bit weights or u8 x u8 avoid it, which the last two rows measure.
     return {"cpu": cpu, "cpu+attention": dataclasses.replace(cpu, name=cpu.name + "+attention", attention_products=True),
-            "gpu": RECIPES["gpu"]}
+            "gpu": RECIPES["gpu"],
+            "cpu+7bit": dataclasses.replace(cpu, name=cpu.name + "+reduce_range", reduce_range=True),
+            "cpu+u8u8": dataclasses.replace(cpu, name=cpu.name + "+u8u8", weights="uint8")}
 
 
 def optimized_ops(path: Path, threads: int) -> dict[str, int]:
@@ -76,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "perf" / "results"))
     p.add_argument("--workdir", default=str(ROOT / "runs" / "int8_recipes"))
+    p.add_argument("--name", help="result file stem (default int8_recipes_<checkpoint>_<L>l_<F>x<H>x<W>)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "cd " + shlex.quote(str(ROOT)) + " && .venv/bin/python perf/int8_recipes.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -132,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"int8_recipes_{Path(args.checkpoint).name}_{args.layers}l_{args.frames}x{args.height}x{args.width}"
+    stem = args.name or f"int8_recipes_{Path(args.checkpoint).name}_{args.layers}l_{args.frames}x{args.height}x{args.width}"
+    from thfm_serve.machine import read_cpu
+
+    machine = read_cpu()
     (out / f"{stem}.json").write_text(json.dumps({"command": command, "layers": args.layers, "total_layers": total_layers,
-                                                  "threads": args.threads, "runs": args.runs, "rows": rows}, indent=1))
+                                                  "threads": args.threads, "runs": args.runs, "machine": machine.to_dict(),
+                                                  "rows": rows}, indent=1))
     lines = [f"# int8 Q/DQ recipes in onnxruntime: first {args.layers} of {total_layers} blocks, "
              f"{args.frames} frames {args.height}x{args.width}", "", "Command:", "", "```", command, "```", "",
-             f"{args.threads} threads, median of {args.runs} runs after {args.warmup} warm-up.", "",
+             f"Machine: {machine.describe()}. {args.threads} threads, median of {args.runs} runs after "
+             f"{args.warmup} warm-up.", "",
              "| variant | median | vs fp32 | QLinearMatMul | float MatMul/FusedMatMul | QLinearSoftmax | "
              "DequantizeLinear | max abs vs fp32 |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():

@@ -33,6 +33,16 @@ def samples_dir() -> Path:
     return SAMPLES
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The exports of a test session cache this machine's matmul peak (thfm_serve.matmul_peak) in a
+    folder of their own: a figure measured while tests load the machine must not reach the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("THFM_CACHE_DIR", str(tmp_path_factory.mktemp("thfm-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _quiet_libraries():
     for name in ("diffusers", "transformers"):

@@ -183,10 +183,14 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     # 4 dense tasks for each of the two cores.
     assert core["drift_vae"].startswith("onnxruntime") and "rows decoded: 8," in core["drift_vae"]
     assert exports["reports"]["int8"]["machine"]["class"] and "precision_chosen_by" in exports["reports"]["int8"]
+    # The CPU target's report carries this machine's measured matmul peak per precision.
+    peak = exports["reports"]["int8"]["machine"]["matmul_peak"]
+    assert all(peak["peak"][p] > 0 for p in ("fp32", "bf16", "int8")) and peak["threads"] >= 1
 
 
 def _qdq_roles(path: Path) -> dict:
-    """Activation zero-point dtypes/values and which quantised MatMuls multiply two activations."""
+    """Activation zero-point dtypes/values, which quantised MatMuls multiply two activations, and the
+    stored (quantised) weight matrices."""
     model = onnx.load(str(path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -197,7 +201,9 @@ def _qdq_roles(path: Path) -> dict:
         return dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits
 
     products = [n.name for n in model.graph.node if n.op_type == "MatMul" and all(from_activation(i) for i in n.input)]
-    return {"zero_points": zero_points, "activation_products": products}
+    weights = [inits[n.input[0]] for n in model.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 2]
+    return {"zero_points": zero_points, "activation_products": products, "weights": weights}
 
 
 def test_int8_recipe_follows_the_target(exports):
@@ -213,7 +219,15 @@ def test_int8_recipe_follows_the_target(exports):
     # (ModelOpt fake-quantises weights as Q(w) -> DQ, which _qdq_roles takes for activations; the
     # placement tests below tell them apart.)
     reports = exports["reports"]
-    assert reports["int8"]["models"]["core"]["quantization"]["recipe"] == "onnxruntime-x86"
+    # The CPU recipe is this machine's: 7-bit weights where it has no u8 x s8 dot-product instruction.
+    from thfm_serve.export.quantize import recipe_for
+    from thfm_serve.machine import read_cpu
+
+    recipe = recipe_for("cpu")
+    assert reports["int8"]["models"]["core"]["quantization"]["recipe"] == recipe.name
+    assert recipe.reduce_range == (not read_cpu().int8_dot)
+    weights = cpu["weights"]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == (64 if recipe.reduce_range else 127)
     assert reports["int8_gpu"]["models"]["core"]["quantization"]["recipe"] == "modelopt-int8"
 
 
@@ -405,6 +419,25 @@ def test_cli_rejects_bad_checkpoints(tiny_checkpoint, tmp_path, caplog):
 def test_cli_refuses_a_repository_named_triton(tiny_checkpoint, tmp_path, caplog):
     code, errors = _cli(["--checkpoint", str(tiny_checkpoint), "--repo", str(tmp_path / "triton")], caplog)
     assert code == 2 and "named 'triton'" in errors[0].getMessage()
+
+
+def test_vae_pair_exported_first_then_the_core_writes_the_configs(request, tiny_checkpoint, tmp_path_factory):
+    """The VAE pair alone into a new repository is a complete export (the Triton configs wait for the
+    core, whose THFM config they need); the export that adds the core writes them."""
+    from serverfix import copy_export, exported_repo
+
+    repo = copy_export(exported_repo(request.config, tmp_path_factory, tiny_checkpoint, **SHAPE),
+                       tmp_path_factory.mktemp("vae_first") / "model_repository", models=[VAE_ENCODER, VAE_DECODER])
+    first = export_repository(tiny_checkpoint, repo, "cpu", "fp32", **SHAPE, models=[VAE_ENCODER, VAE_DECODER])
+    assert {m["status"] for m in first["models"].values()} == {"reused"}
+    # (The VAE folders came with the served export's configs; nothing else was written.)
+    assert first["configs"].startswith("not written: no exported core")
+    assert {p.parent.name for p in repo.glob("*/config.pbtxt")} == {VAE_ENCODER, VAE_DECODER}
+    assert json.loads((repo / "export_report.json").read_text())["configs"] == first["configs"]
+    second = export_repository(tiny_checkpoint, repo, "cpu", "fp32", **SHAPE, models=["core"])
+    assert "configs" not in second and second["models"]["core"]["status"] == "exported"
+    written = {p.parent.name for p in repo.glob("*/config.pbtxt")}
+    assert {"core", "thfm", "preprocess", VAE_ENCODER, VAE_DECODER} < written, written
 
 
 def _grid_args():

@@ -101,3 +101,41 @@ def test_export_default_precision_follows_the_machine(monkeypatch, tmp_path, tex
     got, why = default_precision(Target.CPU)
     assert got == Precision(precision) and cls in why
     assert default_precision(Target.GPU)[0] == Precision.BF16
+
+
+def test_int8_weights_follow_the_dot_product_instruction():
+    """With VNNI or AMX the CPU recipe keeps 8-bit weights; without (AVX2 only) they are 7-bit, so that
+    vpmaddubsw's int16 sum of two u8 x s8 products cannot saturate (255 * 64 * 2 < 32767)."""
+    from thfm_serve.export.quantize import recipe_for
+
+    amx, epyc512, epyc2, old = (parse_cpuinfo(c[0]) for c in CLASSES)
+    for cpu in (amx, epyc512):
+        assert not recipe_for("cpu", cpu).reduce_range and recipe_for("cpu", cpu).name == "onnxruntime-x86"
+    for cpu in (epyc2, old):
+        recipe = recipe_for("cpu", cpu)
+        assert recipe.reduce_range and recipe.quantize_static_kwargs()["reduce_range"] is True
+        assert recipe.name == "onnxruntime-x86-7bit" and "7-bit" in recipe.describe()
+    assert "7-bit" in cpu_recipe(epyc2).reason
+    # The GPU recipe does not depend on the host CPU.
+    assert recipe_for("gpu", epyc2) == recipe_for("gpu", amx)
+
+
+def test_serving_warns_of_8bit_int8_weights_on_a_cpu_without_vnni():
+    """A graph quantised with 8-bit weights (on a VNNI machine, or before the 7-bit recipe) served on
+    an AVX2-only CPU saturates its int8 kernel: the served model says so when it loads, and how to fix it."""
+    from thfm_serve.serving.sessions import int8_weights_warning
+
+    amx, _, epyc2, _ = (parse_cpuinfo(c[0]) for c in CLASSES)
+
+    def manifest(precision="int8", **quantization):
+        return {"spec": {"precision": precision}, "machine": {"class": "avx512-vnni-bf16"},
+                "report": {"quantization": quantization}}
+
+    warning = int8_weights_warning("core", manifest(weight_bits=8), epyc2)
+    assert warning.startswith("core: ") and "avx512-vnni-bf16" in warning and "avx2-fma" in warning
+    assert "thfm export --target cpu" in warning and "7 bits" in warning
+    assert int8_weights_warning("core", manifest(), epyc2)  # a manifest from before weight_bits: 8-bit
+    assert int8_weights_warning("core", manifest(weight_bits=8), amx) is None
+    assert int8_weights_warning("core", manifest(weight_bits=7), epyc2) is None
+    assert int8_weights_warning("core", manifest("fp32"), epyc2) is None
+    assert int8_weights_warning("core", {}, epyc2) is None

@@ -517,16 +517,33 @@ def test_int8_recipes_slice(tiny_checkpoint, tmp_path):
     assert rc == 0
     (js,) = out.glob("int8_recipes_*.json")
     rows = json.loads(js.read_text())["rows"]
-    assert set(rows) == {"fp32", "cpu", "cpu+attention", "gpu"}
+    assert set(rows) == {"fp32", "cpu", "cpu+attention", "gpu", "cpu+7bit", "cpu+u8u8"}
     assert rows["fp32"]["ops"].get("QLinearMatMul", 0) == 0
     assert rows["cpu"]["ops"].get("QLinearMatMul", 0) > 0
     # Attention products add two quantised MatMuls per attention (self and cross) of the one block.
     assert rows["cpu+attention"]["qdq"]["quantized_matmuls"] == rows["cpu"]["qdq"]["quantized_matmuls"] + 4
     assert rows["gpu"]["qdq"]["quantized_matmuls"] == rows["cpu+attention"]["qdq"]["quantized_matmuls"]
-    for name in ("cpu", "cpu+attention", "gpu"):
+    for name in ("cpu", "cpu+attention", "gpu", "cpu+7bit", "cpu+u8u8"):
         assert all(np.isfinite(v) for v in rows[name]["max_abs_vs_fp32"].values())
+    # The variants for CPUs without VNNI store what they say: weights in 7 bits, or unsigned.
+    work = next((tmp_path / "work").iterdir())
+    weights = {name: _quantized_weights(work / name / "model.onnx") for name in ("cpu", "cpu+7bit", "cpu+u8u8")}
+    assert all(w.dtype == np.int8 for w in weights["cpu"]) and max(int(np.abs(w).max()) for w in weights["cpu"]) == 127
+    assert all(w.dtype == np.int8 and -64 <= int(w.min()) and int(w.max()) <= 64 for w in weights["cpu+7bit"])
+    assert all(w.dtype == np.uint8 for w in weights["cpu+u8u8"]) and weights["cpu+u8u8"]
     md = js.with_suffix(".md").read_text()
     assert "perf/int8_recipes.py" in md and "| cpu+attention |" in md
+
+
+def _quantized_weights(path):
+    """The stored (quantised) weights: DequantizeLinear inputs that are initializers of rank 2."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[0]]) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
 
 
 @pytest.mark.slow

@@ -116,8 +116,9 @@ def cpu_recipe(cpu: CpuFeatures) -> CpuRecipe:
     - bf16 is never chosen: onnxruntime's CPU provider has no bf16 kernels (export/precision.py), and
       where the CPU has no bf16 instructions even PyTorch emulates it, slower than fp32.
     - int8 (Q/DQ linears, validated fatally against fp32 at export) wherever onnxruntime has int8
-      GEMM kernels, i.e. AVX2 and up: measured faster than fp32 on every class seen (1.59x on an
-      AVX2-only EPYC, about 4x with AVX-512 VNNI).
+      GEMM kernels, i.e. AVX2 and up: measured faster than fp32 on every class seen (1.4-1.6x on an
+      AVX2-only EPYC, about 4x with AVX-512 VNNI). Without VNNI the export quantises the weights to
+      7 bits (export/quantize.py recipe_for), which keeps AVX2's int8 GEMM from saturating.
     - fp32 below AVX2, where onnxruntime's int8 path has no vector kernels to gain from.
     """
     cls = cpu.machine_class
@@ -126,7 +127,8 @@ def cpu_recipe(cpu: CpuFeatures) -> CpuRecipe:
             why = "a u8 x s8 dot-product instruction (" + ", ".join(
                 f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if cpu.has(f)) + ") runs onnxruntime's int8 GEMM natively"
         else:
-            why = "AVX2 int8 GEMM (vpmaddubsw) measured 1.59x faster than fp32 on an AVX2-only EPYC; no VNNI"
+            why = ("AVX2 int8 GEMM (vpmaddubsw) measured 1.4-1.6x faster than fp32 on an AVX2-only EPYC; no VNNI, "
+                   "so the weights are 7-bit (vpmaddubsw's int16 pair sums saturate with 8-bit ones)")
         return CpuRecipe("int8", f"int8 Q/DQ linears: {why}; bf16 not considered (no onnxruntime CPU kernels)", cls)
     return CpuRecipe("fp32", "fp32: no AVX2, so onnxruntime has no vector int8 GEMM to gain from; "
                      "bf16 not considered (no onnxruntime CPU kernels)", cls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -9,9 +10,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..contract.params import _int_param
-from ..contract.protocol import ONNX_FILE, PARAM_THREADS
+from ..contract.protocol import MODEL_MANIFEST, ONNX_FILE, PARAM_THREADS
 from ..contract.specs import SubmodelSpec
 from ..errors import CheckpointError, ShapeError, ThfmError
+from ..machine import CpuFeatures, read_cpu
 from .assets import load_assets, repository_root
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,33 @@ def create_session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
+def _read_manifest(version_dir: Path) -> dict:
+    try:
+        return json.loads((version_dir / MODEL_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def int8_weights_warning(name: str, manifest: Mapping, cpu: CpuFeatures | None = None) -> str | None:
+    """Why an int8 graph will be less accurate on this CPU than the export validated, or None.
+
+    Without a u8 x s8 dot-product instruction (AVX2 only) onnxruntime sums pairs of int8 products in
+    a saturating int16, which 8-bit weights overflow: the export quantises to 7 bits on such a CPU
+    (export/quantize.py), but a graph exported on a VNNI machine, or before that recipe, has 8-bit
+    weights (manifest: report.quantization.weight_bits, absent = 8)."""
+    if manifest.get("spec", {}).get("precision") != "int8":
+        return None
+    bits = manifest.get("report", {}).get("quantization", {}).get("weight_bits", 8)
+    cpu = cpu or read_cpu()
+    if bits != 8 or cpu.int8_dot:
+        return None
+    where = manifest.get("machine", {}).get("class", "an unrecorded CPU")
+    return (f"{name}: this int8 graph has 8-bit weights (exported on {where}); this CPU ({cpu.machine_class}) has no "
+            "u8 x s8 dot-product instruction, so onnxruntime's int8 kernel saturates on them (the 1.3B core's task "
+            "drift from fp32 was 10-14x that on VNNI machines). Re-export on this machine (`thfm export --target "
+            "cpu`), which quantises the weights to 7 bits")
+
+
 class OnnxModel:
     """One exported submodel run by onnxruntime on behalf of a python-backend model.
 
@@ -72,7 +101,11 @@ class OnnxModel:
         if name not in assets.specs:
             raise CheckpointError(f"the repository manifest has no spec for {name!r}")
         threads = _int_param(params or {}, PARAM_THREADS, 0)
-        return cls(assets.specs[name], create_session(Path(model_dir) / str(version) / ONNX_FILE, threads))
+        version_dir = Path(model_dir) / str(version)
+        warning = int8_weights_warning(name, _read_manifest(version_dir))
+        if warning:
+            logger.warning(warning)
+        return cls(assets.specs[name], create_session(version_dir / ONNX_FILE, threads))
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> None:
         for t in self.spec.inputs:
