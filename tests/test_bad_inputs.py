@@ -409,7 +409,9 @@ def _good_request(client) -> None:
     assert out["keypoints3d"].shape == (2, 24, 3) and np.isfinite(out["keypoints3d"]).all()
 
 
-@pytest.mark.timeout(120)
+# func_only: the limit is the request's; the session's first export and server start (over two
+# minutes on an AVX2-only CPU) run in the first test's setup and have limits of their own.
+@pytest.mark.timeout(120, func_only=True)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, client, server, media, request):
     ctx = Ctx(client, server, media)
@@ -442,7 +444,7 @@ def test_every_case_has_a_distinct_name():
 
 # --- requests in flight -------------------------------------------------------------------------
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, func_only=True)
 def test_requests_beyond_max_in_flight_are_rejected_and_the_rest_served(client, server, request):
     """A burst of 12 slow requests against max_in_flight=2: the entry model's queue holds 2 (plus the
     one running); tritonserver rejects the others at once with UNAVAILABLE, the rest succeed."""
@@ -518,7 +520,7 @@ def _closed_port() -> int:
     return free_port()  # free now, and nothing listens on it
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_cli_bad_inputs_exit_2_with_one_error_line(server, media, tmp_path, request):
     cases = _cli_cases(tmp_path, media, server.grpc_url)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

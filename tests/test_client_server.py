@@ -228,7 +228,7 @@ def test_predict_url_command_writes_the_in_process_files(two_servers, tiny_check
     assert read_video(pics / "depth.mp4").frames.shape[0] == 12
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, func_only=True)
 def test_server_side_rejection_is_not_retried(two_servers, tmp_path):
     """A request the server refuses (here: above its per-request byte limit, checked client-side
     from the config) fails at once with the server's limit named, not after retries."""

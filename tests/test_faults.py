@@ -89,7 +89,7 @@ def kill_after(n: int, action) -> tuple[list[int], object]:
 
 # --- the server killed mid-request and restarted ------------------------------------------------
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_server_killed_mid_run_and_restarted_at_the_same_address(server, clip, reference):
     restarted = threading.Event()
 
@@ -114,7 +114,7 @@ def test_server_killed_mid_run_and_restarted_at_the_same_address(server, clip, r
 
 # --- a python-backend stub killed -----------------------------------------------------------------
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, func_only=True)
 def test_tritonserver_does_not_restart_a_dead_stub(repo, tmp_path_factory):
     """Documents tritonserver 2.51: the model stays 'ready' and fails every request, forever."""
     from tritonclient.utils import InferenceServerException
@@ -146,7 +146,7 @@ def test_tritonserver_does_not_restart_a_dead_stub(repo, tmp_path_factory):
         srv.stop(timeout_s=5)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 @pytest.mark.parametrize("victim", ["core_0_0", "thfm_0_0"])
 def test_thfm_serve_restarts_after_a_stub_dies_and_the_client_finishes(repo, clip, reference, tmp_path, victim):
     """kill -9 the stub of the core (called through BLS) or of the entry model itself, mid-run."""
@@ -178,7 +178,7 @@ def test_thfm_serve_restarts_after_a_stub_dies_and_the_client_finishes(repo, cli
             proc.wait()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_a_dead_stub_on_one_of_two_servers_fails_over(repo, server, clip, reference, tmp_path_factory):
     """Without the watchdog (a plain tritonserver) the broken server answers every window with an
     error; the client retries those windows on the healthy server and finishes."""

@@ -122,7 +122,7 @@ def client(server):
     c.close()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_memory_returns_after_refused_and_accepted_requests(server, client, request):
     rng = np.random.default_rng(0)
     accepted = rng.integers(0, 256, (40, 160, 160, 3), dtype=np.uint8)  # 3 MiB in, depth 3.9 MiB out

@@ -461,7 +461,7 @@ def perf_server(tmp_path_factory):
 
 
 @pytest.mark.server
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_live_entry_sweep(perf_server, tmp_path):
     out = tmp_path / "entry"
     summary = run_perf(PerfOptions(url=perf_server.grpc_url, out=out, concurrency=(1, 2), request_count=6))
@@ -478,7 +478,7 @@ def test_live_entry_sweep(perf_server, tmp_path):
 
 
 @pytest.mark.server
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_live_core_shapes_from_spec(perf_server, tmp_path):
     """Shapes come from the export spec at the entry model's geometry; the toy core fails any other."""
     summary = run_perf(PerfOptions(url=perf_server.grpc_url, model="core", out=tmp_path, batch=2, request_count=4))
@@ -488,7 +488,7 @@ def test_live_core_shapes_from_spec(perf_server, tmp_path):
 
 
 @pytest.mark.server
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_live_failures_are_reported(perf_server, tmp_path):
     # Wrong tasks: the entry model answers with an error, perf_analyzer fails, and the message says so.
     with pytest.raises(ThfmError, match="every concurrency level"):
@@ -498,7 +498,7 @@ def test_live_failures_are_reported(perf_server, tmp_path):
 
 
 @pytest.mark.server
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, func_only=True)
 def test_live_cli(perf_server, tmp_path):
     from thfm_serve.cli import main
 

@@ -127,7 +127,7 @@ def test_shared_memory_trace_and_logging_apis_are_refused(server):
 
 
 @pytest.mark.server
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(60, func_only=True)
 @pytest.mark.parametrize("key", ["s3cret-admin-key-0123", None], ids=["operator-key", "random-key"])
 def test_the_restricted_api_key_is_on_no_command_line(tmp_path, key):
     """Every local user can read /proc/<pid>/cmdline; the key must not be there, yet tritonserver must
