@@ -274,11 +274,11 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
             key["calibration"]["dtype"] = calibration_dtype_for(read_cpu())
     if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
         from .calibration import PROCEDURAL_RECIPE
-        from .quantize import VAE_RECIPE
+        from .quantize import vae_recipe_for
 
         key["calibration"] = {"videos": [mf.file_hashes([Path(p)])[Path(p).name]["sha256"] for p in calibration],
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
-                              "recipe": VAE_RECIPE.name, "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
+                              "recipe": vae_recipe_for().name, "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
     return key
 
 

@@ -420,6 +420,7 @@ class VaeQdqRecipe:
     name: str = "onnxruntime-x86-conv-float-tail"
     op_types: tuple[str, ...] = VAE_OP_TYPES
     float_tail: bool = True  # the decoder's last up block and conv_out stay float (decoder_tail_convs)
+    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI (as the core's "cpu-no-vnni")
 
     def float_convs(self, model: onnx.ModelProto) -> list[str]:
         """The Convs this recipe leaves in float in `model`."""
@@ -430,27 +431,40 @@ class VaeQdqRecipe:
 
         return {
             "quant_format": QuantFormat.QDQ, "op_types_to_quantize": list(self.op_types), "per_channel": True,
-            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8,
+            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": self.reduce_range,
             "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
         }
 
     def describe(self) -> str:
         tail = ", the decoder's last up block and conv_out in float" if self.float_tail else ""
-        return (f"onnxruntime quantize_static QDQ, MinMax, uint8 asymmetric activations, int8 symmetric per-channel "
+        bits = "7-bit " if self.reduce_range else ""
+        return (f"onnxruntime quantize_static QDQ, MinMax, uint8 asymmetric activations, {bits}int8 symmetric per-channel "
                 f"weights, {'/'.join(self.op_types)} only{tail} ({self.name})")
 
 
 VAE_RECIPE = VaeQdqRecipe()
+# QLinearConv runs on the same u8 x s8 GEMM kernels as the core's linears: without VNNI its 8-bit
+# weights saturate them too (the tiny checkpoint's int8 decoder failed its export validation on an
+# AVX2-only EPYC, maps max abs 0.18-0.26 against atol 0.1).
+VAE_RECIPE_NO_VNNI = VaeQdqRecipe(name="onnxruntime-x86-conv-float-tail-7bit", reduce_range=True)
+
+
+def vae_recipe_for(cpu: Any = None) -> VaeQdqRecipe:
+    """The int8 VAE recipe for `cpu` (default: this machine's), as recipe_for for the core."""
+    from thfm_serve.machine import read_cpu
+
+    return VAE_RECIPE if (cpu or read_cpu()).int8_dot else VAE_RECIPE_NO_VNNI
 
 
 def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]],
-                 recipe: VaeQdqRecipe = VAE_RECIPE) -> dict[str, Any]:
+                 recipe: VaeQdqRecipe | None = None) -> dict[str, Any]:
     """Write the int8 Q/DQ VAE graph (encoder or decoder) to out_path, calibrated on `samples` (input
     feeds from the distribution the graph serves); check its structure (fatal) and return the report."""
     from onnxruntime.quantization import CalibrationMethod
 
     if not samples:
         raise ExportError("int8 VAE: no calibration samples")
+    recipe = recipe or vae_recipe_for()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = single_rows(samples)
     logger.info("int8 VAE (%s): calibrating %s on %d samples (%d rows, one per run)", recipe.name,
@@ -465,7 +479,8 @@ def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nda
     out_path.chmod(out_path.stat().st_mode | 0o444)
     stats = check_conv_qdq(onnx.load(str(out_path)), keep_float)
     stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["quantized_convs"], len(keep_float))
-    stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name, "weight_bits": 8,
+    stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name,
+                  "weight_bits": 7 if recipe.reduce_range else 8,
                   "method": recipe.describe()})
     return stats
 

@@ -3,7 +3,7 @@
     .venv/bin/python perf/vae_int8.py --checkpoint runs/ck13 --frames 17 --height 256 --width 256
 
 A checkpoint's VAE encoder and decoder are exported to fp32 ONNX at the window (frames x height x
-width), quantised as the exporter does (export/quantize.py VAE_RECIPE: Q/DQ on the convolutions but
+width), quantised as the exporter does (export/quantize.py vae_recipe_for: Q/DQ on the convolutions but
 the decoder's float tail, calibrated on the exporter's procedural clips, encoder on frames, decoder on
 the clips' latents and the core's dense rows), the decoder also with every Conv int8 (what the tail
 costs), and each graph is timed in onnxruntime with the serving session options
@@ -64,17 +64,19 @@ def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, heigh
     from thfm_serve.export.build import vae_feeds
     from thfm_serve.export.calibration import procedural_clips
     from thfm_serve.export.onnx_export import export_onnx
-    from thfm_serve.export.quantize import VAE_RECIPE, quantize_vae
+    from thfm_serve.export.quantize import quantize_vae, vae_recipe_for
+
+    vae_recipe = vae_recipe_for()  # this machine's (7-bit weights without VNNI)
     from thfm_serve.contract.protocol import VAE_ENCODER
 
-    paths = {"fp32": work / name / "fp32" / "model.onnx", "int8": work / name / VAE_RECIPE.name / "model.onnx"}
+    paths = {"fp32": work / name / "fp32" / "model.onnx", "int8": work / name / vae_recipe.name / "model.onnx"}
     if not paths["fp32"].is_file():
         module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
         logger.info("exporting %s (fp32) to %s", name, paths["fp32"])
         export_onnx(module, specs[name], paths["fp32"])
-    recipes = {"int8": VAE_RECIPE}
-    if VAE_RECIPE.float_convs(onnx.load(str(paths["fp32"]), load_external_data=False)):
-        every = dataclasses.replace(VAE_RECIPE, name="onnxruntime-x86-conv", float_tail=False)
+    recipes = {"int8": vae_recipe}
+    if vae_recipe.float_convs(onnx.load(str(paths["fp32"]), load_external_data=False)):
+        every = dataclasses.replace(vae_recipe, name="onnxruntime-x86-conv", float_tail=False)
         recipes["int8_all"] = every
         paths["int8_all"] = work / name / every.name / "model.onnx"
     clips = procedural_clips(CALIBRATION_CLIPS, frames, height, width, seed=0)
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from thfm_serve.export.quantize import VAE_RECIPE
+    from thfm_serve.export.quantize import vae_recipe_for
+
+    vae_recipe = vae_recipe_for()
     from thfm_serve.machine import read_cpu
 
     from thfm_serve.config import DENSE_TASKS
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.md").write_text(table)
         (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": cpu.to_dict(), "threads": args.threads,
                                                       "runs": args.runs, "decoder_rows": args.decoder_rows,
-                                                      "recipe": VAE_RECIPE.describe(), "rows": rows,
+                                                      "recipe": vae_recipe.describe(), "rows": rows,
                                                       "every_conv": every_conv}, indent=1))
         logger.info("wrote %s", out / f"{stem}.md")
     return 0

@@ -169,7 +169,7 @@ def test_vae_calibration_runs_one_row_at_a_time_with_the_batchs_ranges(tmp_path)
     # ranges, and so the scales and zero points, it writes.
     from onnxruntime.quantization import CalibrationMethod, quantize_static
 
-    from thfm_serve.export.quantize import VAE_RECIPE, _Reader, quantize_vae, single_rows
+    from thfm_serve.export.quantize import _Reader, quantize_vae, single_rows, vae_recipe_for
 
     path = _two_convs(tmp_path)
     rng = np.random.default_rng(2)
@@ -183,7 +183,7 @@ def test_vae_calibration_runs_one_row_at_a_time_with_the_batchs_ranges(tmp_path)
     stats = quantize_vae(path, tmp_path / "ours.onnx", samples)
     assert (stats["calibration_samples"], stats["calibration_rows"]) == (3, 8)
     quantize_static(str(path), str(tmp_path / "ref.onnx"), _Reader(samples), calibrate_method=CalibrationMethod.MinMax,
-                    **VAE_RECIPE.quantize_static_kwargs())
+                    **vae_recipe_for().quantize_static_kwargs())
 
     def qparams(p):
         return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer
