@@ -74,6 +74,10 @@ class QdqRecipe:
     weights: str = "int8"  # "int8" or "uint8" (u8 x u8 GEMM: no vpmaddubsw saturation without VNNI)
     reduce_range: bool = False  # 7-bit weights: u8 x s7 pairs cannot saturate vpmaddubsw's int16 sums
 
+    @property
+    def weight_bits(self) -> int:
+        return 7 if self.reduce_range else 8
+
     def quantize_static_kwargs(self) -> dict[str, Any]:
         """The onnxruntime quantize_static options of this recipe (calibration and nodes aside)."""
         from onnxruntime.quantization import QuantFormat, QuantType
@@ -93,7 +97,7 @@ class QdqRecipe:
     def describe(self) -> str:
         act = f"{self.activations} {'symmetric' if self.activation_symmetric else 'asymmetric'} activations"
         what = "linears and attention products" if self.attention_products else "linears only"
-        weights = f"{'7-bit ' if self.reduce_range else ''}{self.weights} per-channel weights"
+        weights = f"{'7-bit ' if self.weight_bits == 7 else ''}{self.weights} per-channel weights"
         return f"onnxruntime quantize_static QDQ, MinMax, {act}, {weights}, {what} ({self.name})"
 
 
@@ -111,17 +115,22 @@ RECIPES = {
 }
 
 
+def saturates_8bit_weights(cpu: Any = None) -> bool:
+    """Whether `cpu` (default: this machine's, thfm_serve.machine.read_cpu) multiplies u8 x s8 without
+    a dot-product instruction (no VNNI), so that int8 graphs there need 7-bit weights (see RECIPES)."""
+    from thfm_serve.machine import read_cpu
+
+    return not (cpu or read_cpu()).int8_dot
+
+
 def recipe_for(target: Any, cpu: Any = None) -> QdqRecipe:
     """The recipe of a target; for "cpu", the one for `cpu`'s int8 instructions (default: this
     machine's, thfm_serve.machine.read_cpu), the machine that serves what it exports by default."""
     key = getattr(target, "value", target)
     if key not in RECIPES:
         raise ExportError(f"int8: no quantisation recipe for target {key!r} (known: {', '.join(RECIPES)})")
-    if key == "cpu":
-        from thfm_serve.machine import read_cpu
-
-        if not (cpu or read_cpu()).int8_dot:
-            key = "cpu-no-vnni"
+    if key == "cpu" and saturates_8bit_weights(cpu):
+        key = "cpu-no-vnni"
     return RECIPES[key]
 
 
@@ -351,7 +360,7 @@ def quantize_core(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nd
         raise ExportError(f"int8: {out_path.name} has no quantized MatMul (Q/DQ insertion failed): {stats}")
     stats.update({"excluded_scopes": list(exclude), "excluded_nodes": len(skip), "calibration_samples": len(samples),
                   "recipe": recipe.name, "method": recipe.describe(), "calibration": calibration,
-                  "weight_bits": 7 if recipe.reduce_range else 8,
+                  "weight_bits": recipe.weight_bits,
                   "calibration_dtype": calibration_dtype if use_hooks else "fp32", **seconds})
     return stats
 
@@ -422,6 +431,10 @@ class VaeQdqRecipe:
     float_tail: bool = True  # the decoder's last up block and conv_out stay float (decoder_tail_convs)
     reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI (as the core's "cpu-no-vnni")
 
+    @property
+    def weight_bits(self) -> int:
+        return 7 if self.reduce_range else 8
+
     def float_convs(self, model: onnx.ModelProto) -> list[str]:
         """The Convs this recipe leaves in float in `model`."""
         return decoder_tail_convs(model) if self.float_tail else []
@@ -437,7 +450,7 @@ class VaeQdqRecipe:
 
     def describe(self) -> str:
         tail = ", the decoder's last up block and conv_out in float" if self.float_tail else ""
-        bits = "7-bit " if self.reduce_range else ""
+        bits = "7-bit " if self.weight_bits == 7 else ""
         return (f"onnxruntime quantize_static QDQ, MinMax, uint8 asymmetric activations, {bits}int8 symmetric per-channel "
                 f"weights, {'/'.join(self.op_types)} only{tail} ({self.name})")
 
@@ -451,9 +464,7 @@ VAE_RECIPE_NO_VNNI = VaeQdqRecipe(name="onnxruntime-x86-conv-float-tail-7bit", r
 
 def vae_recipe_for(cpu: Any = None) -> VaeQdqRecipe:
     """The int8 VAE recipe for `cpu` (default: this machine's), as recipe_for for the core."""
-    from thfm_serve.machine import read_cpu
-
-    return VAE_RECIPE if (cpu or read_cpu()).int8_dot else VAE_RECIPE_NO_VNNI
+    return VAE_RECIPE_NO_VNNI if saturates_8bit_weights(cpu) else VAE_RECIPE
 
 
 def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.ndarray]],
@@ -480,7 +491,7 @@ def quantize_vae(fp32_path: Path, out_path: Path, samples: list[dict[str, np.nda
     stats = check_conv_qdq(onnx.load(str(out_path)), keep_float)
     stats["onnxruntime_optimised"] = check_qlinear_conv(out_path, stats["quantized_convs"], len(keep_float))
     stats.update({"calibration_samples": len(samples), "calibration_rows": len(rows), "recipe": recipe.name,
-                  "weight_bits": 7 if recipe.reduce_range else 8,
+                  "weight_bits": recipe.weight_bits,
                   "method": recipe.describe()})
     return stats
 

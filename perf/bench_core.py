@@ -467,14 +467,11 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
 
     from thfm_serve.contract import protocol
-    from thfm_serve.server import ServerConfig, TritonServer, free_port
+    from thfm_serve.server import ServerConfig, TritonServer, server_ports
 
     frames, height, width = job["frames"], job["height"], job["width"]
     clip = clip_frames(frames, height, width)
-    ports = [free_port() for _ in range(3)]
-    while len(set(ports)) < 3:
-        ports = [free_port() for _ in range(3)]
-    cfg = ServerConfig(repo=Path(job["repo"]), http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+    cfg = ServerConfig(repo=Path(job["repo"]), **server_ports())
     t0 = time.perf_counter()
     res: dict[str, Any] = {}
     with TritonServer(cfg) as server:

@@ -207,17 +207,13 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
     from bench_core import _group_hwm_mb
     from thfm_serve import serving
     from thfm_serve.contract import protocol
-    from thfm_serve.server import ServerConfig, TritonServer, free_port
+    from thfm_serve.server import ServerConfig, TritonServer, server_ports
     from thfm_serve.video import read_video
 
     repo = Path(job["repo"])
     assets = serving.load_assets(repo)
     precisions = {m: assets.specs[m].precision for m in (protocol.VAE_ENCODER, protocol.CORE, protocol.VAE_DECODER)}
-    ports = {free_port() for _ in range(3)}
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc_port, metrics = sorted(ports)
-    cfg = ServerConfig(repo=repo, http_port=http, grpc_port=grpc_port, metrics_port=metrics)
+    cfg = ServerConfig(repo=repo, **server_ports())
     tasks = list(job["tasks"])
     t0 = time.perf_counter()
     with TritonServer(cfg, log_path=Path(job["workdir"]) / "server.log") as server:

@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -147,12 +146,6 @@ def tensorrt_path(work: Path, timeout_s: float) -> dict[str, Any]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def triton_request(repo: Path, ck: Path, timeout_s: float) -> dict[str, Any]:
     exe = shutil.which("tritonserver")
     if exe is None:
@@ -164,9 +157,10 @@ def triton_request(repo: Path, ck: Path, timeout_s: float) -> dict[str, Any]:
     from thfm_serve.contract.specs import tolerance_for
     from thfm_serve.pipeline import ThfmPipeline
     from thfm_serve.repository import check_repository
+    from thfm_serve.server import free_ports
 
     check_repository(repo, "gpu")  # includes the plan's TensorRT version against this image's
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    http, grpc, metrics = free_ports(3)
     log = repo.parent / "tritonserver.log"
     cmd = [exe, f"--model-repository={repo}", f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}"]
     with open(log, "w") as logf:

@@ -306,14 +306,14 @@ def write_readme(out: Path, summary: dict, command: str) -> None:
 
 def run(args) -> dict:
     from thfm_serve import perf
-    from thfm_serve.server import ServerConfig, TritonServer, free_port
+    from thfm_serve.server import ServerConfig, TritonServer, server_ports
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     repo = prepare_repo(work, Path(args.repo) if args.repo else None, args.concurrency)
     pa = perf.find_perf_analyzer()
-    cfg = ServerConfig(repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    cfg = ServerConfig(repo=repo, **server_ports())
     server = TritonServer(cfg, log_path=work / "server.log")
     server.start(timeout_s=300)
     try:

@@ -20,22 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from thfm_serve.server import free_ports
+
 logger = logging.getLogger(__name__)
 
 VENV_BIN = Path(sys.executable).parent
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # Ray's minimum is 75 MB; plenty for records of a few bytes
 WORKER_PORTS = 16  # ports per node for Ray's worker processes
-
-
-def _free_ports(n: int) -> list[int]:
-    from thfm_serve.server import free_port
-
-    out: list[int] = []
-    while len(out) < n:
-        p = free_port()
-        if p not in out:
-            out.append(p)
-    return out
 
 
 def _children() -> dict[int, list[int]]:
@@ -104,7 +95,7 @@ class RayCluster:
         self.env.pop("RAY_ADDRESS", None)
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
-        ports = _free_ports(6 + WORKER_PORTS)
+        ports = free_ports(6 + WORKER_PORTS)
         cmd = [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--num-cpus={self.cpus}",
                f"--object-store-memory={OBJECT_STORE_BYTES}", f"--node-ip-address={self.ip}",
                f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
@@ -118,7 +109,7 @@ class RayCluster:
         return proc
 
     def start(self, workers: int = 1, timeout_s: float = 60) -> "RayCluster":
-        port, client_port = _free_ports(2)
+        port, client_port = free_ports(2)
         self._start(["--head", f"--port={port}", f"--ray-client-server-port={client_port}",
                      "--include-dashboard=false", f"--temp-dir={self.temp_dir}"], "head")
         self.address = f"{self.ip}:{port}"

@@ -90,10 +90,9 @@ def served_repo(config: pytest.Config, tmp_path_factory, checkpoint: Path, limit
 
 def start_server(repo: Path, log_dir: Path, timeout_s: float = 180, **cfg: Any):
     """tritonserver on free loopback ports serving `repo` (ServerConfig fields in cfg)."""
-    from thfm_serve.server import ServerConfig, TritonServer, free_port
+    from thfm_serve.server import ServerConfig, TritonServer, server_ports
 
-    config = ServerConfig(repo=repo, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), **cfg)
+    config = ServerConfig(repo=repo, host="127.0.0.1", **server_ports(), **cfg)
     srv = TritonServer(config, log_path=Path(log_dir) / "server.log")
     t0 = time.perf_counter()
     srv.start(timeout_s=timeout_s)

@@ -18,7 +18,7 @@ import pytest
 from thfm_serve.client import AsyncThfmClient, ThfmClient
 from thfm_serve.contract.specs import tolerance_for
 from thfm_serve.contract.tasks import DENSE_TASKS, OUTPUT_KEYS
-from thfm_serve.server import ServerConfig, TritonServer, free_port
+from thfm_serve.server import ServerConfig, TritonServer, server_ports
 from thfm_serve.video import read_video
 from thfm_serve.clipgen import encoder_available, make_clip
 
@@ -40,7 +40,7 @@ def tiny_repo(request, tiny_checkpoint):
 
 
 def _server(repo, tmp_path_factory) -> TritonServer:
-    cfg = ServerConfig(repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    cfg = ServerConfig(repo=repo, **server_ports())
     log = tmp_path_factory.mktemp("triton") / "server.log"
     return TritonServer(cfg, log_path=log).start(timeout_s=120)
 

@@ -443,7 +443,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 
 @pytest.fixture(scope="module")
 def perf_server(tmp_path_factory):
-    from thfm_serve.server import ServerConfig, TritonServer, free_port
+    from thfm_serve.server import ServerConfig, TritonServer, server_ports
 
     try:
         find_perf_analyzer()
@@ -455,7 +455,7 @@ def perf_server(tmp_path_factory):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(pbtxt)
         (repo / name / "1" / "model.py").write_text(py)
-    cfg = ServerConfig(repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    cfg = ServerConfig(repo=repo, **server_ports())
     with TritonServer(cfg, log_path=repo.parent / "server.log") as server:
         yield server
 

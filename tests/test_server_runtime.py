@@ -27,6 +27,7 @@ from thfm_serve.server import (
     free_port,
     group_members,
     server_command,
+    server_ports,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def write_model(repo: Path, name: str, model_py: str = MODEL_PY, scale: float = 
 
 def make_config(repo: Path, **kw) -> ServerConfig:
     return ServerConfig(
-        repo=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), **kw
+        repo=repo, **server_ports(), **kw
     )
 
 
@@ -194,6 +195,20 @@ def test_free_port_can_be_bound():
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", port))  # OSError if something already holds it
+
+
+def test_server_ports_are_distinct_and_bindable():
+    import contextlib
+    import socket
+
+    # Three ports taken one after another can repeat (a server given the same port twice exits 2):
+    # all of them must be free at once.
+    for _ in range(20):
+        ports = server_ports()
+        assert set(ports) == {"http_port", "grpc_port", "metrics_port"} and len(set(ports.values())) == 3
+        with contextlib.ExitStack() as stack:
+            for port in ports.values():
+                stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind(("127.0.0.1", port))
 
 
 # --- real server ----------------------------------------------------------------------------------

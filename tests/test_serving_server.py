@@ -30,7 +30,7 @@ from thfm_serve.contract.tasks import OUTPUT_KEYS
 from thfm_serve.repository import check_repository, write_repository
 from thfm_serve.contract.specs import MAX_BATCH
 from thfm_serve.serving import Limits
-from thfm_serve.server import ServerConfig, TritonServer, free_port
+from thfm_serve.server import ServerConfig, TritonServer, free_ports, server_ports
 
 pytestmark = pytest.mark.server
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def repo(request, tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    cfg = ServerConfig(repo=repo, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                       metrics_port=free_port())
+    cfg = ServerConfig(repo=repo, host="127.0.0.1", **server_ports())
     srv = TritonServer(cfg)
     t0 = time.perf_counter()
     srv.start(timeout_s=180)
@@ -302,9 +301,9 @@ def test_bad_request_to_an_ensemble_names_the_failing_step(client):
 def test_thfm_serve_runs_until_sigterm(repo, tmp_path):
     import tritonclient.grpc as grpcclient
 
-    grpc_port = free_port()
-    argv = [sys.executable, "-m", "thfm_serve.cli", "serve", "--repo", str(repo), "--http-port", str(free_port()),
-            "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), "--log", str(tmp_path / "server.log")]
+    http_port, grpc_port, metrics_port = free_ports(3)
+    argv = [sys.executable, "-m", "thfm_serve.cli", "serve", "--repo", str(repo), "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--log", str(tmp_path / "server.log")]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")

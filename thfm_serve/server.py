@@ -12,6 +12,7 @@ and tools use the `TritonServer` context manager.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -446,9 +447,23 @@ def _headline(path: Path | None) -> str:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it); for tests."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now. All n sockets are bound at once: ports taken
+    one after another can repeat (the OS may hand a just-closed port out again), and a server given
+    the same port twice refuses to start."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def server_ports() -> dict[str, int]:
+    """ServerConfig's three ports, free and distinct: ServerConfig(repo=..., **server_ports())."""
+    return dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
 
 
 def _connect_host(host: str) -> str:

@@ -121,12 +121,11 @@ class _ServerActor:
     def __init__(self, repo: str, start_timeout_s: float):
         import ray
 
-        from thfm_serve.server import ServerConfig, TritonServer, free_port
+        from thfm_serve.server import ServerConfig, TritonServer, server_ports
 
         host = ray.util.get_node_ip_address()
         log = Path(tempfile.mkdtemp(prefix="thfm-batch-server-")) / "tritonserver.log"
-        cfg = ServerConfig(repo=Path(repo), host=host, http_port=free_port(), grpc_port=free_port(),
-                           metrics_port=free_port())
+        cfg = ServerConfig(repo=Path(repo), host=host, **server_ports())
         self.server = TritonServer(cfg, log_path=log)
         self.server.start(timeout_s=start_timeout_s)
 
