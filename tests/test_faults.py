@@ -29,7 +29,7 @@ import pytest
 from serverfix import grpc_client, grpc_inputs, outputs, served_repo, start_server
 from thfm_serve.contract import protocol
 from thfm_serve.client import ThfmClient
-from thfm_serve.server import free_port, python_stubs
+from thfm_serve.server import free_ports, python_stubs
 
 pytestmark = pytest.mark.server
 logger = logging.getLogger(__name__)
@@ -150,10 +150,10 @@ def test_tritonserver_does_not_restart_a_dead_stub(repo, tmp_path_factory):
 @pytest.mark.parametrize("victim", ["core_0_0", "thfm_0_0"])
 def test_thfm_serve_restarts_after_a_stub_dies_and_the_client_finishes(repo, clip, reference, tmp_path, victim):
     """kill -9 the stub of the core (called through BLS) or of the entry model itself, mid-run."""
-    grpc_port = free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "thfm_serve.cli", "serve", "--repo", str(repo), "--grpc-port", str(grpc_port),
-            "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--log", str(tmp_path / "triton.log")]
+            "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--log", str(tmp_path / "triton.log")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
