@@ -120,7 +120,7 @@ def saturates_8bit_weights(cpu: Any = None) -> bool:
     a dot-product instruction (no VNNI), so that int8 graphs there need 7-bit weights (see RECIPES)."""
     from thfm_serve.machine import read_cpu
 
-    return not (cpu or read_cpu()).int8_dot
+    return (cpu or read_cpu()).int8_weight_bits < 8
 
 
 def recipe_for(target: Any, cpu: Any = None) -> QdqRecipe:

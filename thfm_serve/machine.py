@@ -49,6 +49,13 @@ class CpuFeatures:
         return self.has("avx512_vnni") or self.has("avx_vnni") or (self.has("amx_int8") and self.has("amx_tile"))
 
     @property
+    def int8_weight_bits(self) -> int:
+        """The widest int8 weights onnxruntime multiplies exactly here: 8 with a dot-product instruction,
+        7 without (255 x 127 x 2 overflows vpmaddubsw's int16 pair sums; 255 x 64 x 2 does not). The
+        exporter quantises to it and serving warns about graphs wider than it."""
+        return 8 if self.int8_dot else 7
+
+    @property
     def machine_class(self) -> str:
         """A short name for the kernel class: amx, avx512-vnni-bf16, avx512-vnni, avx512, avx2-vnni,
         avx2-fma, or baseline (no AVX2)."""

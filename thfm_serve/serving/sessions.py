@@ -66,7 +66,7 @@ def int8_weights_warning(name: str, manifest: Mapping, cpu: CpuFeatures | None =
         return None
     bits = manifest.get("report", {}).get("quantization", {}).get("weight_bits", 8)
     cpu = cpu or read_cpu()
-    if bits != 8 or cpu.int8_dot:
+    if bits <= cpu.int8_weight_bits:
         return None
     where = manifest.get("machine", {}).get("class", "an unrecorded CPU")
     return (f"{name}: this int8 graph has 8-bit weights (exported on {where}); this CPU ({cpu.machine_class}) has no "
