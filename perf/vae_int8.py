@@ -14,8 +14,10 @@ held-out clip (not a calibration clip). The report gives the machine class (thfm
 medians, int8's speed-up, its largest difference from fp32 and what onnxruntime runs after its graph
 optimisation (QLinearConv 2D/3D, float Convs left).
 
-Writes nothing unless --out DIR is given (then DIR/vae_int8_<name>_<F>x<H>x<W>.{md,json}, each with
-the command that made it); the table is always logged. ONNX files are cached under --workdir.
+Writes nothing unless --out DIR is given (then DIR/vae_int8_<name>_<F>x<H>x<W>.{md,json}, or
+DIR/<--name>.{md,json}, each with the command that made it); the table is always logged. ONNX files
+are cached under --workdir (WORKDIR/<checkpoint>_<F>x<H>x<W>/<graph>/<recipe>/model.onnx; an fp32
+graph placed there, e.g. a repository's exported VAE at the same window, is used as it is).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", help="write the .md/.json results here (default: log only)")
+    p.add_argument("--name", help="result file stem (default vae_int8_<checkpoint>_<F>x<H>x<W>)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "vae_int8"))
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the child process (see main)
     args = p.parse_args(argv)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"vae_int8_{Path(args.checkpoint).resolve().name}_{shape}"
+        stem = args.name or f"vae_int8_{Path(args.checkpoint).resolve().name}_{shape}"
         (out / f"{stem}.md").write_text(table)
         (out / f"{stem}.json").write_text(json.dumps({"command": command, "machine": cpu.to_dict(), "threads": args.threads,
                                                       "runs": args.runs, "decoder_rows": args.decoder_rows,
