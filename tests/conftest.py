@@ -16,9 +16,7 @@ SAMPLES = REPO_ROOT.parent / "shared" / "samples"
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from thfm_serve.checkpoint import init_checkpoint
 
-    from serverfix import TINY_SEED
-
-    return init_checkpoint("tiny", tmp_path_factory.mktemp("ck") / "tiny", seed=TINY_SEED)
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("ck") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -58,20 +56,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from serverfix import write_tables
 
     write_tables(terminalreporter, config)
-
-
-def pytest_collection_finish(session):
-    """A session that will serve the tiny checkpoint at its own clip starts that export now, on the
-    second core (tests/serverfix.py: start_default_grid_prefetch)."""
-    from serverfix import start_default_grid_prefetch
-
-    if session.config.option.collectonly:
-        return
-    if any("default_grid" in getattr(item, "fixturenames", ()) for item in session.items):
-        start_default_grid_prefetch(session.config)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    from serverfix import stop_default_grid_prefetch
-
-    stop_default_grid_prefetch()

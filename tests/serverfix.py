@@ -30,10 +30,6 @@ logger = logging.getLogger(__name__)
 # The export grid of the served tests: a 5-frame window at 32x32 (smaller than the tiny config's 9 at
 # 64x64) keeps both the export and every request fast.
 WINDOW, HEIGHT, WIDTH = 5, 32, 32
-# The tiny checkpoint every session writes (conftest.tiny_checkpoint): the seed makes its files, and so
-# its hash, the same in every process, which is what lets one process reuse another's export.
-TINY_SEED = 0
-DEFAULT_GRID_CACHE = "thfm-tiny-repo"
 
 # --- the repository -----------------------------------------------------------------------------
 
@@ -45,86 +41,23 @@ def _cache_dir(config: pytest.Config, tmp_path_factory, name: str) -> Path:
     return Path(cache.mkdir(name))
 
 
-def _export_locked(repo: Path, checkpoint: Path, **shape: int) -> Path:
-    """export_repository (cpu, fp32) into `repo` under the lock file beside it: two pytest sessions
-    on one checkout, or a session and its prefetch process, never export into one folder at once, and
-    the second finds the first's models matching their manifests."""
-    from thfm_serve.export import export_repository
-
-    with open(repo.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        t0 = time.perf_counter()
-        export_repository(checkpoint, repo, "cpu", "fp32", **shape)
-        logger.info("export (cpu, fp32, %s) ready in %.1f s", shape or "the checkpoint's clip", time.perf_counter() - t0)
-    return repo
-
-
 def exported_repo(config: pytest.Config, tmp_path_factory, checkpoint: Path, frames: int = WINDOW,
                   height: int = HEIGHT, width: int = WIDTH) -> Path:
     """The tiny checkpoint exported (or reused) for cpu/fp32 at frames x height x width, in the cache.
 
     The returned path is shared with other sessions: copy it (copy_export) before changing anything.
     """
+    from thfm_serve.export import export_repository
+
     root = _cache_dir(config, tmp_path_factory, f"thfm-served-{frames}x{height}x{width}")
-    return _export_locked(root / "repo", checkpoint, frames=frames, height=height, width=width)
-
-
-def default_grid_repo(config: pytest.Config, tmp_path_factory, checkpoint: Path) -> Path:
-    """The tiny checkpoint exported (or reused) for cpu/fp32 at its own clip (9 x 64 x 64), in the
-    cache: what `thfm predict --checkpoint` runs by default, so a client pointed at it and one given
-    the checkpoint must agree. Shared like exported_repo's."""
-    root = _cache_dir(config, tmp_path_factory, DEFAULT_GRID_CACHE)
-    return _export_locked(root / "model_repository", checkpoint)
-
-
-# --- the default-grid export, started early in a process of its own ----------------------------
-#
-# Tracing the tiny Wan VAE for ONNX is almost all torch.export's symbolic shape reasoning: Python on
-# one core, about two minutes on these 2-core machines. A session that needs the default-grid export
-# starts it at collection time on the otherwise idle second core (tests/prefetch_export.py), while
-# the first runs the tests before test_client_server; default_grid_repo then waits on the lock and
-# reuses what it finds. Whatever goes wrong in that process, the fixture exports as it would have.
-
-_prefetch: dict[str, Any] = {}
-
-
-def start_default_grid_prefetch(config: pytest.Config) -> None:
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    cache = getattr(config, "cache", None)
-    if cache is None or _prefetch:
-        return
-    root = Path(cache.mkdir(DEFAULT_GRID_CACHE))
-    log = open(root / "prefetch.log", "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           # its matmul-peak measurement stays out of the user's cache, as conftest's _private_cache does
-           "THFM_CACHE_DIR": tempfile.mkdtemp(prefix="thfm-prefetch-cache-")}
-    script = Path(__file__).with_name("prefetch_export.py")
-    _prefetch.update(log=log, root=root, proc=subprocess.Popen(
-        [sys.executable, str(script), str(root)], stdout=log, stderr=subprocess.STDOUT, env=env))
-    logger.info("default-grid export started in process %d (log %s)", _prefetch["proc"].pid, log.name)
-
-
-def stop_default_grid_prefetch() -> None:
-    """At the end of the session: a prefetch still running (a session that stopped early) is ended;
-    the exporter clears its staging folder on the next run."""
-    proc = _prefetch.get("proc")
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
-    elif proc.returncode != 0:
-        logger.warning("the default-grid prefetch exited %d (see %s); the fixture exported instead",
-                       proc.returncode, _prefetch["log"].name)
-    _prefetch["log"].close()
-    _prefetch.clear()
+    repo = root / "repo"
+    # Two pytest sessions on one checkout must not export into the same folder at once.
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t0 = time.perf_counter()
+        export_repository(checkpoint, repo, "cpu", "fp32", frames=frames, height=height, width=width)
+        logger.info("export (cpu, fp32, %dx%dx%d) ready in %.1f s", frames, height, width, time.perf_counter() - t0)
+    return repo
 
 
 def copy_export(src: Path, dest: Path, models: Sequence[str] | None = None) -> Path:

@@ -1,15 +1,14 @@
 """The client against real tritonservers serving the tiny checkpoint's exported repository.
 
-The repository (the tiny checkpoint at its own clip, 9 x 64 x 64) is exported once per machine into
-pytest's cache folder (.pytest_cache/d/thfm-tiny-repo) and reused on later runs: the exporter keys
-each model by the checkpoint's hash, the spec and its recipe version, and re-exports whatever no
-longer matches. A fresh export takes about two minutes on 2 cores, mostly on one of them; a session
-starts it at collection time in a process of its own (serverfix.start_default_grid_prefetch), so it
-is usually ready when this file starts.
+The repository is exported once per machine into pytest's cache folder (.pytest_cache/d/...) and
+reused on later runs: the exporter keys each model by the checkpoint's hash, the spec and its recipe
+version, and re-exports whatever no longer matches. A fresh export takes about 100 s on 2 cores;
+with it reused the file takes under a minute.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 
@@ -29,12 +28,15 @@ ALL = list(OUTPUT_KEYS)
 
 
 @pytest.fixture(scope="module")
-def default_grid(request, tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint served at its own clip; its export usually started at collection time in
-    a process of its own (serverfix.start_default_grid_prefetch) and is reused here."""
-    from serverfix import default_grid_repo
+def tiny_repo(request, tiny_checkpoint):
+    from thfm_serve.export.build import export_repository
 
-    return default_grid_repo(request.config, tmp_path_factory, tiny_checkpoint)
+    repo = request.config.cache.mkdir("thfm-tiny-repo") / "model_repository"
+    # Two pytest sessions on one checkout must not export into the same folder at once.
+    with open(repo.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        export_repository(tiny_checkpoint, repo, target="cpu", precision="fp32")
+    return repo
 
 
 def _server(repo, tmp_path_factory) -> TritonServer:
@@ -44,10 +46,10 @@ def _server(repo, tmp_path_factory) -> TritonServer:
 
 
 @pytest.fixture(scope="module")
-def two_servers(default_grid, tmp_path_factory):
+def two_servers(tiny_repo, tmp_path_factory):
     servers = []
     try:
-        servers = [_server(default_grid, tmp_path_factory) for _ in range(2)]
+        servers = [_server(tiny_repo, tmp_path_factory) for _ in range(2)]
         yield servers
     finally:
         for s in servers:
@@ -156,13 +158,13 @@ def test_output_size_model_matches_the_in_process_pipeline(two_servers, tiny_pip
 
 
 @pytest.mark.timeout(600)
-def test_a_server_killed_mid_run(two_servers, default_grid, tmp_path_factory, tmp_path):
+def test_a_server_killed_mid_run(two_servers, tiny_repo, tmp_path_factory, tmp_path):
     video = tmp_path / "long.mp4"
     make_clip(video, frames=60, height=32, width=32)
     with ThfmClient([two_servers[0].grpc_url]) as c:
         ref = c.predict(video, ["depth", "keypoints2d"])
 
-    victim = _server(default_grid, tmp_path_factory)
+    victim = _server(tiny_repo, tmp_path_factory)
     killed = []
 
     def kill_after_first(done, total):
