@@ -56,9 +56,12 @@ def _int8_row(fp32: dict[str, Any], int8: dict[str, Any], path: Path) -> dict[st
             "mean_abs_vs_fp32": float(diff.mean()), "int8_runs_as": qlinear_conv_counts(path)}
 
 
-def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, height: int, width: int) -> dict[str, Path]:
-    """fp32 and int8 graphs of `name` (cached in work/<name>/), and for the decoder also "int8_all":
-    every Conv int8, the recipe without its float tail, so the tail's cost is measured beside it."""
+def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, height: int, width: int,
+                 every_conv: bool = True) -> dict[str, Path]:
+    """fp32 and int8 graphs of `name` (cached in work/<name>/), and for the decoder also "int8_all"
+    (unless every_conv is False): every Conv int8, the recipe without its float tail, so the tail's
+    cost is measured beside it. Each int8 graph is calibrated on its own: at 17x256x256 on an
+    AVX2-only CPU one decoder calibration (20 rows) takes about 30 minutes."""
     import dataclasses
 
     import onnx
@@ -77,7 +80,7 @@ def build_graphs(ck: Any, specs: dict, name: str, work: Path, frames: int, heigh
         logger.info("exporting %s (fp32) to %s", name, paths["fp32"])
         export_onnx(module, specs[name], paths["fp32"])
     recipes = {"int8": vae_recipe}
-    if vae_recipe.float_convs(onnx.load(str(paths["fp32"]), load_external_data=False)):
+    if every_conv and vae_recipe.float_convs(onnx.load(str(paths["fp32"]), load_external_data=False)):
         every = dataclasses.replace(vae_recipe, name="onnxruntime-x86-conv", float_tail=False)
         recipes["int8_all"] = every
         paths["int8_all"] = work / name / every.name / "model.onnx"
@@ -104,7 +107,7 @@ def prepare(args: argparse.Namespace, work: Path, prepared: Path) -> None:
     dims = (args.frames, args.height, args.width)
     feeds = {VAE_ENCODER: vae_feeds(ck, VAE_ENCODER, clip, *dims)[0],
              VAE_DECODER: vae_feeds(ck, VAE_DECODER, clip, *dims, rows=args.decoder_rows)[0]}
-    graphs = {name: build_graphs(ck, specs, name, work, *dims) for name in feeds}
+    graphs = {name: build_graphs(ck, specs, name, work, *dims, every_conv=not args.recipe_only) for name in feeds}
     path = work / f"held_out_rows{args.decoder_rows}.npz"
     np.savez(path, **{f"{name}/{k}": v for name, feed in feeds.items() for k, v in feed.items()})
     prepared.write_text(json.dumps({"feeds": str(path),
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", help="write the .md/.json results here (default: log only)")
+    p.add_argument("--recipe-only", action="store_true",
+                   help="time the exporter's int8 recipe only, not also the every-Conv decoder (a second calibration)")
     p.add_argument("--name", help="result file stem (default vae_int8_<checkpoint>_<F>x<H>x<W>)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "vae_int8"))
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # the child process (see main)
