@@ -573,6 +573,13 @@ def test_vae_int8_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
             == rows["vae_decoder"]["int8_runs_as"]["qlinear_conv_3d"] + rows["vae_decoder"]["int8_runs_as"]["qlinear_conv_2d"]
             + rows["vae_decoder"]["int8_runs_as"]["float_conv"])
     assert "perf/vae_int8.py" in js.with_suffix(".md").read_text()
+    # --recipe-only: the exporter's recipe alone (no every-Conv decoder); --name: the files' stem.
+    assert mod.main(["--checkpoint", str(tiny_checkpoint), "--frames", "5", "--height", "32", "--width", "32",
+                     "--runs", "1", "--warmup", "0", "--out", str(out), "--workdir", str(tmp_path / "work2"),
+                     "--recipe-only", "--name", "only"]) == 0
+    only = json.loads((out / "only.json").read_text())
+    assert only["every_conv"] == {} and set(only["rows"]) == {"vae_encoder", "vae_decoder"}
+    assert not list((tmp_path / "work2").glob("*/vae_decoder/onnxruntime-x86-conv"))
 
 
 def test_bench_mixed_roofline_and_report(tmp_path):
