@@ -216,7 +216,7 @@ def test_depth_code_chosen_at_training_is_the_checkpoints(synth_data, tmp_path):
     assert load_checkpoint(run / "init").config.depth_code == LOG1P  # the preset's own code is unchanged
 
 
-def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_data, tmp_path):
+def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_data, tmp_path, caplog):
     from thfm_serve.checkpoint import init_checkpoint
     from thfm_serve.model import VaeEncoder
 
@@ -226,8 +226,11 @@ def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_da
     calls = []
     encoder.register_forward_hook(lambda *_: calls.append(1))
     store = tmp_path / "latents" / "train"
-    first = core_stage.cache_latents(encoder, samples, store=store)
+    with caplog.at_level("INFO", logger=core_stage.logger.name):
+        first = core_stage.cache_latents(encoder, samples, store=store)
     assert len(calls) == len(samples) and len(list(store.parent.glob("train-*.pt"))) == 1
+    # the encoding says how far it is (it runs for up to an hour before the first step on a CPU)
+    assert f"latents: {len(samples)} of {len(samples)} windows encoded" in caplog.text
     again = core_stage.cache_latents(encoder, samples, store=store)
     assert len(calls) == len(samples)  # read back, not encoded again
     for a, b in zip(first, again):

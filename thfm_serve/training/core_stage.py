@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +94,16 @@ def cache_latents(encoder, samples: list[Sample], device: torch.device | str = "
                 raise ValueError(f"latent store {path} holds {len(lats)} windows, expected {len(samples)}")
             logger.info("read %d windows' latents from %s", len(lats), path)
     if lats is None:
-        lats = [encoder(torch.stack(_encoder_inputs(s)).to(device)).float().cpu() for s in samples]
+        lats = []
+        started = time.monotonic()
+        every = max(1, len(samples) // 10)
+        for i, s in enumerate(samples, 1):
+            lats.append(encoder(torch.stack(_encoder_inputs(s)).to(device)).float().cpu())
+            if i % every == 0 or i == len(samples):
+                # on a CPU this takes minutes to an hour before the first step: say how far it is
+                spent = time.monotonic() - started
+                logger.info("latents: %d of %d windows encoded in %.0f s (about %.0f s left)",
+                            i, len(samples), spent, spent / i * (len(samples) - i))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
