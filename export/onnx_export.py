@@ -1,8 +1,8 @@
 """PyTorch module -> clean ONNX file, driven by a SubmodelSpec.
 
 Steps: torch.onnx.export(dynamo=True) with the spec's dynamic shapes (the legacy exporter fails on
-Wan's aten::rms_norm) and the onnxscript optimizer (constant folding, dead code, initializer
-de-duplication); graph inputs/outputs renamed to the spec's axis symbols; a float64 check (TensorRT
+Wan's aten::rms_norm); the onnxscript optimizer's passes (constant folding, its rewrite rules but one,
+dead code, initializer de-duplication; `optimize_graph`); graph inputs/outputs renamed to the spec's axis symbols; a float64 check (TensorRT
 has no double); save (external data above 2 GB, the protobuf limit); ONNX shape inference and the
 full checker on the saved file.
 """
@@ -72,12 +72,13 @@ def export_onnx(module: Any, spec: SubmodelSpec, path: Path, opset: int | None =
             program = torch.onnx.export(
                 module, args, input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=spec.torch_dynamic_shapes(), dynamo=True, external_data=external,
-                optimize=True, opset_version=opset, verbose=False,
+                optimize=False, opset_version=opset, verbose=False,
             )
     except Exception as e:  # the exporter raises many types; all mean "this module does not export"
         raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from e
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise ExportError(f"{spec.name}: torch.onnx.export returned no program")
+    optimize_graph(program.model)
 
     _rename_io_dims(program.model, spec)
     doubles = _doubles_in_ir(program.model)
@@ -91,6 +92,51 @@ def export_onnx(module: Any, spec: SubmodelSpec, path: Path, opset: int | None =
     del program
     finalize_onnx(path, spec)
     return path
+
+
+def rewrite_rules() -> list[Any]:
+    """onnxscript's default rewrite rules (what torch.onnx.export(optimize=True) applies) without
+    `slice_split_rule`.
+
+    That rule (two Slices of one tensor that cover it -> one Split) is the only default rule whose
+    pattern has two output nodes, and onnxscript matches such a pattern by scanning every node of
+    the graph for each candidate Slice: quadratic in the graph's size. On the Wan2.1-1.3B-shaped core
+    (30 blocks, rotary embeddings made of Slices) it took most of the optimizer's time, itself most
+    of the export's trace (export/RESULTS.md). The graph loses nothing a runtime needs: a Split and
+    two Slices compute the same values, and onnxruntime's and TensorRT's optimizers see either."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import slice_split_rule
+
+    rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if r is not slice_split_rule]
+    if len(rules) != len(rewriter._DEFAULT_REWRITE_RULES) - 1:
+        raise ExportError("onnxscript's default rewrite rules no longer hold slice_split_rule once: "
+                          "check export.onnx_export.rewrite_rules against the installed onnxscript")
+    return rules
+
+
+def optimize_graph(model: Any) -> None:
+    """The onnxscript optimizer torch.onnx.export(optimize=True) runs (onnxscript.optimizer.optimize_ir,
+    then its ONNX fusions), in place, with `rewrite_rules()` in the rewrite step."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+    from onnxscript.rewriter import onnx_fusions
+
+    loop = ir.passes.PassManager(
+        [_constant_folding.FoldConstantsPass(shape_inference=True,
+                                             input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+         rewriter.RewritePass(rewrite_rules()),
+         common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+        steps=2, early_stop=True)
+    ir.passes.Sequential(
+        common.InlinePass(), loop, common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass(),
+    )(model)
+    onnx_fusions.fuse(model)
 
 
 def finalize_onnx(path: Path, spec: SubmodelSpec) -> None:

@@ -357,3 +357,35 @@ def test_calibration_from_videos(tmp_path):
     assert len(calib.clips) == 2  # two windows spread over the 12 frames
     assert all(c.shape == (5, 32, 48, 3) and c.dtype == np.uint8 for c in calib.clips)
     assert calib.clips[0].std() > 10
+
+
+def test_export_graph_equals_torch_optimize_path(tiny_checkpoint, tmp_path, monkeypatch):
+    """export_onnx runs onnxscript's optimizer passes itself, without the one rewrite rule that is
+    quadratic in the graph's size (onnx_export.rewrite_rules). On the tiny core that rule never fires,
+    so the graph must equal, node for node and weight for weight, what torch.onnx.export(optimize=True)
+    writes: the reference is torch's own optimizer path."""
+    import onnx
+
+    from thfm_serve.checkpoint import load_checkpoint
+    from thfm_serve.export import onnx_export
+    from thfm_serve.export.precision import lowered_core
+
+    ck = load_checkpoint(tiny_checkpoint, text_encoder=False)
+    spec = build_specs(ck.config, precision=Precision.FP32)["core"]
+    module = lowered_core(ck.core(), Precision.FP32)
+    ours = onnx_export.export_onnx(module, spec, tmp_path / "ours" / "model.onnx")
+
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: real_export(*a, **{**k, "optimize": True}))
+    monkeypatch.setattr(onnx_export, "optimize_graph", lambda model: None)
+    theirs = onnx_export.export_onnx(module, spec, tmp_path / "torch" / "model.onnx")
+
+    def graph(path):
+        m = onnx.load(str(path))
+        nodes = [(n.op_type, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute]) for n in m.graph.node]
+        return nodes, {i.name: i.SerializeToString() for i in m.graph.initializer}, m.graph.input, m.graph.output
+
+    a, b = graph(ours), graph(theirs)
+    assert len(a[0]) > 100 and a[0] == b[0]
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
+    assert not any(r.name == "SlicesSplit" for r in onnx_export.rewrite_rules())
