@@ -46,7 +46,7 @@ from thfm_serve.contract.protocol import (
 )
 
 from . import manifest as mf
-from .calibration import calibration_set, clip_latent, default_clips, procedural_clips, task_texts
+from .calibration import calibration_grid, calibration_set, clip_latent, default_clips, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision, lowered_core,
                         precision_summary)
@@ -272,6 +272,8 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
                               "exclude": list(DEFAULT_EXCLUDE), "recipe": recipe}
         if target == Target.CPU:
             key["calibration"]["dtype"] = calibration_dtype_for(read_cpu())
+            opt = spec.dims("opt")
+            key["calibration"]["grid"] = list(calibration_grid(patch_pixels(opt["hp"]), patch_pixels(opt["wp"])))
     if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
         from .calibration import PROCEDURAL_RECIPE
         from .quantize import vae_recipe_for
@@ -565,12 +567,15 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
     from .quantize import calibration_dtype_for, quantize_core
 
     t0 = time.perf_counter()
-    calib = calibration_set(calibration or None, frames, height, width, count=clips)
+    # The CPU recipe's linear ranges do not need the export grid's token count (calibration_grid);
+    # the GPU recipe also quantises attention products, whose ranges were not measured that way.
+    grid = calibration_grid(height, width) if target == Target.CPU else (height, width)
+    calib = calibration_set(calibration or None, frames, *grid, count=clips)
     text = task_texts(ck)
     latent_of = latent_of or _ClipEncoder(ck, None)
     samples = []
     for clip in calib.clips:
-        latent = latent_of(clip, frames, height, width)
+        latent = latent_of(clip, frames, *grid)
         # One row per task, as served: the calibration ranges cover every task's prompt.
         samples.append({"latent": np.repeat(latent, len(text), axis=0), "text": text})
     inputs_s = round(time.perf_counter() - t0, 1)
@@ -590,7 +595,7 @@ def _quantize(fp32_path: Path, out_path: Path, ck: Any, spec: SubmodelSpec, fram
                              module=reference, calibration_dtype=dtype)
     finalize_onnx(out_path, spec)
     info.update({"calibration_source": calib.source, "calibration_files": calib.files, "calibration_clips": len(calib.clips),
-                 "calibration_inputs_s": inputs_s})
+                 "calibration_grid": f"{frames}x{grid[0]}x{grid[1]}", "calibration_inputs_s": inputs_s})
     logger.info("int8: %d of %d MatMuls quantized (%d QuantizeLinear, %d DequantizeLinear)", info["quantized_matmuls"],
                 info["matmuls"], info["quantize_linear"], info["dequantize_linear"])
     return info

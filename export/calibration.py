@@ -19,6 +19,7 @@ import numpy as np
 
 from thfm_serve.clipgen import RECIPE
 from thfm_serve.clipgen import walking_clips as procedural_clips  # noqa: F401 - calibration's name for them
+from thfm_serve.contract.geometry import PIXEL_MULTIPLE
 from thfm_serve.contract.protocol import CORE
 from thfm_serve.errors import ThfmError, VideoError
 
@@ -33,6 +34,16 @@ PROCEDURAL_RECIPE = RECIPE
 # drift bounds are fatal and close on Wan2.1's width.
 CORE_CLIPS = 2
 VAE_CLIPS = 4
+
+# The core's CPU int8 recipe takes only MinMax ranges of its linears' inputs and outputs, per channel
+# of a token, so the calibration forwards need the clips' content more than their token count: on the
+# Wan2.1-1.3B-shaped core, 2 clips at 17x128x128 gave every linear's range within -8/+11 % of 1 clip at
+# 17x256x256 (median ratio 1.00) and the same task drift, for a quarter of the tokens (10 s a row
+# against 33 s on the avx2-fma class). Halved below 128x128 the clips lose the person: the trained
+# small model exported at 192x192 and calibrated at 96x96 drifted twice as far on the matte (alpha
+# MSE 8.5e-4 against 4.4e-4; export/RESULTS.md). So a grid is halved only where its half keeps at
+# least this many pixels (calibration_grid).
+CALIBRATION_MIN_PIXELS = 128 * 128
 
 
 def default_clips(model: str) -> int:
@@ -68,6 +79,14 @@ def video_clips(paths: list[str | Path], frames: int, height: int, width: int, p
             clips.append(arr)
         logger.info("calibration: %s gave %d window(s)", path, len(starts))
     return clips
+
+
+def calibration_grid(height: int, width: int) -> tuple[int, int]:
+    """(height, width) at which the core's CPU int8 calibration clips are made and encoded: half the
+    export grid's side (rounded down to the model's x16 grid) where that half has at least
+    CALIBRATION_MIN_PIXELS pixels, else the export grid itself."""
+    half = tuple(max(PIXEL_MULTIPLE, side // 2 // PIXEL_MULTIPLE * PIXEL_MULTIPLE) for side in (height, width))
+    return half if half[0] * half[1] >= CALIBRATION_MIN_PIXELS else (height, width)
 
 
 def calibration_set(paths: list[str | Path] | None, frames: int, height: int, width: int,

@@ -8,7 +8,11 @@ IUV error, keypoints in px and mm, all in the units users get. The export's own 
 drift clip; one clip is too noisy to compare clip counts.
 
     python perf/calibration_clips.py --checkpoint thfm_serve/weights/thfm-small --out runs/calib_clips \
-        [--clips 2 4] [--drift-clips 6] [--frames 9 --height 192 --width 192]
+        [--clips 2 4] [--drift-clips 6] [--frames 9 --height 192 --width 192] [--grid auto|export]
+
+--grid export calibrates at the export grid itself, --grid half at half its side, instead of the
+exporter's own choice (export.calibration.calibration_grid: half the side where the half keeps at least
+128x128 pixels), to measure what the choice costs in drift; run each into its own --out.
 
 Writes OUT/calibration_clips.json and .md (with the machine class: the calibration forwards' dtype
 follows the CPU).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ from thfm_serve.checkpoint import load_checkpoint
 from thfm_serve.contract.protocol import CORE, MODEL_VERSION, ONNX_FILE
 from thfm_serve.contract.specs import Precision, build_specs
 from thfm_serve.export import export_repository
+from thfm_serve.export import calibration
 from thfm_serve.export.build import DRIFT_SEED
 from thfm_serve.export.calibration import procedural_clips
 from thfm_serve.export.precision import lowered_core
@@ -65,7 +71,7 @@ def measure(checkpoint: str, out: Path, clips: list[int], drift_clips: int, fram
         q = report["models"][CORE].get("quantization", {})
         rows[n] = {"drift": {t: float(np.mean([d[t][m] for d in per_clip])) for t, m in SUMMARY.items() if t in per_clip[0]},
                    "export_s": round(export_s, 1), "calibrate_s": q.get("calibrate_s"),
-                   "calibration_inputs_s": q.get("calibration_inputs_s")}
+                   "calibration_inputs_s": q.get("calibration_inputs_s"), "calibration_grid": q.get("calibration_grid")}
         logger.info("%d clips: %s", n, rows[n])
     cpu = read_cpu()
     return {"checkpoint": checkpoint, "window": [frames, height, width], "drift_clips": drift_clips,
@@ -78,11 +84,12 @@ def to_markdown(result: dict) -> str:
     lines = [f"# int8 core drift by calibration clip count: {result['checkpoint']}, {f}x{h}x{w}", "",
              f"Machine class: {result['machine_class']}. Task drift against the fp32 PyTorch core, mean over "
              f"{result['drift_clips']} held-out procedural clips (seeds {result['drift_seeds']}).", "",
-             "| clips | " + " | ".join(f"{t} {m}" for t, m in SUMMARY.items()) + " | calibrate s | export s |",
-             "|---:|" + "---:|" * (len(SUMMARY) + 2)]
+             "| clips | calibration grid | " + " | ".join(f"{t} {m}" for t, m in SUMMARY.items()) +
+             " | calibrate s | export s |",
+             "|---:|---|" + "---:|" * (len(SUMMARY) + 2)]
     for n, row in result["results"].items():
         vals = " | ".join(f"{row['drift'][t]:.3g}" if t in row["drift"] else "" for t in SUMMARY)
-        lines.append(f"| {n} | {vals} | {row['calibrate_s']} | {row['export_s']} |")
+        lines.append(f"| {n} | {row.get('calibration_grid')} | {vals} | {row['calibrate_s']} | {row['export_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
+    p.add_argument("--grid", choices=("auto", "export", "half"), default="auto",
+                   help="calibration grid: the exporter's choice (auto), the export grid itself, or half its side")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.grid != "auto":  # calibration_grid then keeps every grid (export) or halves every one (half)
+        calibration.CALIBRATION_MIN_PIXELS = math.inf if a.grid == "export" else 0
     result = measure(a.checkpoint, a.out, a.clips, a.drift_clips, a.frames, a.height, a.width)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "calibration_clips.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -156,6 +156,19 @@ def test_procedural_calibration_clips_are_deterministic():
         calibration_set(["/nonexistent/clip.mp4"], 5, 32, 48)
 
 
+def test_calibration_grid_halves_large_grids_on_the_model_grid():
+    """The core's CPU int8 calibration runs at half the export grid's side, rounded down to the x16
+    grid, where that half keeps at least 128x128 pixels; smaller grids are calibrated as exported."""
+    from thfm_serve.export.calibration import calibration_grid
+
+    assert calibration_grid(256, 256) == (128, 128)
+    assert calibration_grid(480, 832) == (240, 416)
+    assert calibration_grid(304, 272) == (144, 128)  # 152 is not on the x16 grid
+    assert calibration_grid(192, 192) == (192, 192)  # 96x96 would lose the person
+    assert calibration_grid(256, 224) == (256, 224)  # 128x112 is under 128x128 pixels
+    assert calibration_grid(64, 96) == (64, 96)
+
+
 def test_manifest_staleness(tmp_path):
     from thfm_serve.export import manifest as mf
 
