@@ -8,7 +8,7 @@ IUV error, keypoints in px and mm, all in the units users get. The export's own 
 drift clip; one clip is too noisy to compare clip counts.
 
     python perf/calibration_clips.py --checkpoint thfm_serve/weights/thfm-small --out runs/calib_clips \
-        [--clips 2 4] [--drift-clips 6] [--frames 9 --height 192 --width 192] [--grid auto|export]
+        [--clips 2 4] [--drift-clips 6] [--frames 9 --height 192 --width 192] [--grid auto|export|half]
 
 --grid export calibrates at the export grid itself, --grid half at half its side, instead of the
 exporter's own choice (export.calibration.calibration_grid: half the side where the half keeps at least
@@ -33,8 +33,7 @@ import numpy as np
 from thfm_serve.checkpoint import load_checkpoint
 from thfm_serve.contract.protocol import CORE, MODEL_VERSION, ONNX_FILE
 from thfm_serve.contract.specs import Precision, build_specs
-from thfm_serve.export import export_repository
-from thfm_serve.export import calibration
+from thfm_serve.export import calibration, export_repository
 from thfm_serve.export.build import DRIFT_SEED
 from thfm_serve.export.calibration import procedural_clips
 from thfm_serve.export.precision import lowered_core
