@@ -5,6 +5,7 @@ GPU figures themselves come only from a run on a GPU host (perf/results/gpu/).""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,32 @@ def test_shell_wrapper_reaches_the_python_entry_point():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--dry-run" in out.stdout and "--skip-tensorrt" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_train_script_runs_its_stages_on_the_cpu(tmp_path):
+    """scripts/gpu-train.sh with DEVICE=cpu and a tiny checkpoint: synthesis, one training process
+    through stage 2 and stage 3, a loadable final checkpoint; then a FINISH_BY already past stops the
+    resumed run at once and the script still names the newest checkpoint it has."""
+    from thfm_serve.checkpoint import init_checkpoint, load_checkpoint
+
+    ck = init_checkpoint("tiny", tmp_path / "ck", seed=0)
+    env = {"RUN": str(tmp_path / "run"), "CHECKPOINT": str(ck), "CLIPS": "2", "WORKERS": "2", "STEPS": "2",
+           "BATCH": "2", "DECODER_STEPS": "1", "DECODER_WINDOWS": "2", "PRECISION": "fp32", "DEVICE": "cpu",
+           "SAVE_EVERY": "1"}
+
+    def run(**extra):
+        return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-train.sh")], env={**os.environ, **env, **extra},
+                              capture_output=True, text=True, timeout=900)
+
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = tmp_path / "run" / "train" / "checkpoint"
+    assert f"result: {final}" in done.stdout
+    assert load_checkpoint(final).config.height == 192
+    log = [json.loads(line) for line in (tmp_path / "run" / "train" / "train_log.jsonl").read_text().splitlines()]
+    assert {r.get("stage") for r in log if "loss" in r} == {"core", "decoder"}
+    # A longer schedule on the same run folder resumes from step 3; a FINISH_BY already past stops it.
+    cut = run(STEPS="50", FINISH_BY="0")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "stopped at its 1 s limit" in cut.stderr

@@ -263,6 +263,21 @@ def test_bad_settings_are_refused(synth_data, tmp_path):
         train(_config(synth_data, tmp_path, vae_person_weight=-1.0))
     with pytest.raises(TrainError, match="decoder-crop 40 must be a multiple of 16"):
         train(_config(synth_data, tmp_path, decoder_steps=2, decoder_crop=40))
+    with pytest.raises(TrainError, match="load_workers must be >= 1"):
+        train(_config(synth_data, tmp_path, load_workers=0))
+
+
+def test_clips_read_in_threads_give_the_same_windows_in_order(synth_data):
+    one = load_samples(synth_data / "train", 5, 64, 64, 24, LOG1P)  # 9 frames in windows of 5: 2 per clip
+    many = load_samples(synth_data / "train", 5, 64, 64, 24, LOG1P, workers=3)
+    assert [(s.clip, s.start) for s in many] == [(s.clip, s.start) for s in one]
+    assert len({s.clip for s in one}) == 2 and len(one) > 2
+    for a, b in zip(one, many):
+        assert torch.equal(a.video, b.video) and a.maps.keys() == b.maps.keys()
+        assert all(torch.equal(a.maps[t], b.maps[t]) for t in a.maps)
+        assert torch.equal(a.keypoints2d, b.keypoints2d) and torch.equal(a.keypoints3d, b.keypoints3d)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        load_samples(synth_data / "train", 5, 64, 64, 24, LOG1P, workers=0)
 
 
 def test_wan_vae_is_never_trained(synth_data, tmp_path, monkeypatch):

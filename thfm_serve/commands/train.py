@@ -83,6 +83,9 @@ def register(sub) -> None:
                      help="autocast precision of the forward pass (fp16 adds a gradient scaler)")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--load-workers", type=int, default=1,
+                     help="threads reading the training clips into memory (default 1; on a GPU host the "
+                          "cores would otherwise idle while one decodes every clip)")
     run.add_argument("--seed", type=int, default=0, help="batch sampling (and preset weights) seed")
     run.add_argument("--save-every", type=int, default=500)
     run.add_argument("--keep", type=int, default=2, help="step folders to keep (default 2)")
@@ -118,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
         core_steps=args.steps, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr,
         decoder_batch=args.decoder_batch, decoder_crop=args.decoder_crop or None, decoder_windows=args.decoder_windows,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
-        precision=args.precision, device=args.device, threads=args.threads, seed=args.seed,
+        precision=args.precision, device=args.device, threads=args.threads, load_workers=args.load_workers, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,
         val_windows=args.val_windows, eval_every=args.eval_every, save_dtype=args.save_dtype, resume=args.resume,
     )

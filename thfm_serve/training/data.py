@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,15 +203,31 @@ def load_clip(clip_dir: Path, window: int, height: int, width: int, num_joints: 
 
 
 def load_samples(root: str | Path, window: int, height: int, width: int, num_joints: int,
-                 depth: DepthCode, max_clips: int | None = None) -> list[Sample]:
-    """All windows of all clips under root (or of the first max_clips clips)."""
+                 depth: DepthCode, max_clips: int | None = None, workers: int = 1) -> list[Sample]:
+    """All windows of all clips under root (or of the first max_clips clips), in clip order.
+
+    `workers` > 1 reads clips in that many threads: video decoding, npz inflation and resizing run
+    outside the GIL, and a GPU host otherwise waits minutes on one core (1,200 clips at 192x192 took
+    about 2 minutes on one core of a 16-core host); the windows are the same in any case."""
     if window < 1 or (window - 1) % 4:
         raise ShapeError(f"window {window} is not of the form 4n+1")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     clips = find_clips(root)[:max_clips]
-    samples: list[Sample] = []
-    for clip in clips:
-        samples.extend(load_clip(clip, window, height, width, num_joints, depth))
+
+    def one(clip: Path) -> list[Sample]:
+        out = load_clip(clip, window, height, width, num_joints, depth)
         _return_freed_memory()
+        return out
+
+    samples: list[Sample] = []
+    if workers == 1:
+        for clip in clips:
+            samples.extend(one(clip))
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="load-clip") as pool:
+            for windows in pool.map(one, clips):  # map keeps the clips' order
+                samples.extend(windows)
     logger.info("%s: %d clips, %d windows of %d frames at %dx%d", root, len(clips), len(samples), window, height, width)
     return samples
 

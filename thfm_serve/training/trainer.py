@@ -86,6 +86,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "cpu"
     threads: int | None = None
+    load_workers: int = 1  # threads reading the clips (a GPU host has the cores to spare)
     seed: int = 0
     save_every: int = 500
     keep: int = 2
@@ -118,7 +119,8 @@ class TrainConfig:
             raise TrainError("eval_every must be >= 0")
         if self.vae_person_weight < 0:
             raise TrainError(f"--vae-person-weight {self.vae_person_weight} must be at least 0")
-        for name in ("vae_batch", "batch", "decoder_batch", "decoder_windows", "save_every", "log_every", "val_every"):
+        for name in ("vae_batch", "batch", "decoder_batch", "decoder_windows", "save_every", "log_every", "val_every",
+                     "load_workers"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be >= 1")
         if self.vae_frames is not None and (self.vae_frames < 1 or (self.vae_frames - 1) % 4):
@@ -220,7 +222,8 @@ def train(cfg: TrainConfig) -> Path:
         )
 
     # 2. Data: every window of every clip, on the model grid.
-    samples = load_samples(cfg.data, frames, height, width, tcfg.num_joints, tcfg.depth_code, cfg.max_clips)
+    samples = load_samples(cfg.data, frames, height, width, tcfg.num_joints, tcfg.depth_code, cfg.max_clips,
+                           cfg.load_workers)
     val_samples = (load_samples(cfg.val_data, frames, height, width, tcfg.num_joints, tcfg.depth_code)[: cfg.val_windows]
                    if cfg.val_data else [])
 
