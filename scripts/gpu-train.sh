@@ -2,7 +2,7 @@
 # Train the small THFM further on one NVIDIA GPU host, from a checkpoint in the project's layout
 # (default: the shipped thfm-small): synthesize new training clips with all cores but one, then
 # stage 2 (the core, at timestep 0) and stage 3 (the VAE decoder adapted to that core) on the GPU.
-# The recipe and every flag are docs/training.md's; only the scale differs (more clips, larger batches).
+# The recipe is docs/training.md's (run 8 there); the scale is a GPU's: more clips, batches of 32, bf16.
 #
 # Settings (environment; defaults in brackets):
 #   RUN [runs/gpu-train]  CHECKPOINT [thfm_serve/weights/thfm-small]  CLIPS [1200]  SEED [13]

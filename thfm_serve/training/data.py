@@ -206,9 +206,9 @@ def load_samples(root: str | Path, window: int, height: int, width: int, num_joi
                  depth: DepthCode, max_clips: int | None = None, workers: int = 1) -> list[Sample]:
     """All windows of all clips under root (or of the first max_clips clips), in clip order.
 
-    `workers` > 1 reads clips in that many threads: video decoding, npz inflation and resizing run
-    outside the GIL, and a GPU host otherwise waits minutes on one core (1,200 clips at 192x192 took
-    about 2 minutes on one core of a 16-core host); the windows are the same in any case."""
+    `workers` > 1 reads clips in that many threads (video decoding, npz inflation and resizing mostly
+    release the GIL): a GPU host otherwise waits on one core (1,200 clips at 192x192 took about 2
+    minutes on one core of a 16-core host). The windows are the same, in the same order, either way."""
     if window < 1 or (window - 1) % 4:
         raise ShapeError(f"window {window} is not of the form 4n+1")
     if workers < 1:
