@@ -78,6 +78,13 @@ def register(sub) -> None:
                     help="square crop of the predicted map in pixels, 0 = whole frame (default 64)")
     s3.add_argument("--decoder-windows", type=int, default=256,
                     help="training windows whose maps are kept in memory for this stage (default 256)")
+    s3.add_argument("--decoder-angle-weight", type=float, default=0.0,
+                    help="weight of the normals' mean angle (radians) on the person, beside the L1 (default 0)")
+    s3.add_argument("--decoder-ssi-weight", type=float, default=0.0,
+                    help="weight of the depth code's L1 after its least-squares scale and shift per frame on the "
+                         "person, the alignment the depth metric makes (default 0)")
+    s3.add_argument("--decoder-iou-weight", type=float, default=0.0,
+                    help="weight of 1 - soft IoU of the drawn matte (default 0)")
     run = p.add_argument_group("run")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="autocast precision of the forward pass (fp16 adds a gradient scaler)")
@@ -120,6 +127,8 @@ def run_train(args: argparse.Namespace) -> int:
         vae_video_share=args.vae_video_share, vae_person_weight=args.vae_person_weight,
         core_steps=args.steps, decoder_steps=args.decoder_steps, decoder_lr=args.decoder_lr,
         decoder_batch=args.decoder_batch, decoder_crop=args.decoder_crop or None, decoder_windows=args.decoder_windows,
+        decoder_angle_weight=args.decoder_angle_weight, decoder_ssi_weight=args.decoder_ssi_weight,
+        decoder_iou_weight=args.decoder_iou_weight,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, task_weights=weights,
         precision=args.precision, device=args.device, threads=args.threads, load_workers=args.load_workers, seed=args.seed,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, val_every=args.val_every,

@@ -82,6 +82,11 @@ class TrainConfig:
     decoder_batch: int = 4
     decoder_crop: int | None = 64
     decoder_windows: int = 256  # training windows whose maps stay in memory for this stage
+    # stage 3's terms in task units (decoder_stage.MetricTerms): normals angle, depth after its per-frame
+    # scale and shift, matte soft IoU; 0 leaves the L1 alone
+    decoder_angle_weight: float = 0.0
+    decoder_ssi_weight: float = 0.0
+    decoder_iou_weight: float = 0.0
     # run
     precision: str = "fp32"
     device: str = "cpu"
@@ -119,6 +124,10 @@ class TrainConfig:
             raise TrainError("eval_every must be >= 0")
         if self.vae_person_weight < 0:
             raise TrainError(f"--vae-person-weight {self.vae_person_weight} must be at least 0")
+        try:
+            self.metric_terms()
+        except ValueError as e:
+            raise TrainError(f"--decoder-angle-weight / --decoder-ssi-weight / --decoder-iou-weight: {e}") from None
         for name in ("vae_batch", "batch", "decoder_batch", "decoder_windows", "save_every", "log_every", "val_every",
                      "load_workers"):
             if getattr(self, name) < 1:
@@ -138,6 +147,10 @@ class TrainConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise TrainError(f"--device {self.device}: CUDA is not available in this PyTorch")
         return self
+
+    def metric_terms(self) -> decoder_stage.MetricTerms:
+        return decoder_stage.MetricTerms(normals_angle=self.decoder_angle_weight, depth_ssi=self.decoder_ssi_weight,
+                                         matte_iou=self.decoder_iou_weight)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -389,6 +402,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
     prompts = {t: ck.prompt_embeds[t] for t in cfg.tasks if t in DENSE_TASKS}
     if not prompts:
         raise TrainError("--decoder-steps: no dense task is being trained")
+    terms = cfg.metric_terms()
     bar = _bar(cfg.decoder_steps, done - first, "decoder")
     ema: dict[str, float] = {}
     t0 = time.monotonic()
@@ -398,7 +412,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
         batch = decoder_stage.adapt_batch(windows, prompts, cfg.decoder_batch, cfg.decoder_crop, gen,
                                           cfg.vae_person_share, cfg.vae_person_weight)
         with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
-            loss, per_task = decoder_stage.adapt_loss(decoder, core, batch, device)
+            loss, per_task = decoder_stage.adapt_loss(decoder, core, batch, device, terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -406,7 +420,7 @@ def _train_decoder(cfg, ck: Checkpoint, windows, val, done, device, autocast, ge
         _progress(ema, per_task, bar)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             log.write(_loss_record(step + 1, "decoder", opt, loss, t0, per_task, ema))
-            logger.info("decoder step %d: l1 %.4f | %s", step + 1, float(loss.detach()),
+            logger.info("decoder step %d: loss %.4f | %s", step + 1, float(loss.detach()),
                         " ".join(f"{t} {v:.4f}" for t, v in ema.items()))
         if step + 1 == total:
             vae.eval().requires_grad_(False)
@@ -461,4 +475,5 @@ def _loss_record(step: int, stage: str, opt, loss: torch.Tensor, t0: float, per_
 
 def _short(task: str) -> str:
     return {"depth": "dep", "normals": "nrm", "segmentation": "seg", "densepose": "dp",
-            "keypoints2d": "kp2", "keypoints3d": "kp3"}[task]
+            "keypoints2d": "kp2", "keypoints3d": "kp3",
+            "normals_angle_deg": "nrm_deg", "depth_ssi": "dep_ssi", "matte_1-iou": "seg_1-iou"}[task]
