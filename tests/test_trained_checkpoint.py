@@ -56,5 +56,6 @@ def test_every_task_is_ahead_of_its_trivial_baseline(report):
     assert model["keypoints3d"]["mpjpe_mm"] <= 0.9 * base["keypoints3d"]["mpjpe_mm"]
     assert model["normals"]["mean_deg"] <= base["normals"]["mean_deg"] - 1.5
     assert model["depth"]["abs_rel"] <= 0.8 * base["depth"]["abs_rel"]
-    # Stage 3 (the decoder adapted to the core) doubled the parts labelled right: 0.116 here, 0.057 before.
+    # Stage 3 (the decoder adapted to the core) doubled the parts labelled right: 0.057 here before it,
+    # 0.116 after it, 0.149 for the shipped model (docs/training.md, step 7).
     assert model["densepose"]["part_acc"] >= base["densepose"]["part_acc"] + 0.08
