@@ -248,6 +248,16 @@ def test_latent_store_is_read_back_only_for_the_same_encoder_and_pixels(synth_da
     changed = core_stage.cache_latents(encoder, samples, store=store)
     assert len(calls) == 3 * len(samples) and len(list(store.parent.glob("train-*.pt"))) == 1
     assert not torch.equal(changed[1].latent, first[1].latent)
+    # The decoder's weights (all that stage 3 trains) do not matter to the latents: read back.
+    with torch.no_grad():
+        ck.vae.decoder.conv_out.weight.add_(0.01)
+        ck.vae.post_quant_conv.weight.add_(0.01)
+    core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == 3 * len(samples)
+    # The latent statistics do (they are buffers outside the state dict): encoded again.
+    encoder.mean += 0.5
+    core_stage.cache_latents(encoder, samples, store=store)
+    assert len(calls) == 4 * len(samples)
 
 
 def test_bad_settings_are_refused(synth_data, tmp_path):

@@ -56,11 +56,20 @@ def _encoder_inputs(s: Sample) -> list[torch.Tensor]:
     return [s.video.float()] + [s.maps[t].float() * 2.0 - 1.0 for t in DENSE_TASKS if t in s.maps]
 
 
+DECODE_ONLY = {"decoder", "post_quant_conv"}  # Wan VAE modules that encoding never runs
+
+
 def latent_key(encoder, samples: list[Sample]) -> str:
-    """Names one set of cached latents: a digest of the encoder's weights and of every pixel it is
-    given, so a store written for other weights, clips or windows never matches."""
+    """Names one set of cached latents: a digest of what encoding uses (the encoder's weights and its
+    latent statistics) and of every pixel it is given, so a store written for other weights, clips or
+    windows never matches. The decoder's weights are left out: stage 3 changes only those, so a
+    stage 3 continued in a new run reads the latents of the one before it instead of encoding again."""
     h = hashlib.sha256()
-    for name, t in sorted(encoder.state_dict().items()):
+    # named_buffers: the latent statistics are non-persistent buffers, absent from state_dict()
+    tensors = {**dict(encoder.named_parameters()), **dict(encoder.named_buffers())}
+    for name, t in sorted(tensors.items()):
+        if DECODE_ONLY.intersection(name.split(".")):
+            continue
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     for s in samples:
