@@ -24,6 +24,7 @@ import torch
 
 from ..config import DENSE_TASKS
 from ..contract.geometry import VAE_SPATIAL
+from ..evaluation import FOREGROUND
 from .core_stage import LatentSample
 from .data import Sample
 from .vae_stage import crop_origin, decode_unclamped
@@ -145,7 +146,7 @@ def matte_soft_iou(drawn: torch.Tensor, target: torch.Tensor) -> torch.Tensor | 
     """[3, T, h, w] mattes in [-1, 1] -> 1 - soft IoU (the product for the intersection) of the drawn
     matte, clamped to [0, 1], and the true one; None when the crop holds no person."""
     g = (target.mean(0) + 1.0) / 2.0
-    if float((g >= 0.5).sum()) < MIN_PERSON_PIXELS:
+    if float((g >= FOREGROUND).sum()) < MIN_PERSON_PIXELS:
         return None
     p = ((drawn.mean(0) + 1.0) / 2.0).clamp(0.0, 1.0)
     inter = (p * g).sum()
@@ -170,22 +171,20 @@ def adapt_loss(decoder, core, batch: AdaptBatch, device,
         per_task.setdefault(t, []).append(v)
     total = per_row.sum()
     if terms.active():
-        person = batch.matte.to(device)[:, 0] >= 0.5  # [B, T, c, c], as `thfm eval` counts the person
+        person = batch.matte.to(device)[:, 0] >= FOREGROUND  # [B, T, c, c], as `thfm eval` counts the person
         for i, task in enumerate(batch.tasks):
             if task == "normals" and terms.normals_angle:
                 name, weight_i, term = "normals_angle_deg", terms.normals_angle, normals_angle(recon[i], target[i], person[i])
-                shown = None if term is None else math.degrees(float(term.detach()))
             elif task == "depth" and terms.depth_ssi:
                 name, weight_i, term = "depth_ssi", terms.depth_ssi, depth_ssi(recon[i], target[i], person[i])
-                shown = None if term is None else float(term.detach())
             elif task == "segmentation" and terms.matte_iou:
                 name, weight_i, term = "matte_1-iou", terms.matte_iou, matte_soft_iou(recon[i], target[i])
-                shown = None if term is None else float(term.detach())
             else:
                 continue
             if term is not None:
                 total = total + weight_i * term
-                per_task.setdefault(name, []).append(shown)
+                shown = float(term.detach())
+                per_task.setdefault(name, []).append(math.degrees(shown) if task == "normals" else shown)
     return total / len(batch.tasks), {t: sum(v) / len(v) for t, v in per_task.items()}
 
 
