@@ -8,8 +8,8 @@ thfm_serve.repository, called at the end when it exists)::
     <repo>/core/1/thfm_config.json                 the checkpoint's thfm/config.json (tasks, joints, clip)
     <repo>/core/1/model.plan                       --target gpu: TensorRT engine (+ timing cache)
     <repo>/core/1/polygraphy/                      validation inputs/outputs as polygraphy JSON
-    <repo>/vae_encoder/1/model.onnx                fp32 (or int8 Q/DQ: --vae-precision), frames static at the window
-    <repo>/vae_decoder/1/model.onnx                fp32 (or int8 Q/DQ: --vae-precision), frames static at the window
+    <repo>/vae_encoder/1/model.onnx                fp32 (int8 Q/DQ, or fp32 run by OpenVINO in bf16: --vae-precision),
+    <repo>/vae_decoder/1/model.onnx                the same; frames static at the window
     <repo>/<model>/1/manifest.json                 key (checkpoint hash, precision, spec, recipe), files, validation
     <repo>/export_report.json                      this run: per-model status, numbers, drift, engine
 
@@ -48,7 +48,8 @@ from thfm_serve.contract.protocol import (
 from . import manifest as mf
 from .calibration import calibration_grid, calibration_set, clip_latent, default_clips, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
-from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision, lowered_core,
+from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision,
+                        default_vae_precision, lowered_core,
                         precision_summary)
 from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, SubmodelSpec, Target, build_specs,
                                        parse_precision, parse_target, parse_vae_precision)
@@ -87,7 +88,7 @@ def export_repository(
     max_width: int | None = None,
     calibration_clips: int | None = None,
     write_configs: bool = True,
-    vae_precision: str | Precision = Precision.FP32,
+    vae_precision: str | Precision | None = Precision.FP32,
 ) -> dict[str, Any]:
     """Export (or reuse) every submodel into `repo`; returns the report (also in <repo>/export_report.json).
 
@@ -97,7 +98,9 @@ def export_repository(
     recipe for this machine's instruction sets, thfm_serve.machine.cpu_recipe).
     write_configs: call thfm_serve.repository.write_repository (Triton configs) at the end, also when
     the engine stage stops (the configs do not depend on the plan).
-    vae_precision: the VAE graphs' precision (fp32; int8 for --target cpu, quantize.VAE_RECIPE).
+    vae_precision: the VAE graphs' precision (fp32; for --target cpu also int8, quantize.VAE_RECIPE, or bf16,
+        the fp32 graph run by OpenVINO in bf16 on a CPU with bf16 instructions). None takes the
+        machine's (precision.default_vae_precision), as `thfm export` does without --vae-precision.
     """
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -108,6 +111,10 @@ def export_repository(
     else:
         precision = parse_precision(precision)
     check_target_precision(target, precision)
+    vae_chosen_by = "--vae-precision"
+    if vae_precision is None:
+        vae_precision, vae_chosen_by = default_vae_precision(target)
+        logger.info("--target %s, no --vae-precision: VAE %s (%s)", target.value, vae_precision.value, vae_chosen_by)
     vae_precision = parse_vae_precision(vae_precision)
     check_target_vae_precision(target, vae_precision)
     chosen = _choose_models(models)
@@ -136,6 +143,7 @@ def export_repository(
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
         "precision": precision.value, "precision_chosen_by": chosen_by, "vae_precision": vae_precision.value,
+        "vae_precision_chosen_by": vae_chosen_by,
         "machine": _machine(target),
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
@@ -162,7 +170,7 @@ def export_repository(
             try:
                 vae = _exported_vae(repo, specs, ck_hash, precision, calibration, calibration_clips, target, frames) \
                     if name == CORE else None
-                # The int8 decoder's drift runs with the int8 encoder when the repository has it (exported
+                # A low-precision decoder's drift runs with the encoder of that precision when the repository has it (exported
                 # just before: the encoder comes first in MODELS).
                 encoder = _exported_part(repo, specs, VAE_ENCODER, ck_hash, precision, calibration, calibration_clips,
                                          target) if name == VAE_DECODER and spec.precision != Precision.FP32.value else None
@@ -274,7 +282,9 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
             key["calibration"]["dtype"] = calibration_dtype_for(read_cpu())
             opt = spec.dims("opt")
             key["calibration"]["grid"] = list(calibration_grid(patch_pixels(opt["hp"]), patch_pixels(opt["wp"])))
-    if name in (VAE_ENCODER, VAE_DECODER) and spec.precision != Precision.FP32.value:
+    if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.BF16.value:
+        key["runtime"] = {**_openvino_runtime(), "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
+    if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.INT8.value:
         from .calibration import PROCEDURAL_RECIPE
         from .quantize import vae_recipe_for
 
@@ -282,6 +292,17 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
                               "procedural": None if calibration else PROCEDURAL_RECIPE, "clips": clips,
                               "recipe": vae_recipe_for().name, "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
     return key
+
+
+def _openvino_runtime() -> dict[str, str]:
+    """What runs a bf16 VAE graph (its manifest keys on it: another OpenVINO may lower it differently)."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version("openvino")
+    except md.PackageNotFoundError:
+        version = "not installed"
+    return {"runtime": "openvino-cpu", "openvino": version, "inference_precision": "bf16"}
 
 
 def _clips(name: str, clips: int | None) -> int:
@@ -363,7 +384,7 @@ def _fp32_graph(repo: Path, name: str, spec: SubmodelSpec, fp32: SubmodelSpec, c
 
 
 def _quantised(name: str, spec: SubmodelSpec, precision: Precision) -> bool:
-    """Whether `name` is exported by quantising its fp32 graph (int8/fp8 core, int8 VAE)."""
+    """Whether `name` is exported from its fp32 graph (int8/fp8 core, int8 VAE quantised; bf16 VAE as it is)."""
     return precision in QUANTIZED if name == CORE else spec.precision != Precision.FP32.value
 
 
@@ -415,12 +436,18 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     else:
         module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
         reference = module
-        int8_vae = spec.precision != Precision.FP32.value
-        if int8_vae:
+        if spec.precision == Precision.INT8.value:
             fp32_path = _fp32_source(module, spec, stage, fp32_graph, entry)
             entry["quantization"] = _quantize_vae(name, fp32_path, onnx_path, ck, spec, frames, height, width,
                                                   calibration, _clips(name, clips))
             shutil.rmtree(stage / "fp32")
+        elif spec.precision == Precision.BF16.value:
+            # The fp32 graph itself: OpenVINO lowers it to bf16 when it compiles it (serving.sessions).
+            fp32_path = _fp32_source(module, spec, stage, fp32_graph, entry)
+            for f in onnx_files(fp32_path):
+                shutil.move(str(f), str(stage / f.name))
+            shutil.rmtree(stage / "fp32")
+            entry["runtime"] = _openvino_runtime()
         else:
             export_onnx(module, spec, onnx_path)
 
@@ -429,7 +456,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
     entry["ops"] = op_counts(onnx_path)
     entry["initializer_elements"] = initializer_dtypes(onnx_path)
     num_params = sum(p.numel() for p in module.parameters())
-    runner = make_runner(onnx_path, _runner_precision(name, precision, target), num_params)
+    runner = make_runner(onnx_path, _runner_precision(name, precision, target), num_params, spec)
     ref_run = torch_runner(reference, spec)
     extra = {}
     if name == CORE and precision in (Precision.FP16, Precision.BF16):
@@ -653,7 +680,7 @@ def _quantize_vae(name: str, fp32_path: Path, out_path: Path, ck: Any, spec: Sub
 
 
 def _vae_inputs(ck: Any, name: str):
-    """validate_values' inputs for an int8 VAE graph at any base dims: held-out procedural clips of the
+    """validate_values' inputs for a low-precision VAE graph at any base dims: held-out procedural clips of the
     matching size (one per batch row for the encoder; the decoder's rows from one clip, vae_feeds)."""
 
     def make(dims: dict[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -670,21 +697,25 @@ def _vae_inputs(ck: Any, name: str):
 
 def _vae_drift_entry(ck: Any, spec: SubmodelSpec, decoder_path: Path, encoder: tuple[SubmodelSpec, Path] | None,
                      frames: int, height: int, width: int) -> dict[str, Any]:
-    """The int8 VAE's task drift against the fp32 PyTorch VAE on held-out clips; fatal past
-    contract.specs.VAE_DRIFT_BOUNDS. The candidate decodes with the int8 decoder being exported and
-    encodes with the repository's int8 encoder (or PyTorch's fp32 one where there is none)."""
+    """A low-precision (int8 or bf16) VAE's task drift against the fp32 PyTorch VAE on held-out clips;
+    fatal past contract.specs.VAE_DRIFT_BOUNDS. The candidate decodes with the decoder being exported
+    and encodes with the repository's encoder of the same precision (or PyTorch's fp32 one where there
+    is none)."""
+    from thfm_serve.serving.sessions import runs_in_openvino
+
     ref_encode, ref_decode = torch_vae(ck)
+    p, runtime = spec.precision, "OpenVINO" if runs_in_openvino(spec) else "onnxruntime"
     if encoder is not None:
         onnx_vae = OnnxVae(encoder, (spec, decoder_path), frames)
-        candidate, note = (onnx_vae.encode, onnx_vae.decode), "int8 encoder and int8 decoder (onnxruntime)"
+        candidate, note = (onnx_vae.encode, onnx_vae.decode), f"{p} encoder and {p} decoder ({runtime})"
     else:
         onnx_vae = OnnxVae((spec, decoder_path), (spec, decoder_path), frames)  # encoder part unused
-        candidate, note = (ref_encode, onnx_vae.decode), ("fp32 PyTorch encoder (no int8 vae_encoder matching this "
-                                                          "export in the repository) and int8 decoder (onnxruntime)")
+        candidate, note = (ref_encode, onnx_vae.decode), (f"fp32 PyTorch encoder (no {p} vae_encoder matching this "
+                                                          f"export in the repository) and {p} decoder ({runtime})")
     clips = procedural_clips(VAE_DRIFT_CLIPS, frames, height, width, seed=DRIFT_SEED)
     t0 = time.perf_counter()
     drift = vae_drift(ck, (ref_encode, ref_decode), candidate, clips, height, width)
-    logger.info("int8 VAE task drift against the fp32 VAE (%d clips, %s): %s", len(clips), note, _fmt_drift(drift))
+    logger.info("%s VAE task drift against the fp32 VAE (%d clips, %s): %s", p, len(clips), note, _fmt_drift(drift))
     bounds = check_vae_drift(drift, VAE_DRIFT_BOUNDS)
     return {"vae_drift": drift, "vae_drift_bounds": bounds, "vae_drift_candidate": note,
             "vae_drift_region": describe_drift_region(height, width),

@@ -26,14 +26,14 @@ def register(sub) -> None:
                    help="cpu: ONNX for onnxruntime; gpu: also a TensorRT engine for the core (default cpu)")
     p.add_argument("--precision", default=None, metavar="{" + ",".join(q.value for q in Precision) + "}",
                    help="core precision; the VAE's is --vae-precision (default for cpu: chosen for this machine's instruction sets and logged, int8 with AVX2 and up, fp32 below, never bf16; bf16 for gpu; fp8 is gpu only)")
-    p.add_argument("--vae-precision", default=Precision.FP32.value, metavar="{" + ",".join(q.value for q in VAE_PRECISIONS) + "}",
-                   help="VAE encoder and decoder precision, --target cpu only (default fp32). int8: Q/DQ on the "
-                   "convolutions (int8 per-channel weights, uint8 activations) for onnxruntime's int8 conv kernels, the "
-                   "decoder's last up block and conv_out kept float; calibrated on the --calibration clips; fatal if "
-                   "its task drift against the fp32 VAE exceeds the stated bounds. fp32 stays the default: int8 was "
-                   "slower than fp32 on narrow VAEs (tiny preset), and at Wan2.1's width (random weights) its dense pose "
-                   "drift was beyond the bound even with the float tail (export/RESULTS.md); run perf/vae_int8.py on your "
-                   "CPU before choosing it")
+    p.add_argument("--vae-precision", default=None, metavar="{" + ",".join(q.value for q in VAE_PRECISIONS) + "}",
+                   help="VAE encoder and decoder precision (default: for cpu chosen for this machine and logged, bf16 "
+                   "with bf16 instructions, fp32 without; fp32 for gpu, the only one there). bf16: the fp32 graph run by "
+                   "OpenVINO's CPU plugin in bf16, on CPUs with bf16 instructions (avx512_bf16, amx_bf16) only; no "
+                   "calibration. int8: Q/DQ on the convolutions (int8 per-channel weights, uint8 activations) for "
+                   "onnxruntime's int8 conv kernels, the decoder's last up block and conv_out kept float; calibrated on "
+                   "the --calibration clips. Either is fatal if its task drift against the fp32 PyTorch VAE exceeds the "
+                   "stated bounds. Measured speed and drift per machine class: export/RESULTS.md")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")

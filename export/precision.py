@@ -64,6 +64,17 @@ def default_precision(target: Target) -> tuple[Precision, str]:
     return DEFAULT_PRECISION[target], f"the {target.value} target's default"
 
 
+def default_vae_precision(target: Target) -> tuple[Precision, str]:
+    """(VAE precision, why) when --vae-precision is not given: fp32 on gpu; on cpu the VAE recipe for
+    this machine's instruction sets (thfm_serve.machine.cpu_vae_recipe: bf16 with bf16 instructions)."""
+    if target == Target.CPU:
+        from thfm_serve.machine import cpu_vae_recipe, read_cpu
+
+        recipe = cpu_vae_recipe(read_cpu())
+        return Precision(recipe.precision), f"machine class {recipe.machine_class}: {recipe.reason}"
+    return Precision.FP32, f"the {target.value} target keeps the VAE fp32"
+
+
 def check_target_precision(target: Target, precision: Precision) -> None:
     if precision == Precision.FP8 and target != Target.GPU:
         raise ThfmError("--precision fp8 cannot run on --target cpu: fp8 Q/DQ graphs need a GPU with fp8 tensor "
@@ -76,13 +87,26 @@ def check_target_precision(target: Target, precision: Precision) -> None:
         )
 
 
-def check_target_vae_precision(target: Target, vae_precision: Precision) -> None:
-    """--vae-precision int8 is a recipe for onnxruntime's CPU int8 conv kernels (quantize.VAE_RECIPE);
-    the GPU repository serves the VAE through Triton's onnxruntime backend on the GPU, for which no
-    int8 VAE was built or measured."""
+def check_target_vae_precision(target: Target, vae_precision: Precision, cpu=None) -> None:
+    """--vae-precision int8 is a recipe for onnxruntime's CPU int8 conv kernels (quantize.VAE_RECIPE),
+    bf16 the fp32 graph run by OpenVINO's CPU plugin in bf16; the GPU repository serves the VAE through
+    Triton's onnxruntime backend on the GPU, for which neither was built or measured. bf16 is refused
+    on a CPU without bf16 instructions: the export validates what it writes on this machine, and
+    emulated bf16 is slower than fp32 (the serving side falls back to f32 on such a CPU)."""
     if vae_precision != Precision.FP32 and target != Target.CPU:
         raise ThfmError(f"--vae-precision {vae_precision.value} is for --target cpu only (onnxruntime's CPU int8 "
-                        f"convolutions); --target {target.value} keeps the VAE fp32")
+                        f"convolutions, OpenVINO's CPU bf16 ones); --target {target.value} keeps the VAE fp32")
+    if vae_precision == Precision.BF16:
+        from thfm_serve.machine import read_cpu
+        from thfm_serve.serving.sessions import openvino_missing
+
+        cpu = cpu or read_cpu()
+        if not cpu.bf16:
+            raise ThfmError(f"--vae-precision bf16 needs a CPU with bf16 instructions (avx512_bf16 or amx_bf16); this one "
+                            f"is {cpu.machine_class}, where bf16 is emulated and slower than fp32: use fp32 or int8")
+        missing = openvino_missing()
+        if missing:
+            raise ThfmError(missing)
 
 
 def wan_fp32_modules() -> tuple[str, ...]:

@@ -90,7 +90,34 @@ class ReferenceRunner:
         pass
 
 
-def make_runner(path: Path, precision: Precision, num_params: int) -> OrtRunner | ReferenceRunner | None:
+class ServingRunner:
+    """The graph in the session serving creates for it (serving.sessions.create_session): for a bf16
+    VAE, OpenVINO's CPU plugin in bf16, so validation checks what the server runs."""
+
+    def __init__(self, path: Path, spec: SubmodelSpec):
+        from thfm_serve.serving.sessions import create_session
+
+        self._session = create_session(path, 0, spec)
+        self._names = spec.output_names
+        hint = getattr(self._session, "inference_precision", None)
+        self.kind = f"openvino-cpu ({hint} inference precision)" if hint else "onnxruntime-cpu (serving's session)"
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._names, self._session.run(self._names, feed)))
+
+    def close(self) -> None:
+        pass
+
+
+def make_runner(path: Path, precision: Precision, num_params: int,
+                spec: SubmodelSpec | None = None) -> OrtRunner | ReferenceRunner | ServingRunner | None:
+    """The runtime that validates an exported graph: the one serving uses where that is not
+    onnxruntime (a bf16 VAE in OpenVINO), else onnxruntime, or onnx's reference evaluator for a small
+    bf16 graph (None for a large one: nothing here runs it)."""
+    from thfm_serve.serving.sessions import runs_in_openvino
+
+    if spec is not None and runs_in_openvino(spec):
+        return ServingRunner(path, spec)
     if precision != Precision.BF16:
         return OrtRunner(path)
     if num_params <= REFERENCE_EVALUATOR_MAX_PARAMS:
@@ -260,7 +287,7 @@ class OnnxVae:
     export's slowest step at 1.3B). Each session is created on first use, so a report without dense
     tasks never loads the decoder."""
 
-    kind = "onnxruntime-cpu (the exported vae_encoder/vae_decoder, serving's session options)"
+    kind = "the exported vae_encoder/vae_decoder in serving's sessions (onnxruntime; OpenVINO for a bf16 VAE)"
 
     def __init__(self, encoder: tuple[SubmodelSpec, Path], decoder: tuple[SubmodelSpec, Path], window: int):
         self._parts = {"encoder": encoder, "decoder": decoder}
@@ -270,17 +297,14 @@ class OnnxVae:
 
     def _model(self, part: str):
         if part not in self._models:
-            import onnxruntime as ort
-
-            from thfm_serve.serving.sessions import OnnxModel, session_options
+            from thfm_serve.serving.sessions import OnnxModel, create_session
 
             spec, path = self._parts[part]
             # The export holds the PyTorch checkpoint and the candidate core beside these sessions. At
             # the 1.3B shape (17x256x256) an arena sized by a 4-row decoder call took the export past
             # 24 GB (killed by the OOM killer); serving's options have no arena, so each call's
             # activations are freed when it returns, and one row per call (_run) caps them at one row's.
-            session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-            self._models[part] = OnnxModel(spec, session)
+            self._models[part] = OnnxModel(spec, create_session(path, 0, spec))
         return self._models[part]
 
     def _run(self, part: str, x: np.ndarray) -> np.ndarray:

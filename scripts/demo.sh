@@ -46,7 +46,8 @@ fi
 # 2. Export for CPU (reuses models whose manifest matches the checkpoint; about 2 minutes the first time).
 REPO="$RUN/model_repository"
 log "exporting to $REPO"
-"${THFM[@]}" export --checkpoint "$CK" --repo "$REPO" --target cpu --precision fp32
+# fp32 core and VAE: the served answers then equal the in-process pipeline's to float rounding.
+"${THFM[@]}" export --checkpoint "$CK" --repo "$REPO" --target cpu --precision fp32 --vae-precision fp32
 
 # 3. The clip: the argument, or one the project draws itself.
 GT=""

@@ -288,17 +288,17 @@ def test_bad_vae_precision_values_are_clear_errors(tiny_checkpoint, tmp_path, ca
     from thfm_serve.cli import build_parser, main
     from thfm_serve.options import ExportOptions
 
-    with pytest.raises(ThfmError, match="unknown VAE precision 'int4'; choose from fp32, int8"):
+    with pytest.raises(ThfmError, match="unknown VAE precision 'int4'; choose from fp32, int8, bf16"):
         ExportOptions("ck", "r", vae_precision="int4").validate()
-    with pytest.raises(ThfmError, match="VAE precision 'bf16' is not supported; choose from fp32, int8"):
-        ExportOptions("ck", "r", vae_precision="bf16").validate()
+    with pytest.raises(ThfmError, match="VAE precision 'fp8' is not supported; choose from fp32, int8, bf16"):
+        ExportOptions("ck", "r", vae_precision="fp8").validate()
     with pytest.raises(ThfmError, match="--vae-precision int8 is for --target cpu only"):
         export_repository(tiny_checkpoint, tmp_path / "r", Target.GPU, "bf16", vae_precision="int8")
     assert not (tmp_path / "r").exists()  # refused before anything was written
     opts = ExportOptions.from_args(build_parser().parse_args(
         ["export", "--checkpoint", "ck", "--repo", "r", "--vae-precision", "int8"]))
     assert opts.validate().export_kwargs()["vae_precision"] == "int8"
-    assert ExportOptions("ck", "r").export_kwargs()["vae_precision"] == "fp32"  # the default
+    assert ExportOptions("ck", "r").export_kwargs()["vae_precision"] is None  # the machine's (cpu_vae_recipe)
     with caplog.at_level(logging.ERROR):
         rc = main(["export", "--checkpoint", str(tiny_checkpoint), "--repo", str(tmp_path / "r2"),
                    "--vae-precision", "fp16"])

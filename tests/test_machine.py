@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from thfm_serve.machine import cpu_recipe, parse_cpuinfo, read_cpu, torch_bf16_advice
+from thfm_serve.machine import cpu_recipe, cpu_vae_recipe, parse_cpuinfo, read_cpu, torch_bf16_advice
 
 _BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
          "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl cpuid pni pclmulqdq ssse3 cx16 sse4_1 sse4_2 "
@@ -139,3 +139,25 @@ def test_serving_warns_of_8bit_int8_weights_on_a_cpu_without_vnni():
     assert int8_weights_warning("core", manifest(weight_bits=7), epyc2) is None
     assert int8_weights_warning("core", manifest("fp32"), epyc2) is None
     assert int8_weights_warning("core", {}, epyc2) is None
+
+
+@pytest.mark.parametrize("text,cls,bf16,int8_dot,precision", CLASSES)
+def test_vae_recipe_is_bf16_only_with_bf16_instructions(text, cls, bf16, int8_dot, precision):
+    """The VAE default per class: bf16 (OpenVINO) exactly where the CPU has bf16 instructions, never
+    int8 (an explicit choice), and the reason names what decided."""
+    recipe = cpu_vae_recipe(parse_cpuinfo(text))
+    assert recipe.machine_class == cls
+    assert recipe.precision == ("bf16" if bf16 else "fp32")
+    assert ("bf16 instructions" in recipe.reason) and (("amx_bf16" in recipe.reason) == (cls == "amx"))
+
+
+def test_export_default_vae_precision_follows_the_machine(monkeypatch):
+    from thfm_serve import machine
+    from thfm_serve.contract.specs import Precision, Target
+    from thfm_serve.export.precision import default_vae_precision
+
+    for text, cls, bf16, *_ in CLASSES:
+        monkeypatch.setattr(machine, "read_cpu", lambda text=text: parse_cpuinfo(text))
+        precision, why = default_vae_precision(Target.CPU)
+        assert precision == (Precision.BF16 if bf16 else Precision.FP32) and cls in why
+        assert default_vae_precision(Target.GPU)[0] == Precision.FP32

@@ -141,6 +141,24 @@ def cpu_recipe(cpu: CpuFeatures) -> CpuRecipe:
                      "bf16 not considered (no onnxruntime CPU kernels)", cls)
 
 
+def cpu_vae_recipe(cpu: CpuFeatures) -> CpuRecipe:
+    """The VAE precision `thfm export --target cpu` writes when --vae-precision is not given.
+
+    - bf16 where the CPU has bf16 instructions: the fp32 graph run by OpenVINO's CPU plugin in bf16
+      (serving.sessions), whose convolutions ran the Wan2.1 decoder 2.8x faster than onnxruntime's
+      fp32 ones on the AVX-512 BF16 EPYC class, with task drift far inside the export's bounds
+      (export/RESULTS.md); the export still checks those bounds, fatally.
+    - fp32 elsewhere: without bf16 instructions bf16 is emulated, slower than fp32, and refused; the
+      int8 VAE stays an explicit choice (its dense pose drift failed the bound on the Wan2.1 shape's
+      random weights and its validation on the trained small checkpoint).
+    """
+    if cpu.bf16:
+        return CpuRecipe("bf16", "bf16 VAE in OpenVINO: the CPU has bf16 instructions (" + ", ".join(
+            f for f in ("amx_bf16", "avx512_bf16") if cpu.has(f)) + ")", cpu.machine_class)
+    return CpuRecipe("fp32", "fp32 VAE in onnxruntime: no bf16 instructions (bf16 would be emulated, slower than "
+                     "fp32); int8 only when asked for", cpu.machine_class)
+
+
 def torch_bf16_advice(cpu: CpuFeatures) -> str | None:
     """None when PyTorch bf16 on this CPU is native; otherwise why it will be slower than fp32."""
     if cpu.bf16:

@@ -33,7 +33,7 @@ class ExportOptions:
     repo: str
     target: str = Target.CPU.value
     precision: str | None = None  # None: cpu: machine.cpu_recipe for this CPU; gpu: bf16
-    vae_precision: str = Precision.FP32.value  # the VAE graphs: fp32, or int8 for --target cpu
+    vae_precision: str | None = None  # the VAE graphs (fp32; int8/bf16 on cpu); None: machine.cpu_vae_recipe on cpu, fp32 on gpu
     frames: int | None = None  # the export window (default: the checkpoint's)
     height: int | None = None
     width: int | None = None
@@ -58,7 +58,8 @@ class ExportOptions:
         parse_target(self.target)
         if self.precision is not None:
             parse_precision(self.precision)
-        parse_vae_precision(self.vae_precision)
+        if self.vae_precision is not None:
+            parse_vae_precision(self.vae_precision)
         if self.limits:
             Limits(**self.limits).validate()  # a bad value fails before minutes of export
             if self.no_configs:

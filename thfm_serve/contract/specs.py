@@ -91,9 +91,10 @@ def parse_precision(value: str | Precision) -> Precision:
         raise ThfmError(f"unknown precision {value!r}; choose from {', '.join(p.value for p in Precision)}") from None
 
 
-# Precisions of the Wan VAE graphs (--vae-precision, --target cpu): fp32, or int8 Q/DQ on the
-# convolutions for onnxruntime's int8 conv kernels (export/quantize.py, VAE_RECIPE).
-VAE_PRECISIONS = (Precision.FP32, Precision.INT8)
+# Precisions of the Wan VAE graphs (--vae-precision, --target cpu): fp32; int8 Q/DQ on the
+# convolutions for onnxruntime's int8 conv kernels (export/quantize.py, VAE_RECIPE); or bf16, the fp32
+# graph executed by OpenVINO's CPU plugin in bf16 (serving.sessions: onnxruntime has no bf16 kernels).
+VAE_PRECISIONS = (Precision.FP32, Precision.INT8, Precision.BF16)
 
 
 def parse_vae_precision(value: str | Precision) -> Precision:
@@ -216,7 +217,7 @@ def tolerance_for(precision: str | Precision, kind: str) -> Tolerance:
     return _TOLERANCES[Precision(precision).value][kind]
 
 
-# The int8 VAE (--vae-precision int8) against the fp32 PyTorch VAE, element-wise, on inputs from the
+# A low-precision VAE (--vae-precision int8 / bf16) against the fp32 PyTorch VAE, element-wise, on inputs from the
 # calibrated distribution (held-out clips; the core's dense latents for the decoder). Set from what
 # the numbers mean, not from a measurement: maps are in [0, 1], and 0.1 is the per-element budget
 # the int8 core already has on them ("maps" above); an encoder latent is normalised to unit scale,
@@ -224,6 +225,8 @@ def tolerance_for(precision: str | Precision, kind: str) -> Tolerance:
 _VAE_TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "fp32": {"latent": _TOLERANCES["fp32"]["latent"], "maps": _TOLERANCES["fp32"]["maps"]},
     "int8": {"latent": _TOLERANCES["int8"]["latent"], "maps": _TOLERANCES["int8"]["maps"]},
+    # bf16 keeps 8 significant bits per value where int8 keeps 8 per tensor: the core's bf16 budgets.
+    "bf16": {"latent": _TOLERANCES["bf16"]["latent"], "maps": _TOLERANCES["bf16"]["maps"]},
 }
 
 

@@ -1,16 +1,22 @@
-"""onnxruntime sessions for the exported submodels, run on behalf of python-backend models."""
+"""Sessions for the exported submodels, run on behalf of python-backend models.
+
+Every graph runs in onnxruntime's CPU provider, except a VAE exported with --vae-precision bf16:
+onnxruntime has no bf16 convolution kernels, so that fp32 graph runs in OpenVINO's CPU plugin with
+bf16 inference precision (oneDNN's AVX-512 BF16 / AMX convolutions), behind the same session API.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..contract.params import _int_param
-from ..contract.protocol import MODEL_MANIFEST, ONNX_FILE, PARAM_THREADS
+from ..contract.protocol import MODEL_MANIFEST, ONNX_FILE, PARAM_THREADS, VAE_DECODER, VAE_ENCODER
 from ..contract.specs import SubmodelSpec
 from ..errors import CheckpointError, ShapeError, ThfmError
 from ..machine import CpuFeatures, read_cpu
@@ -38,14 +44,113 @@ def session_options(threads: int = 0):
     return opts
 
 
-def create_session(path: str | Path, threads: int = 0):
-    """An onnxruntime CPU session for one exported graph."""
-    import onnxruntime as ort
-
+def create_session(path: str | Path, threads: int = 0, spec: SubmodelSpec | None = None):
+    """A CPU session for one exported graph: onnxruntime, or OpenVINO where the spec says so
+    (runs_in_openvino)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: export the model first (`thfm export`)")
+    if spec is not None and runs_in_openvino(spec):
+        return OpenVinoSession(path, threads, spec.precision)
+    import onnxruntime as ort
+
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def runs_in_openvino(spec: SubmodelSpec) -> bool:
+    """A bf16 VAE graph (--vae-precision bf16) is the fp32 graph executed by OpenVINO in bf16:
+    onnxruntime's CPU provider has no bf16 kernels (export/precision.py). Every other graph runs in
+    onnxruntime (a bf16 core is a GPU repository's, for TensorRT)."""
+    return spec.name in (VAE_ENCODER, VAE_DECODER) and spec.precision == "bf16"
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot run here, or None."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return (f"OpenVINO is not installed ({e}); the bf16 VAE runs in OpenVINO's CPU plugin: "
+                "pip install the project (it pins openvino) or export with --vae-precision fp32")
+    return None
+
+
+@dataclass(frozen=True)
+class _Port:
+    name: str
+
+
+class OpenVinoSession:
+    """An ONNX graph compiled by OpenVINO's CPU plugin, with onnxruntime's session API as the serving
+    code uses it (get_inputs, get_outputs, run), so OnnxModel batches and checks it alike.
+
+    bf16 inference precision makes the plugin run convolutions and matmuls in bf16 (fp32
+    accumulation); on a CPU without bf16 instructions it would be emulated, so there the graph runs
+    in f32 and a warning says why (correct, only slower).
+
+    The graph is compiled once per distinct input shape, with that shape fixed: compiled with
+    dynamic height and width, OpenVINO 2026.4's bf16 decoder was wrong along the right edge of the
+    frame (the trained small checkpoint at 192x192: max abs 0.72 on [0, 1] maps in the last 64
+    columns, exact elsewhere), while the same graph reshaped to the input's shape stayed within
+    0.04 (PyTorch bf16 autocast: 0.02). A server sees one window grid and a few batch sizes, so a
+    handful of compiled shapes (MAX_SHAPES, least recently used dropped) covers it.
+    """
+
+    MAX_SHAPES = 4
+
+    def __init__(self, path: Path, threads: int = 0, precision: str = "bf16", cpu: CpuFeatures | None = None):
+        missing = openvino_missing()
+        if missing:
+            raise ThfmError(missing)
+        import openvino as ov
+
+        cpu = cpu or read_cpu()
+        hint = "bf16" if precision == "bf16" else "f32"
+        if hint == "bf16" and not cpu.bf16:
+            logger.warning("%s: bf16 graph on a CPU without bf16 instructions (%s): OpenVINO runs it in f32",
+                           path, cpu.machine_class)
+            hint = "f32"
+        self._config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(path))
+        self.path = Path(path)
+        self.inference_precision = hint
+        self._inputs = [_Port(p.get_any_name()) for p in self._model.inputs]
+        self._outputs = [_Port(p.get_any_name()) for p in self._model.outputs]
+        self._requests: dict[tuple, object] = {}  # input shapes -> infer request, least recently used first
+
+    def get_inputs(self) -> list[_Port]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Port]:
+        return list(self._outputs)
+
+    def _request(self, feeds: Mapping[str, np.ndarray]):
+        key = tuple((p.name, tuple(feeds[p.name].shape)) for p in self._inputs)
+        request = self._requests.pop(key, None)
+        if request is None:
+            model = self._model.clone()
+            model.reshape({name: list(shape) for name, shape in key})
+            request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+            logger.info("%s: compiled by OpenVINO for %s (%s)", self.path.name, dict(key), self.inference_precision)
+            while len(self._requests) >= self.MAX_SHAPES:
+                self._requests.pop(next(iter(self._requests)))
+        self._requests[key] = request
+        return request
+
+    def prepare(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Compile for these input shapes now (a server does it for the export shape at load, so the
+        first request does not wait for the compilation)."""
+        self._request({n: np.empty(tuple(shape), np.float32) for n, shape in shapes.items()})
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [o.name for o in self._outputs] if output_names is None else list(output_names)
+        feeds = {n: np.ascontiguousarray(v) for n, v in feeds.items()}
+        results = self._request(feeds).infer(feeds)
+        # The request's output buffers are reused by the next call: copy them out.
+        by_name = {port.get_any_name(): np.array(value, copy=True) for port, value in results.items()}
+        return [by_name[n] for n in names]
 
 
 def _read_manifest(version_dir: Path) -> dict:
@@ -105,7 +210,11 @@ class OnnxModel:
         warning = int8_weights_warning(name, _read_manifest(version_dir))
         if warning:
             logger.warning(warning)
-        return cls(assets.specs[name], create_session(version_dir / ONNX_FILE, threads))
+        spec = assets.specs[name]
+        session = create_session(version_dir / ONNX_FILE, threads, spec)
+        if isinstance(session, OpenVinoSession):
+            session.prepare({t.name: spec.shape(t.name, "opt") for t in spec.inputs})
+        return cls(spec, session)
 
     def check(self, inputs: Mapping[str, np.ndarray]) -> None:
         for t in self.spec.inputs:
