@@ -57,5 +57,5 @@ def test_every_task_is_ahead_of_its_trivial_baseline(report):
     assert model["normals"]["mean_deg"] <= base["normals"]["mean_deg"] - 1.5
     assert model["depth"]["abs_rel"] <= 0.8 * base["depth"]["abs_rel"]
     # Stage 3 (the decoder adapted to the core) doubled the parts labelled right: 0.057 here before it,
-    # 0.116 after it, 0.149 for the shipped model (docs/training.md, step 7).
+    # 0.116 after it, 0.149 for step 7, 0.156 for the shipped model (docs/training.md, step 8).
     assert model["densepose"]["part_acc"] >= base["densepose"]["part_acc"] + 0.08

@@ -145,9 +145,11 @@ def cpu_vae_recipe(cpu: CpuFeatures) -> CpuRecipe:
     """The VAE precision `thfm export --target cpu` writes when --vae-precision is not given.
 
     - bf16 where the CPU has bf16 instructions: the fp32 graph run by OpenVINO's CPU plugin in bf16
-      (serving.sessions), whose convolutions ran the Wan2.1 decoder 2.8x faster than onnxruntime's
-      fp32 ones on the AVX-512 BF16 EPYC class, with task drift far inside the export's bounds
-      (export/RESULTS.md); the export still checks those bounds, fatally.
+      (serving.sessions). On the AVX-512 BF16 EPYC class the served Wan2.1 VAE then ran at 107-108%
+      of the bf16 matmul peak (the fp32 onnxruntime one at 63-74% of the fp32 peak, half as high),
+      and the 1.3B-shaped request end to end at 2.68x the PyTorch pipeline (1.46x with the fp32 VAE),
+      its task drift far inside the export's bounds (perf/README.md, export/RESULTS.md). The export
+      still checks those bounds, fatally.
     - fp32 elsewhere: without bf16 instructions bf16 is emulated, slower than fp32, and refused; the
       int8 VAE stays an explicit choice (its dense pose drift failed the bound on the Wan2.1 shape's
       random weights and its validation on the trained small checkpoint).

@@ -1,7 +1,8 @@
 """Triton model `vae_encoder` on CPU: clip [B,3,T,H,W] in [-1,1] -> latent [B,16,T',H/8,W/8] (Wan VAE encoder).
 
 The exported ONNX graph (<version>/model.onnx) runs in onnxruntime inside the python backend (the
-CPU tritonserver has no onnxruntime backend); the logic lives in thfm_serve.serving.
+CPU tritonserver has no onnxruntime backend), or in OpenVINO for a bf16 VAE (`--vae-precision bf16`);
+the logic lives in thfm_serve.serving.
 """
 
 import json
