@@ -287,13 +287,15 @@ class OnnxVae:
     export's slowest step at 1.3B). Each session is created on first use, so a report without dense
     tasks never loads the decoder."""
 
-    kind = "the exported vae_encoder/vae_decoder in serving's sessions (onnxruntime; OpenVINO for a bf16 VAE)"
-
     def __init__(self, encoder: tuple[SubmodelSpec, Path], decoder: tuple[SubmodelSpec, Path], window: int):
+        from thfm_serve.serving.sessions import runs_in_openvino
+
         self._parts = {"encoder": encoder, "decoder": decoder}
         self._models: dict[str, Any] = {}
         self.window = window
         self.calls = {"encoder": 0, "decoder": 0}  # rows run, for the report
+        runtime = "openvino-cpu, bf16" if runs_in_openvino(decoder[0]) else "onnxruntime-cpu"
+        self.kind = f"{runtime} (the exported vae_encoder/vae_decoder, serving's sessions)"
 
     def _model(self, part: str):
         if part not in self._models:
