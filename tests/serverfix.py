@@ -171,3 +171,34 @@ def write_tables(terminalreporter, config: pytest.Config, max_cell: int = 50, ma
         for r in rows:
             cells = [cut(c, w).ljust(w) for c, w in zip(r, widths)] + [cut(r[-1], max_last)]
             terminalreporter.write_line("  ".join(cells).rstrip())
+
+
+def assert_served_as_in_process(src: Path, tmp_path: Path, tasks: Sequence[str], grid: tuple[int, int, int],
+                                seed: int = 4) -> None:
+    """A copy of repository `src` served by a real tritonserver answers the entry model as the same
+    repository's models do in process (the entry logic over serving's sessions), to 1e-4."""
+    import numpy as np
+
+    from thfm_serve import serving
+    from thfm_serve.contract import protocol
+    from thfm_serve.repository import check_repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    check_repository(repo, "cpu")
+    frames = np.random.default_rng(seed).integers(0, 256, (grid[0], 40, 48, 3), dtype=np.uint8)
+    names = (protocol.VAE_ENCODER, protocol.CORE, protocol.VAE_DECODER)
+    models = {n: serving.OnnxModel.load(repo / n, "1", n) for n in names}
+    assets = serving.load_assets(repo)
+    local = serving.entry_outputs(serving.run_entry(frames, list(tasks), serving.Grid(*grid), assets.config,
+                                                    assets.embeddings(), serving.local_call(models)))
+    srv = start_server(repo, tmp_path)
+    try:
+        client = grpc_client(srv.grpc_url)
+        assert client.is_model_ready(protocol.VAE_DECODER) and client.is_model_ready(protocol.ENTRY_MODEL)
+        got = outputs(client.infer(protocol.ENTRY_MODEL, grpc_inputs(frames=frames, tasks=list(tasks))))
+    finally:
+        srv.stop()
+    for task in tasks:
+        name = protocol.OUTPUT_FOR_TASK[task]
+        np.testing.assert_allclose(got[name], local[name], atol=1e-4, rtol=1e-4, err_msg=task)

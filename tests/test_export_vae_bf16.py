@@ -215,27 +215,6 @@ def test_bf16_vae_is_refused_where_it_cannot_run_as_validated(tiny_checkpoint, t
 def test_thfm_serves_the_bf16_vae_repository(bf16_repo, tmp_path):
     """tritonserver's python models load the bf16 VAE in OpenVINO and answer as the same repository's
     models do in process (the entry logic over serving's sessions)."""
-    from serverfix import grpc_client, grpc_inputs, outputs, start_server
+    from serverfix import assert_served_as_in_process
 
-    from thfm_serve import serving
-    from thfm_serve.repository import check_repository
-
-    repo = tmp_path / "repo"
-    shutil.copytree(bf16_repo[0], repo)
-    check_repository(repo, "cpu")
-    frames = np.random.default_rng(4).integers(0, 256, (WINDOW, 40, 48, 3), dtype=np.uint8)
-    tasks = ["depth", "normals", "keypoints2d"]
-    models = {n: serving.OnnxModel.load(repo / n, "1", n) for n in (VAE_ENCODER, CORE, VAE_DECODER)}
-    assets = serving.load_assets(repo)
-    local = serving.entry_outputs(serving.run_entry(frames, tasks, serving.Grid(WINDOW, HEIGHT, WIDTH), assets.config,
-                                                    assets.embeddings(), serving.local_call(models)))
-    srv = start_server(repo, tmp_path)
-    try:
-        client = grpc_client(srv.grpc_url)
-        assert client.is_model_ready(VAE_DECODER) and client.is_model_ready(protocol.ENTRY_MODEL)
-        got = outputs(client.infer(protocol.ENTRY_MODEL, grpc_inputs(frames=frames, tasks=tasks)))
-    finally:
-        srv.stop()
-    for task in tasks:
-        name = protocol.OUTPUT_FOR_TASK[task]
-        np.testing.assert_allclose(got[name], local[name], atol=1e-4, rtol=1e-4, err_msg=task)
+    assert_served_as_in_process(bf16_repo[0], tmp_path, ["depth", "normals", "keypoints2d"], (WINDOW, HEIGHT, WIDTH))

@@ -311,29 +311,6 @@ def test_bad_vae_precision_values_are_clear_errors(tiny_checkpoint, tmp_path, ca
 def test_thfm_serves_the_int8_vae_repository(int8_repo, tmp_path):
     """tritonserver loads the int8 graphs with no serving change, and answers as the same repository's
     graphs do in process (the entry logic over the repository's onnxruntime models)."""
-    import shutil
+    from serverfix import assert_served_as_in_process
 
-    from serverfix import grpc_client, grpc_inputs, outputs, start_server
-
-    from thfm_serve import serving
-    from thfm_serve.repository import check_repository
-
-    repo = tmp_path / "repo"
-    shutil.copytree(int8_repo[0], repo)
-    check_repository(repo, "cpu")
-    frames = np.random.default_rng(4).integers(0, 256, (WINDOW, 40, 48, 3), dtype=np.uint8)
-    tasks = ["depth", "segmentation", "keypoints2d"]
-    models = {n: serving.OnnxModel.load(repo / n, "1", n) for n in (VAE_ENCODER, CORE, VAE_DECODER)}
-    assets = serving.load_assets(repo)
-    local = serving.entry_outputs(serving.run_entry(frames, tasks, serving.Grid(WINDOW, HEIGHT, WIDTH), assets.config,
-                                                    assets.embeddings(), serving.local_call(models)))
-    srv = start_server(repo, tmp_path)
-    try:
-        client = grpc_client(srv.grpc_url)
-        assert client.is_model_ready(VAE_DECODER) and client.is_model_ready(protocol.ENTRY_MODEL)
-        got = outputs(client.infer(protocol.ENTRY_MODEL, grpc_inputs(frames=frames, tasks=tasks)))
-    finally:
-        srv.stop()
-    for task in tasks:
-        name = protocol.OUTPUT_FOR_TASK[task]
-        np.testing.assert_allclose(got[name], local[name], atol=1e-4, rtol=1e-4, err_msg=task)
+    assert_served_as_in_process(int8_repo[0], tmp_path, ["depth", "segmentation", "keypoints2d"], (WINDOW, HEIGHT, WIDTH))
