@@ -48,11 +48,13 @@ from thfm_serve.contract.protocol import (
 from . import manifest as mf
 from .calibration import calibration_grid, calibration_set, clip_latent, default_clips, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
-from .precision import (QUANTIZED, check_target_precision, check_target_vae_precision, default_precision,
+from .precision import (QUANTIZED, check_core_runtime, check_target_precision, check_target_vae_precision,
+                        default_core_runtime, default_precision,
                         default_vae_precision, lowered_core,
                         precision_summary)
-from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, SubmodelSpec, Target, build_specs,
-                                       parse_precision, parse_target, parse_vae_precision)
+from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, Runtime, SubmodelSpec, Target, build_specs,
+                                       parse_precision, parse_runtime, parse_target, parse_vae_precision)
+from thfm_serve.serving.sessions import runs_in_openvino
 from .validate import (OnnxVae, RowMemo, check_vae_drift, describe_drift_region, make_runner, once_per_input, task_drift,
                        torch_runner, torch_vae, validate_values, vae_drift)
 from thfm_serve.contract.vae_window import decode_in_window, encode_in_window
@@ -89,6 +91,7 @@ def export_repository(
     calibration_clips: int | None = None,
     write_configs: bool = True,
     vae_precision: str | Precision | None = Precision.FP32,
+    core_runtime: str | Runtime | None = Runtime.ONNXRUNTIME,
 ) -> dict[str, Any]:
     """Export (or reuse) every submodel into `repo`; returns the report (also in <repo>/export_report.json).
 
@@ -101,6 +104,9 @@ def export_repository(
     vae_precision: the VAE graphs' precision (fp32; for --target cpu also int8, quantize.VAE_RECIPE, or bf16,
         the fp32 graph run by OpenVINO in bf16 on a CPU with bf16 instructions). None takes the
         machine's (precision.default_vae_precision), as `thfm export` does without --vae-precision.
+    core_runtime: what runs the core on the cpu target: onnxruntime, or openvino (an int8 or fp32 core;
+        the export validates it in OpenVINO). None takes the machine's (precision.default_core_runtime),
+        as `thfm export` does without --core-runtime.
     """
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -117,6 +123,13 @@ def export_repository(
         logger.info("--target %s, no --vae-precision: VAE %s (%s)", target.value, vae_precision.value, vae_chosen_by)
     vae_precision = parse_vae_precision(vae_precision)
     check_target_vae_precision(target, vae_precision)
+    core_runtime_chosen_by = "--core-runtime"
+    if core_runtime is None:
+        core_runtime, core_runtime_chosen_by = default_core_runtime(target, precision)
+        logger.info("--target %s, no --core-runtime: core in %s (%s)", target.value, core_runtime.value,
+                    core_runtime_chosen_by)
+    core_runtime = parse_runtime(core_runtime)
+    check_core_runtime(target, precision, core_runtime)
     chosen = _choose_models(models)
     repo = Path(repo)
     if repo.name == "triton":
@@ -126,7 +139,8 @@ def export_repository(
     checkpoint = Path(checkpoint)
     cfg = _load_config(checkpoint)
     specs = build_specs(cfg, frames, height, width, precision=precision, max_batch=max_batch,
-                        max_frames=max_frames, max_height=max_height, max_width=max_width, vae_precision=vae_precision)
+                        max_frames=max_frames, max_height=max_height, max_width=max_width, vae_precision=vae_precision,
+                        core_runtime=core_runtime)
     # The same submodels at fp32: a quantised one starts from its fp32 graph (_fp32_graph).
     fp32_specs = build_specs(cfg, frames, height, width, precision=Precision.FP32, max_batch=max_batch,
                              max_frames=max_frames, max_height=max_height, max_width=max_width)
@@ -143,7 +157,8 @@ def export_repository(
     report: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
         "precision": precision.value, "precision_chosen_by": chosen_by, "vae_precision": vae_precision.value,
-        "vae_precision_chosen_by": vae_chosen_by,
+        "vae_precision_chosen_by": vae_chosen_by, "core_runtime": core_runtime.value,
+        "core_runtime_chosen_by": core_runtime_chosen_by,
         "machine": _machine(target),
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
@@ -283,7 +298,9 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
             opt = spec.dims("opt")
             key["calibration"]["grid"] = list(calibration_grid(patch_pixels(opt["hp"]), patch_pixels(opt["wp"])))
     if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.BF16.value:
-        key["runtime"] = {**_openvino_runtime(), "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
+        key["runtime"] = {**_openvino_runtime(spec), "drift_bounds": [b.describe() for b in VAE_DRIFT_BOUNDS]}
+    elif runs_in_openvino(spec):
+        key["runtime"] = _openvino_runtime(spec)
     if name in (VAE_ENCODER, VAE_DECODER) and spec.precision == Precision.INT8.value:
         from .calibration import PROCEDURAL_RECIPE
         from .quantize import vae_recipe_for
@@ -294,15 +311,19 @@ def _model_key(name: str, spec: SubmodelSpec, ck_hash: str, precision: Precision
     return key
 
 
-def _openvino_runtime() -> dict[str, str]:
-    """What runs a bf16 VAE graph (its manifest keys on it: another OpenVINO may lower it differently)."""
+def _openvino_runtime(spec: SubmodelSpec) -> dict[str, str]:
+    """What runs a graph in OpenVINO (its manifest keys on it: another OpenVINO, or another inference
+    precision, may lower it differently)."""
     import importlib.metadata as md
+
+    from thfm_serve.serving.sessions import openvino_inference_precision
 
     try:
         version = md.version("openvino")
     except md.PackageNotFoundError:
         version = "not installed"
-    return {"runtime": "openvino-cpu", "openvino": version, "inference_precision": "bf16"}
+    return {"runtime": "openvino-cpu", "openvino": version,
+            "inference_precision": openvino_inference_precision(spec.precision, read_cpu())}
 
 
 def _clips(name: str, clips: int | None) -> int:
@@ -432,6 +453,8 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             module = lowered_core(ck.core(), precision)
             export_onnx(module, spec, onnx_path)
         entry["parameters"] = precision_summary(module)
+        if runs_in_openvino(spec):
+            entry["runtime"] = _openvino_runtime(spec)
         _write_core_extras(ck, stage)
     else:
         module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
@@ -447,7 +470,7 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             for f in onnx_files(fp32_path):
                 shutil.move(str(f), str(stage / f.name))
             shutil.rmtree(stage / "fp32")
-            entry["runtime"] = _openvino_runtime()
+            entry["runtime"] = _openvino_runtime(spec)
         else:
             export_onnx(module, spec, onnx_path)
 
@@ -701,8 +724,6 @@ def _vae_drift_entry(ck: Any, spec: SubmodelSpec, decoder_path: Path, encoder: t
     fatal past contract.specs.VAE_DRIFT_BOUNDS. The candidate decodes with the decoder being exported
     and encodes with the repository's encoder of the same precision (or PyTorch's fp32 one where there
     is none)."""
-    from thfm_serve.serving.sessions import runs_in_openvino
-
     ref_encode, ref_decode = torch_vae(ck)
     p, runtime = spec.precision, "OpenVINO" if runs_in_openvino(spec) else "onnxruntime"
     if encoder is not None:

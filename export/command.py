@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from thfm_serve.contract.specs import MAX_BATCH, VAE_PRECISIONS, Precision, Target
+from thfm_serve.contract.specs import MAX_BATCH, VAE_PRECISIONS, Precision, Runtime, Target
 from thfm_serve.options import LIMIT_PREFIX, ExportOptions
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,11 @@ def register(sub) -> None:
                    "onnxruntime's int8 conv kernels, the decoder's last up block and conv_out kept float; calibrated on "
                    "the --calibration clips. Either is fatal if its task drift against the fp32 PyTorch VAE exceeds the "
                    "stated bounds. Measured speed and drift per machine class: export/RESULTS.md")
+    p.add_argument("--core-runtime", default=None, metavar="{" + ",".join(r.value for r in Runtime) + "}",
+                   help="what runs the core on --target cpu (default: chosen for this machine and logged, openvino for an "
+                   "int8 core on CPUs with bf16 instructions, onnxruntime otherwise). openvino: the same ONNX graph "
+                   "compiled by OpenVINO's CPU plugin, int8 linears in int8 and the float remainder in bf16 where the CPU "
+                   "has bf16 instructions; int8 or fp32 cores only; validated in OpenVINO at export")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")

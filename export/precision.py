@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from thfm_serve.errors import ThfmError
 
-from thfm_serve.contract.specs import Precision, Target
+from thfm_serve.contract.specs import OPENVINO_CORE_PRECISIONS, Precision, Runtime, Target
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,40 @@ def default_vae_precision(target: Target) -> tuple[Precision, str]:
         recipe = cpu_vae_recipe(read_cpu())
         return Precision(recipe.precision), f"machine class {recipe.machine_class}: {recipe.reason}"
     return Precision.FP32, f"the {target.value} target keeps the VAE fp32"
+
+
+def default_core_runtime(target: Target, precision: Precision) -> tuple[Runtime, str]:
+    """(core runtime, why) when --core-runtime is not given: on cpu this machine's choice for the
+    precision (thfm_serve.machine.cpu_core_runtime), onnxruntime where OpenVINO is not installed; the gpu
+    target's core is a TensorRT engine, and its spec says onnxruntime (the ONNX it is built from)."""
+    if target != Target.CPU:
+        return Runtime.ONNXRUNTIME, f"the {target.value} target's core is a TensorRT engine"
+    from thfm_serve.machine import cpu_core_runtime, read_cpu
+    from thfm_serve.serving.sessions import openvino_missing
+
+    runtime, why = cpu_core_runtime(read_cpu(), precision.value)
+    if runtime == Runtime.OPENVINO.value and openvino_missing():
+        return Runtime.ONNXRUNTIME, f"{why}; but OpenVINO is not installed, so onnxruntime"
+    return Runtime(runtime), why
+
+
+def check_core_runtime(target: Target, precision: Precision, runtime: Runtime) -> None:
+    """--core-runtime openvino: the cpu target, an int8 or fp32 core (contract.specs.OPENVINO_CORE_PRECISIONS),
+    and OpenVINO installed."""
+    if runtime != Runtime.OPENVINO:
+        return
+    if target != Target.CPU:
+        raise ThfmError(f"--core-runtime openvino is for --target cpu; --target {target.value} builds a TensorRT engine "
+                        "for the core")
+    if precision not in OPENVINO_CORE_PRECISIONS:
+        raise ThfmError(f"--core-runtime openvino runs an int8 or fp32 core (OpenVINO lowers the int8 one's float part "
+                        f"to bf16 where the CPU has bf16 instructions); got --precision {precision.value}: use "
+                        "--core-runtime onnxruntime")
+    from thfm_serve.serving.sessions import openvino_missing
+
+    missing = openvino_missing()
+    if missing:
+        raise ThfmError(missing)
 
 
 def check_target_precision(target: Target, precision: Precision) -> None:

@@ -100,7 +100,8 @@ class ServingRunner:
         self._session = create_session(path, 0, spec)
         self._names = spec.output_names
         hint = getattr(self._session, "inference_precision", None)
-        self.kind = f"openvino-cpu ({hint} inference precision)" if hint else "onnxruntime-cpu (serving's session)"
+        self.kind = (f"openvino-cpu ({spec.precision} graph, {hint} inference precision)" if hint
+                     else "onnxruntime-cpu (serving's session)")
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._names, self._session.run(self._names, feed)))

@@ -213,6 +213,7 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
     repo = Path(job["repo"])
     assets = serving.load_assets(repo)
     precisions = {m: assets.specs[m].precision for m in (protocol.VAE_ENCODER, protocol.CORE, protocol.VAE_DECODER)}
+    runtimes = {m: assets.specs[m].runtime for m in precisions}
     cfg = ServerConfig(repo=repo, **server_ports())
     tasks = list(job["tasks"])
     t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def served_worker(job: dict[str, Any]) -> dict[str, Any]:
         client.close()
     np.savez(job["outputs"], **out)
     return {**summarise(runs), "load_s": load_s, "peak_rss_mb": sum(hwm.values()), "processes": len(hwm),
-            "precisions": precisions, "threads": job["threads"], "warmup": job["warmup"]}
+            "precisions": precisions, "runtimes": runtimes, "threads": job["threads"], "warmup": job["warmup"]}
 
 
 def _repeat(run: Callable[[], tuple[dict[str, float], Any]], runs: int, warmup: int) -> tuple[list[dict[str, float]], Any]:
@@ -387,7 +388,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Started {r['started']}, 1-min load {r['loadavg'][0]:.2f} at start, {r['loadavg'][1]:.2f} at end.", "",
         f"Input: {r['video_note']}; tasks {', '.join(r['tasks'])} in one request; checkpoint `{r['checkpoint']}`, "
         f"repository `{r['repo']}` (served precisions: " +
-        ", ".join(f"{k} {v}" for k, v in sv["precisions"].items()) + ").", "",
+        ", ".join(f"{k} {v}" + (f" in {sv['runtimes'][k]}" if k in sv.get("runtimes", {}) else "")
+                  for k, v in sv["precisions"].items()) + ").", "",
         "Matmul peak in the same run (perf/bench_core.py's peak worker): "
         + describe_peak({"machine_class": r["machine"]["class"], **r["peak"]}) + ".", "",
         "| stage | FLOPs | pipeline (PyTorch fp32) | share | % of fp32 peak | served | share | precision | % of its peak |",

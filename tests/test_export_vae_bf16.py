@@ -102,8 +102,8 @@ def test_openvino_falls_back_to_f32_without_bf16_instructions_and_matches_onnxru
 def test_bf16_session_compiles_each_shape_fixed_and_stays_in_budget_across_the_frame(fp32_repo):
     """Compiled with dynamic height and width, OpenVINO's bf16 decoder was wrong along the frame's
     right edge (max abs 0.4-0.8 on [0, 1] maps at 192 pixels wide, tiny checkpoint); compiled for the
-    input's own shape it stays within the bf16 budget everywhere. The session compiles per shape,
-    keeps at most MAX_SHAPES, and answers a shape it has seen without compiling again."""
+    input's own shape it stays within the bf16 budget everywhere. The session compiles per row shape,
+    keeps at most max_shapes (4 for a VAE), and answers a shape it has seen without compiling again."""
     from thfm_serve.contract.specs import tolerance_for
 
     path = fp32_repo / VAE_DECODER / "1" / "model.onnx"
@@ -120,7 +120,7 @@ def test_bf16_session_compiles_each_shape_fixed_and_stays_in_budget_across_the_f
         assert ok, (shape, max_abs)
         # Every column, the last ones included: no edge of the frame is worse than the bf16 budget.
         assert np.abs(got - ref).max(axis=(0, 1, 2, 3)).max() <= budget.atol + budget.rtol, shape
-    assert len(ov._requests) == OpenVinoSession.MAX_SHAPES < len(shapes)
+    assert len(ov._requests) == ov.max_shapes == 4 < len(shapes)
     seen = list(ov._requests)[-1]
     before = dict(ov._requests)
     ov.run(None, {protocol.DECODER_IN: np.zeros(seen[0][1], np.float32)})
@@ -170,7 +170,7 @@ def test_drift_runtime_and_precision_are_in_the_report_and_manifests(bf16_repo):
     repo, report = bf16_repo
     assert report["vae_precision"] == "bf16" and report["precision"] == "fp32"
     entry = report["models"][VAE_DECODER]
-    assert entry["runner"] == "openvino-cpu (bf16 inference precision)"
+    assert entry["runner"] == "openvino-cpu (bf16 graph, bf16 inference precision)"
     assert entry["runtime"]["runtime"] == "openvino-cpu" and entry["runtime"]["inference_precision"] == "bf16"
     dense = [t for t in TASKS if t in DENSE_TASKS]
     assert set(entry["vae_drift"]) == set(dense)

@@ -118,7 +118,8 @@ class CpuRecipe:
 
 
 def cpu_recipe(cpu: CpuFeatures) -> CpuRecipe:
-    """The fastest recipe that is correct on `cpu` for the served path (onnxruntime's CPU provider).
+    """The fastest recipe that is correct on `cpu` for the served path (onnxruntime's CPU provider;
+    cpu_core_runtime says where OpenVINO runs the int8 core instead).
 
     - bf16 is never chosen: onnxruntime's CPU provider has no bf16 kernels (export/precision.py), and
       where the CPU has no bf16 instructions even PyTorch emulates it, slower than fp32.
@@ -159,6 +160,26 @@ def cpu_vae_recipe(cpu: CpuFeatures) -> CpuRecipe:
             f for f in ("amx_bf16", "avx512_bf16") if cpu.has(f)) + ")", cpu.machine_class)
     return CpuRecipe("fp32", "fp32 VAE in onnxruntime: no bf16 instructions (bf16 would be emulated, slower than "
                      "fp32); int8 only when asked for", cpu.machine_class)
+
+
+def cpu_core_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
+    """(runtime, why): what runs the core graph when `thfm export --target cpu` is given no --core-runtime.
+
+    - openvino for the int8 core where the CPU has bf16 instructions: OpenVINO runs the same Q/DQ
+      graph's linears in int8 and its float remainder (attention products, norms, softmax) in bf16.
+      On the AVX-512 BF16 EPYC class the 1.3B core at 17x256x256 took 36.0 s for six task rows, against
+      60.8 s in onnxruntime (1.66x), within the export's tolerances (perf/README.md).
+    - onnxruntime elsewhere: on the AVX2-only EPYC class OpenVINO 2026.4 ran the int8 core slower than
+      onnxruntime (3.98 s against 2.28 s for four 1.3B blocks) and f32 no faster (3.58 s against
+      3.35 s); an fp32 or fp16 core gains nothing from it either.
+    """
+    if precision == "int8" and cpu.bf16:
+        return "openvino", (f"machine class {cpu.machine_class}: int8 core in OpenVINO, its float remainder in bf16 "
+                            "(the CPU has bf16 instructions; 1.66x onnxruntime's int8 on the AVX-512 BF16 EPYC class)")
+    if precision == "int8":
+        return "onnxruntime", (f"machine class {cpu.machine_class}: no bf16 instructions, where OpenVINO's int8 core "
+                               "was slower than onnxruntime's (AVX2-only EPYC: 3.98 s against 2.28 s)")
+    return "onnxruntime", f"a {precision} core runs in onnxruntime (OpenVINO measured no faster for it)"
 
 
 def torch_bf16_advice(cpu: CpuFeatures) -> str | None:

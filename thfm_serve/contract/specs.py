@@ -108,6 +108,34 @@ def parse_vae_precision(value: str | Precision) -> Precision:
     return precision
 
 
+class Runtime(str, enum.Enum):
+    """What executes an exported graph on the CPU target (a GPU repository's core is TensorRT's)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+# Core precisions OpenVINO may run (--core-runtime openvino): the int8 Q/DQ graph (int8 linears through
+# oneDNN, the float remainder in bf16 on CPUs with bf16 instructions) and fp32.
+OPENVINO_CORE_PRECISIONS = (Precision.INT8, Precision.FP32)
+
+
+def parse_runtime(value: str | Runtime) -> Runtime:
+    try:
+        return Runtime(value)
+    except ValueError:
+        raise ThfmError(f"unknown runtime {value!r}; choose from {', '.join(r.value for r in Runtime)}") from None
+
+
+def default_runtime(name: str, precision: str) -> Runtime:
+    """The runtime a graph of this submodel and precision has unless its spec says otherwise: a bf16
+    VAE is the fp32 graph run by OpenVINO in bf16 (onnxruntime's CPU provider has no bf16 kernels);
+    everything else onnxruntime."""
+    if name in (VAE_ENCODER, VAE_DECODER) and precision == Precision.BF16.value:
+        return Runtime.OPENVINO
+    return Runtime.ONNXRUNTIME
+
+
 def parse_target(value: str | Target) -> Target:
     try:
         return Target(value)
@@ -293,6 +321,10 @@ class SubmodelSpec:
     precision: str = Precision.FP32.value
     static_dims: tuple[str, ...] = ()  # fixed by design (the VAE window); degenerate profiles are fixed too
     notes: list[str] = field(default_factory=list)
+    runtime: str | None = None  # a Runtime value; None: default_runtime(name, precision)
+
+    def __post_init__(self) -> None:
+        self.runtime = (parse_runtime(self.runtime) if self.runtime else default_runtime(self.name, self.precision)).value
 
     # -- lookup
     @property
@@ -443,6 +475,9 @@ class SubmodelSpec:
             "tolerances": {k: asdict(v) for k, v in self.tolerances.items()},
             "notes": list(self.notes),
             "trt_profile": {k: [list(s) for s in v] for k, v in self.trt_profile().items()},
+            # Written only where it is not the precision's default runtime, so the manifests' keys (which
+            # hold this dict) of graphs exported before the field existed still match.
+            **({"runtime": self.runtime} if self.runtime != default_runtime(self.name, self.precision).value else {}),
         }
 
     @classmethod
@@ -459,6 +494,7 @@ class SubmodelSpec:
             precision=data["precision"],
             static_dims=tuple(data.get("static_dims", ())),
             notes=list(data.get("notes", [])),
+            runtime=data.get("runtime"),
         )
 
 
@@ -492,6 +528,7 @@ def build_specs(
     max_height: int | None = None,
     max_width: int | None = None,
     vae_precision: str | Precision = Precision.FP32,
+    core_runtime: str | Runtime | None = None,
 ) -> dict[str, SubmodelSpec]:
     """Specs for "core", "vae_encoder" and "vae_decoder" (contract.protocol names).
 
@@ -504,6 +541,8 @@ def build_specs(
     length). The VAE models are therefore exported for one window (frames static, batch/height/width
     dynamic); shorter clips are padded to the window and cropped after (contract.vae_window), which is
     exact because the Wan VAE is causal in time.
+
+    core_runtime: what runs the core graph (None: default_runtime); the VAE's follows its precision.
     """
     precision = Precision(precision)
     frames = cfg.frames if frames is None else frames
@@ -540,6 +579,7 @@ def build_specs(
         profiles=dict(profiles),
         tolerances={CORE_OUT[0]: tol("latent"), CORE_OUT[1]: tol("keypoints"), CORE_OUT[2]: tol("keypoints")},
         precision=precision.value,
+        runtime=core_runtime and parse_runtime(core_runtime).value,
     )
 
     vae_profiles = dict(profiles)
@@ -585,7 +625,8 @@ def build_specs(
 
 
 __all__ = [
-    "Axis", "BASE_DIMS", "DriftBound", "LATENT_CHANNELS", "MAX_BATCH", "PROFILE_LEVELS", "Precision", "SubmodelSpec", "Target",
+    "Axis", "BASE_DIMS", "DriftBound", "LATENT_CHANNELS", "MAX_BATCH", "OPENVINO_CORE_PRECISIONS", "PROFILE_LEVELS",
+    "Precision", "Runtime", "SubmodelSpec", "Target", "default_runtime", "parse_runtime",
     "TensorSpec", "Tolerance", "VAE_SPATIAL", "base_dims_for", "build_specs", "parse_axis", "parse_precision",
     "parse_target", "parse_vae_precision", "tolerance_for", "VAE_DRIFT_BOUNDS", "VAE_PRECISIONS", "vae_tolerance_for",
 ]

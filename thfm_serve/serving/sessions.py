@@ -1,8 +1,9 @@
 """Sessions for the exported submodels, run on behalf of python-backend models.
 
-Every graph runs in onnxruntime's CPU provider, except a VAE exported with --vae-precision bf16:
-onnxruntime has no bf16 convolution kernels, so that fp32 graph runs in OpenVINO's CPU plugin with
-bf16 inference precision (oneDNN's AVX-512 BF16 / AMX convolutions), behind the same session API.
+Every graph runs in onnxruntime's CPU provider unless its spec's runtime is OpenVINO: a VAE exported
+with --vae-precision bf16 (onnxruntime has no bf16 convolution kernels, so that fp32 graph runs in
+OpenVINO's CPU plugin with bf16 inference precision: oneDNN's AVX-512 BF16 / AMX convolutions), and a
+core exported with --core-runtime openvino. Both sit behind onnxruntime's session API.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..contract.params import _int_param
-from ..contract.protocol import MODEL_MANIFEST, ONNX_FILE, PARAM_THREADS, VAE_DECODER, VAE_ENCODER
-from ..contract.specs import SubmodelSpec
+from ..contract.protocol import CORE, MODEL_MANIFEST, ONNX_FILE, PARAM_THREADS
+from ..contract.specs import Precision, Runtime, SubmodelSpec
 from ..errors import CheckpointError, ShapeError, ThfmError
 from ..machine import CpuFeatures, read_cpu
 from .assets import load_assets, repository_root
@@ -45,23 +46,22 @@ def session_options(threads: int = 0):
 
 
 def create_session(path: str | Path, threads: int = 0, spec: SubmodelSpec | None = None):
-    """A CPU session for one exported graph: onnxruntime, or OpenVINO where the spec says so
-    (runs_in_openvino)."""
+    """A CPU session for one exported graph: onnxruntime, or OpenVINO where the spec's runtime says so."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: export the model first (`thfm export`)")
     if spec is not None and runs_in_openvino(spec):
-        return OpenVinoSession(path, threads, spec.precision)
+        # A compiled core holds its own repacked weights (2 GB for the 1.3B shape's int8 core): keep one.
+        return OpenVinoSession(path, threads, spec.precision, max_shapes=1 if spec.name == CORE else 4)
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def runs_in_openvino(spec: SubmodelSpec) -> bool:
-    """A bf16 VAE graph (--vae-precision bf16) is the fp32 graph executed by OpenVINO in bf16:
-    onnxruntime's CPU provider has no bf16 kernels (export/precision.py). Every other graph runs in
-    onnxruntime (a bf16 core is a GPU repository's, for TensorRT)."""
-    return spec.name in (VAE_ENCODER, VAE_DECODER) and spec.precision == "bf16"
+    """The spec's runtime (contract.specs.default_runtime: a bf16 VAE; --core-runtime openvino for the
+    core); every other graph runs in onnxruntime (a GPU repository's core in TensorRT)."""
+    return spec.runtime == Runtime.OPENVINO.value
 
 
 def openvino_missing() -> str | None:
@@ -69,9 +69,26 @@ def openvino_missing() -> str | None:
     try:
         import openvino  # noqa: F401
     except ImportError as e:
-        return (f"OpenVINO is not installed ({e}); the bf16 VAE runs in OpenVINO's CPU plugin: "
-                "pip install the project (it pins openvino) or export with --vae-precision fp32")
+        return (f"OpenVINO is not installed ({e}); the bf16 VAE and --core-runtime openvino run in OpenVINO's "
+                "CPU plugin: pip install the project (it pins openvino) or export with --vae-precision fp32 and "
+                "--core-runtime onnxruntime")
     return None
+
+
+def openvino_inference_precision(precision: str, cpu: CpuFeatures) -> str:
+    """OpenVINO's inference precision for a graph of this precision on this CPU.
+
+    - bf16 (the bf16 VAE: the fp32 graph lowered to bf16): bf16, or f32 on a CPU without bf16
+      instructions, where it would be emulated (correct, only slower; the session warns).
+    - int8 (the Q/DQ core): its quantised linears run int8 whatever the hint; the float remainder
+      (attention products, norms, softmax, RoPE) runs bf16 where the CPU has bf16 instructions. On the
+      AVX-512 BF16 EPYC class that made the 1.3B core 1.66x onnxruntime's int8 (perf/README.md), and
+      the export validates it against PyTorch fp32 and bounds its task drift, fatally.
+    - fp32: f32.
+    """
+    if precision in (Precision.BF16.value, Precision.INT8.value) and cpu.bf16:
+        return "bf16"
+    return "f32"
 
 
 @dataclass(frozen=True)
@@ -83,42 +100,45 @@ class OpenVinoSession:
     """An ONNX graph compiled by OpenVINO's CPU plugin, with onnxruntime's session API as the serving
     code uses it (get_inputs, get_outputs, run), so OnnxModel batches and checks it alike.
 
-    bf16 inference precision makes the plugin run convolutions and matmuls in bf16 (fp32
-    accumulation); on a CPU without bf16 instructions it would be emulated, so there the graph runs
-    in f32 and a warning says why (correct, only slower).
+    The inference precision follows the graph's (openvino_inference_precision).
 
-    The graph is compiled once per distinct input shape, with that shape fixed: compiled with
-    dynamic height and width, OpenVINO 2026.4's bf16 decoder was wrong along the right edge of the
-    frame (the trained small checkpoint at 192x192: max abs 0.72 on [0, 1] maps in the last 64
-    columns, exact elsewhere), while the same graph reshaped to the input's shape stayed within
-    0.04 (PyTorch bf16 autocast: 0.02). A server sees one window grid and a few batch sizes, so a
-    handful of compiled shapes (MAX_SHAPES, least recently used dropped) covers it.
+    The graph is compiled for one batch row of each distinct input shape, with that shape fixed, and a
+    batch runs row by row:
+    - fixed shapes: compiled with dynamic height and width, OpenVINO 2026.4's bf16 decoder was wrong
+      along the right edge of the frame (the trained small checkpoint at 192x192: max abs 0.72 on
+      [0, 1] maps in the last 64 columns, exact elsewhere), while the same graph reshaped to the
+      input's shape stayed within 0.04 (PyTorch bf16 autocast: 0.02);
+    - one row: these graphs are compute-bound at a window's size, so a batch gains nothing (the 1.3B
+      shape's decoder: 4 rows in 88.8 s one by one, 87.3 s as one batch, equal outputs; its int8 core:
+      6 rows in 36.0 s, 35.5-36.7 s as one batch), while every compiled shape costs a compilation
+      and memory (the 1.3B int8 core: 2 GB each). A server then compiles once per window grid.
+    The least recently used compiled shape is dropped beyond max_shapes.
     """
 
-    MAX_SHAPES = 4
-
-    def __init__(self, path: Path, threads: int = 0, precision: str = "bf16", cpu: CpuFeatures | None = None):
+    def __init__(self, path: Path, threads: int = 0, precision: str = "bf16", cpu: CpuFeatures | None = None,
+                 max_shapes: int = 4):
         missing = openvino_missing()
         if missing:
             raise ThfmError(missing)
         import openvino as ov
 
         cpu = cpu or read_cpu()
-        hint = "bf16" if precision == "bf16" else "f32"
-        if hint == "bf16" and not cpu.bf16:
+        hint = openvino_inference_precision(precision, cpu)
+        if precision == Precision.BF16.value and hint != "bf16":
             logger.warning("%s: bf16 graph on a CPU without bf16 instructions (%s): OpenVINO runs it in f32",
                            path, cpu.machine_class)
-            hint = "f32"
         self._config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = ov.Core()
         self._model = self._core.read_model(str(path))
         self.path = Path(path)
+        self.precision = precision
         self.inference_precision = hint
+        self.max_shapes = max(1, int(max_shapes))
         self._inputs = [_Port(p.get_any_name()) for p in self._model.inputs]
         self._outputs = [_Port(p.get_any_name()) for p in self._model.outputs]
-        self._requests: dict[tuple, object] = {}  # input shapes -> infer request, least recently used first
+        self._requests: dict[tuple, object] = {}  # one row's input shapes -> infer request, least recently used first
 
     def get_inputs(self) -> list[_Port]:
         return list(self._inputs)
@@ -126,31 +146,40 @@ class OpenVinoSession:
     def get_outputs(self) -> list[_Port]:
         return list(self._outputs)
 
-    def _request(self, feeds: Mapping[str, np.ndarray]):
-        key = tuple((p.name, tuple(feeds[p.name].shape)) for p in self._inputs)
+    def _request(self, row_shapes: Mapping[str, Sequence[int]]):
+        key = tuple((p.name, tuple(row_shapes[p.name])) for p in self._inputs)
         request = self._requests.pop(key, None)
         if request is None:
+            while len(self._requests) >= self.max_shapes:  # free the old one before compiling the new
+                self._requests.pop(next(iter(self._requests)))
             model = self._model.clone()
             model.reshape({name: list(shape) for name, shape in key})
             request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
-            logger.info("%s: compiled by OpenVINO for %s (%s)", self.path.name, dict(key), self.inference_precision)
-            while len(self._requests) >= self.MAX_SHAPES:
-                self._requests.pop(next(iter(self._requests)))
+            logger.info("%s: compiled by OpenVINO for %s (%s %s)", self.path.name, dict(key), self.precision,
+                        self.inference_precision)
         self._requests[key] = request
         return request
 
     def prepare(self, shapes: Mapping[str, Sequence[int]]) -> None:
         """Compile for these input shapes now (a server does it for the export shape at load, so the
         first request does not wait for the compilation)."""
-        self._request({n: np.empty(tuple(shape), np.float32) for n, shape in shapes.items()})
+        self._request({n: (1, *tuple(shape)[1:]) for n, shape in shapes.items()})
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         names = [o.name for o in self._outputs] if output_names is None else list(output_names)
-        feeds = {n: np.ascontiguousarray(v) for n, v in feeds.items()}
-        results = self._request(feeds).infer(feeds)
-        # The request's output buffers are reused by the next call: copy them out.
-        by_name = {port.get_any_name(): np.array(value, copy=True) for port, value in results.items()}
-        return [by_name[n] for n in names]
+        rows = {int(np.shape(v)[0]) for v in feeds.values()}
+        if len(rows) != 1:
+            raise ShapeError(f"{self.path.name}: inputs disagree on the batch size: "
+                             + ", ".join(f"{n} {np.shape(v)}" for n, v in feeds.items()))
+        request = self._request({n: (1, *np.shape(v)[1:]) for n, v in feeds.items()})
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for i in range(rows.pop()):
+            results = request.infer({n: np.ascontiguousarray(v[i : i + 1]) for n, v in feeds.items()})
+            # The request's output buffers are reused by the next call: copy them out.
+            by_name = {port.get_any_name(): value for port, value in results.items()}
+            for n in names:
+                out[n].append(np.array(by_name[n], copy=True))
+        return [np.concatenate(out[n], axis=0) for n in names]
 
 
 def _read_manifest(version_dir: Path) -> dict:
