@@ -167,19 +167,20 @@ def cpu_core_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
 
     - openvino for the int8 core where the CPU has bf16 instructions: OpenVINO runs the same Q/DQ
       graph's linears in int8 and its float remainder (attention products, norms, softmax) in bf16.
-      On the AVX-512 BF16 EPYC class the 1.3B core at 17x256x256 took 36.0 s for six task rows, against
-      60.8 s in onnxruntime (1.66x), within the export's tolerances (perf/README.md).
+      On the AVX-512 BF16 EPYC class the 1.3B core at 17x256x256 took 38.0 s for six task rows, against
+      66.1 s in onnxruntime (1.74x; 45.1 s with the remainder in f32), within the export's tolerances,
+      and the request end to end went from 2.68x to 3.21x the PyTorch pipeline (perf/README.md).
     - onnxruntime elsewhere: on the AVX2-only EPYC class OpenVINO 2026.4 ran the int8 core slower than
-      onnxruntime (3.98 s against 2.28 s for four 1.3B blocks) and f32 no faster (3.58 s against
-      3.35 s); an fp32 or fp16 core gains nothing from it either.
+      onnxruntime (3.98 s against 2.28 s for four 1.3B blocks) and the fp32 one no faster (3.58 s
+      against 3.35 s). CPUs with VNNI but no bf16 have not been measured, so they keep onnxruntime.
     """
     if precision == "int8" and cpu.bf16:
         return "openvino", (f"machine class {cpu.machine_class}: int8 core in OpenVINO, its float remainder in bf16 "
-                            "(the CPU has bf16 instructions; 1.66x onnxruntime's int8 on the AVX-512 BF16 EPYC class)")
+                            "(the CPU has bf16 instructions; 1.74x onnxruntime's int8 on the AVX-512 BF16 EPYC class)")
     if precision == "int8":
         return "onnxruntime", (f"machine class {cpu.machine_class}: no bf16 instructions, where OpenVINO's int8 core "
                                "was slower than onnxruntime's (AVX2-only EPYC: 3.98 s against 2.28 s)")
-    return "onnxruntime", f"a {precision} core runs in onnxruntime (OpenVINO measured no faster for it)"
+    return "onnxruntime", f"a {precision} core runs in onnxruntime (OpenVINO's int8 recipe is the one measured faster)"
 
 
 def torch_bf16_advice(cpu: CpuFeatures) -> str | None:

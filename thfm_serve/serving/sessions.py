@@ -82,8 +82,9 @@ def openvino_inference_precision(precision: str, cpu: CpuFeatures) -> str:
       instructions, where it would be emulated (correct, only slower; the session warns).
     - int8 (the Q/DQ core): its quantised linears run int8 whatever the hint; the float remainder
       (attention products, norms, softmax, RoPE) runs bf16 where the CPU has bf16 instructions. On the
-      AVX-512 BF16 EPYC class that made the 1.3B core 1.66x onnxruntime's int8 (perf/README.md), and
-      the export validates it against PyTorch fp32 and bounds its task drift, fatally.
+      AVX-512 BF16 EPYC class that made the 1.3B core 1.74x onnxruntime's int8 (perf/README.md); the
+      export validates it in this session against PyTorch fp32 (fatal past the spec's int8
+      tolerances) and reports its task drift.
     - fp32: f32.
     """
     if precision in (Precision.BF16.value, Precision.INT8.value) and cpu.bf16:
