@@ -20,7 +20,7 @@ import torch
 
 from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 from thfm_serve.contract.specs import Precision, Runtime, SubmodelSpec, Target, build_specs
-from thfm_serve.errors import ThfmError
+from thfm_serve.errors import ShapeError, ThfmError
 from thfm_serve.export import export_repository
 from thfm_serve.export.calibration import task_texts
 from thfm_serve.export.precision import check_core_runtime, default_core_runtime
@@ -176,6 +176,8 @@ def test_openvino_core_agrees_with_onnxruntime_and_pytorch_and_batches_row_by_ro
     for name in model.spec.output_names:
         np.testing.assert_array_equal(got[name], np.concatenate([r[name] for r in rows]))
     assert len(model.session._requests) == 1
+    with pytest.raises(ShapeError, match=r"disagree on the batch size: latent \(3, 16, .*text \(2, "):
+        model.session.run(None, {"latent": feeds["latent"], "text": feeds["text"][:2]})
     # Another grid compiles again and drops the first (max_shapes 1).
     small = {n: v[:1] for n, v in _core_feeds(ck, 1).items()}
     small["latent"] = small["latent"][..., :2, :2]

@@ -111,7 +111,7 @@ class OpenVinoSession:
       input's shape stayed within 0.04 (PyTorch bf16 autocast: 0.02);
     - one row: these graphs are compute-bound at a window's size, so a batch gains nothing (the 1.3B
       shape's decoder: 4 rows in 88.8 s one by one, 87.3 s as one batch, equal outputs; its int8 core:
-      6 rows in 36.0 s, 35.5-36.7 s as one batch), while every compiled shape costs a compilation
+      one row 6.0 s, 6 rows as one batch 35.5-36.7 s), while every compiled shape costs a compilation
       and memory (the 1.3B int8 core: 2 GB each). A server then compiles once per window grid.
     The least recently used compiled shape is dropped beyond max_shapes.
     """
