@@ -453,8 +453,6 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             module = lowered_core(ck.core(), precision)
             export_onnx(module, spec, onnx_path)
         entry["parameters"] = precision_summary(module)
-        if runs_in_openvino(spec):
-            entry["runtime"] = _openvino_runtime(spec)
         _write_core_extras(ck, stage)
     else:
         module = ck.vae_encoder() if name == VAE_ENCODER else ck.vae_decoder()
@@ -470,9 +468,10 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             for f in onnx_files(fp32_path):
                 shutil.move(str(f), str(stage / f.name))
             shutil.rmtree(stage / "fp32")
-            entry["runtime"] = _openvino_runtime(spec)
         else:
             export_onnx(module, spec, onnx_path)
+    if runs_in_openvino(spec):
+        entry["runtime"] = _openvino_runtime(spec)
 
     entry["export_s"] = round(time.perf_counter() - t0, 1)
     entry["structure"] = check_structure(onnx_path, spec)

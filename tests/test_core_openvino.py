@@ -4,8 +4,8 @@ linears int8, its float remainder bf16 where the CPU has bf16 instructions, f32 
 One module-scoped export of the tiny checkpoint: the served tests' cached cpu/fp32 repository, copied,
 with its core re-exported as int8 in OpenVINO (the fp32 VAE reused). Then: what the spec and the
 manifests say; the session OpenVINO serves with against onnxruntime's run of the same graph and
-against the fp32 PyTorch core; batches row by row; the machine's choice; the refusals; and the
-repository served by a real tritonserver.
+against the fp32 PyTorch core; batches row by row; the refusals; and the repository served by a real
+tritonserver. The machine's choice of runtime per CPU class: tests/test_machine.py.
 """
 
 from __future__ import annotations
@@ -23,18 +23,13 @@ from thfm_serve.contract.specs import Precision, Runtime, SubmodelSpec, Target, 
 from thfm_serve.errors import ShapeError, ThfmError
 from thfm_serve.export import export_repository
 from thfm_serve.export.calibration import task_texts
-from thfm_serve.export.precision import check_core_runtime, default_core_runtime
-from thfm_serve.machine import cpu_core_runtime, parse_cpuinfo, read_cpu
+from thfm_serve.export.precision import check_core_runtime
+from thfm_serve.machine import read_cpu
 from thfm_serve.serving.sessions import OpenVinoSession, create_session, openvino_inference_precision, runs_in_openvino
 
 logger = logging.getLogger(__name__)
 
 WINDOW, HEIGHT, WIDTH = 5, 32, 32
-
-AVX2_ONLY = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse sse2 "
-             "ssse3 sse4_1 sse4_2 avx fma avx2 bmi1 bmi2\n")
-AVX512_BF16 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse sse2 "
-               "ssse3 sse4_1 sse4_2 avx fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16\n")
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +75,6 @@ def test_the_runtime_is_part_of_the_spec_and_written_only_where_it_is_not_the_de
         assert back.runtime == spec.runtime and back.to_dict() == spec.to_dict()
     with pytest.raises(ThfmError, match="unknown runtime 'tensorflow'; choose from onnxruntime, openvino"):
         build_specs(ck.config, WINDOW, HEIGHT, WIDTH, core_runtime="tensorflow")
-
-
-def test_the_machine_picks_openvino_for_an_int8_core_only_with_bf16_instructions():
-    bf16, avx2 = parse_cpuinfo(AVX512_BF16), parse_cpuinfo(AVX2_ONLY)
-    assert cpu_core_runtime(bf16, "int8")[0] == "openvino"
-    assert cpu_core_runtime(avx2, "int8")[0] == "onnxruntime"
-    assert cpu_core_runtime(bf16, "fp32")[0] == cpu_core_runtime(avx2, "fp32")[0] == "onnxruntime"
-    assert "AVX2-only EPYC" in cpu_core_runtime(avx2, "int8")[1]
-    assert openvino_inference_precision("int8", bf16) == "bf16" and openvino_inference_precision("int8", avx2) == "f32"
-    assert openvino_inference_precision("fp32", bf16) == "f32"
-    assert default_core_runtime(Target.GPU, Precision.INT8)[0] == Runtime.ONNXRUNTIME
-    expected = Runtime(cpu_core_runtime(read_cpu(), "int8")[0])
-    assert default_core_runtime(Target.CPU, Precision.INT8)[0] == expected
 
 
 def test_openvino_core_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path):

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from thfm_serve.machine import cpu_recipe, cpu_vae_recipe, parse_cpuinfo, read_cpu, torch_bf16_advice
+from thfm_serve.machine import cpu_core_runtime, cpu_recipe, cpu_vae_recipe, parse_cpuinfo, read_cpu, torch_bf16_advice
 
 _BASE = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht "
          "syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl cpuid pni pclmulqdq ssse3 cx16 sse4_1 sse4_2 "
@@ -161,3 +161,32 @@ def test_export_default_vae_precision_follows_the_machine(monkeypatch):
         precision, why = default_vae_precision(Target.CPU)
         assert precision == (Precision.BF16 if bf16 else Precision.FP32) and cls in why
         assert default_vae_precision(Target.GPU)[0] == Precision.FP32
+
+
+@pytest.mark.parametrize("text,cls,bf16,int8_dot,precision", CLASSES)
+def test_core_runtime_is_openvino_only_for_an_int8_core_with_bf16_instructions(text, cls, bf16, int8_dot, precision):
+    """The core's runtime per class: OpenVINO for the int8 core exactly where the CPU has bf16
+    instructions (its float part then runs bf16), onnxruntime for every other core and CPU; the
+    reason names the class and, where OpenVINO is refused, the measurement that refused it."""
+    from thfm_serve.serving.sessions import openvino_inference_precision
+
+    cpu = parse_cpuinfo(text)
+    runtime, why = cpu_core_runtime(cpu, "int8")
+    assert runtime == ("openvino" if bf16 else "onnxruntime") and cls in why
+    assert ("AVX2-only EPYC" in why) == (not bf16)
+    assert cpu_core_runtime(cpu, "fp32")[0] == "onnxruntime"
+    assert openvino_inference_precision("int8", cpu) == ("bf16" if bf16 else "f32")
+    assert openvino_inference_precision("fp32", cpu) == "f32"
+
+
+def test_export_default_core_runtime_follows_the_machine(monkeypatch):
+    from thfm_serve import machine
+    from thfm_serve.contract.specs import Precision, Runtime, Target
+    from thfm_serve.export.precision import default_core_runtime
+
+    for text, cls, bf16, *_ in CLASSES:
+        monkeypatch.setattr(machine, "read_cpu", lambda text=text: parse_cpuinfo(text))
+        runtime, why = default_core_runtime(Target.CPU, Precision.INT8)
+        assert runtime == (Runtime.OPENVINO if bf16 else Runtime.ONNXRUNTIME) and cls in why
+        assert default_core_runtime(Target.CPU, Precision.FP32)[0] == Runtime.ONNXRUNTIME
+        assert default_core_runtime(Target.GPU, Precision.INT8)[0] == Runtime.ONNXRUNTIME
