@@ -53,6 +53,11 @@ def exports(request, tiny_checkpoint, tmp_path_factory):
     run("fp32", "cpu", "fp32")
     run("fp32_again", "cpu", "fp32")
     run("int8", "cpu", "int8")  # default calibration clips; quantises the fp32 core the repository holds
+    # The same with grids down to 16x16 pixels counted as keeping the person (calibration_grid): the
+    # 32x32 grid halves, as 256x256 does at the default, and the calibration and drift move there.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("thfm_serve.export.calibration.CALIBRATION_MIN_PIXELS", 16 * 16)
+        run("int8_half", "cpu", "int8")
     run("fp16", "cpu", "fp16")
     run("int8_gpu", "gpu", "int8", calibration_clips=1, build_engine=False)  # no fp32 core left: traces it
     # bf16 has no onnxruntime CPU kernels: it is a gpu precision; --no-engine stops before TensorRT.
@@ -188,6 +193,25 @@ def test_int8_core_is_qdq_with_drift_reported(exports):
     # The CPU target's report carries this machine's measured matmul peak per precision.
     peak = exports["reports"]["int8"]["machine"]["matmul_peak"]
     assert all(peak["peak"][p] > 0 for p in ("fp32", "bf16", "int8")) and peak["threads"] >= 1
+
+
+def test_cpu_int8_core_drift_runs_at_its_calibration_grid(exports):
+    full, half = (exports["reports"][t]["models"]["core"] for t in ("int8", "int8_half"))
+    assert full["drift_grid"] == full["quantization"]["calibration_grid"] == f"{WINDOW}x{HEIGHT}x{WIDTH}"
+    assert half["quantization"]["calibration_grid"] == half["drift_grid"] == f"{WINDOW}x{HEIGHT // 2}x{WIDTH // 2}"
+    assert half["drift_region"] == f"dense tasks over every pixel ({WIDTH // 2}x{HEIGHT // 2})"
+    # The value check still runs at the export shape, so no drift row is one of its rows.
+    assert half["validation"][0]["dims"] == full["validation"][0]["dims"]
+    assert half["validation"][0]["input_shapes"] == full["validation"][0]["input_shapes"]
+    assert half["drift_rows_from_validation"] == {"reference": 0, "candidate": 0}
+    assert set(half["drift"]) == set(full["drift"])
+    # Another clip and grid: the same core's drift, not the same numbers.
+    assert half["drift"]["depth"] != full["drift"]["depth"]
+    # The GPU recipe quantises attention products: calibrated, and its drift measured, on the export grid.
+    from thfm_serve.export.build import core_grid
+    from thfm_serve.contract.specs import Target
+
+    assert core_grid(Target.GPU, 256, 256) == (256, 256) and core_grid(Target.CPU, 256, 256) == (128, 128)
 
 
 def _qdq_roles(path: Path) -> dict:
