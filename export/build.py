@@ -660,9 +660,9 @@ def core_grid(target: Target, height: int, width: int) -> tuple[int, int]:
     grid's token count (calibration_grid), and neither does its error, which the drift measures (the
     1.3B-shaped core's drift at 17x128x128 within -8/+7 % of its drift at 17x256x256, per task); at
     that shape the drift's core rows at the export grid were half of the export's validation
-    (export/RESULTS.md).
-    The export-shape value check still runs at the export grid. The GPU recipe also quantises
-    attention products, whose ranges and errors were not measured that way: the export grid."""
+    (export/RESULTS.md). The export-shape value check still runs at the export grid. The GPU recipe
+    also quantises attention products, whose ranges and errors were not measured that way: the
+    export grid."""
     return calibration_grid(height, width) if target == Target.CPU else (height, width)
 
 
