@@ -49,11 +49,12 @@ from . import manifest as mf
 from .calibration import calibration_grid, calibration_set, clip_latent, default_clips, procedural_clips, task_texts
 from .onnx_export import check_structure, export_onnx, initializer_dtypes, onnx_files, op_counts, trace_dims
 from .precision import (QUANTIZED, check_core_runtime, check_target_precision, check_target_vae_precision,
-                        default_core_runtime, default_precision,
-                        default_vae_precision, lowered_core,
+                        check_vae_runtime, default_core_runtime, default_precision,
+                        default_vae_precision, default_vae_runtime, lowered_core,
                         precision_summary)
-from thfm_serve.contract.specs import (MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, Runtime, SubmodelSpec, Target, build_specs,
-                                       parse_precision, parse_runtime, parse_target, parse_vae_precision)
+from thfm_serve.contract.specs import (AUTO_RUNTIME, MAX_BATCH, VAE_DRIFT_BOUNDS, Precision, Runtime, SubmodelSpec, Target,
+                                       build_specs, default_runtime, parse_precision, parse_runtime, parse_target,
+                                       parse_vae_precision)
 from thfm_serve.serving.sessions import runs_in_openvino
 from .validate import (OnnxVae, RowMemo, check_vae_drift, describe_drift_region, make_runner, once_per_input, task_drift,
                        torch_runner, torch_vae, validate_values, vae_drift)
@@ -92,6 +93,7 @@ def export_repository(
     write_configs: bool = True,
     vae_precision: str | Precision | None = Precision.FP32,
     core_runtime: str | Runtime | None = Runtime.ONNXRUNTIME,
+    vae_runtime: str | Runtime | None = None,
 ) -> dict[str, Any]:
     """Export (or reuse) every submodel into `repo`; returns the report (also in <repo>/export_report.json).
 
@@ -107,6 +109,10 @@ def export_repository(
     core_runtime: what runs the core on the cpu target: onnxruntime, or openvino (an int8 or fp32 core;
         the export validates it in OpenVINO). None takes the machine's (precision.default_core_runtime),
         as `thfm export` does without --core-runtime.
+    vae_runtime: what runs the VAE graphs on the cpu target: onnxruntime, or openvino (fp32 in f32, bf16
+        in bf16; the only runtime of a bf16 VAE). None: the precision's (contract.specs.default_runtime:
+        OpenVINO for bf16, onnxruntime otherwise); AUTO_RUNTIME: the machine's
+        (precision.default_vae_runtime), as `thfm export` does without --vae-runtime.
     """
     t_start = time.perf_counter()
     target = parse_target(target)
@@ -130,6 +136,15 @@ def export_repository(
                     core_runtime_chosen_by)
     core_runtime = parse_runtime(core_runtime)
     check_core_runtime(target, precision, core_runtime)
+    vae_runtime_chosen_by = "--vae-runtime"
+    if vae_runtime is None:
+        vae_runtime, vae_runtime_chosen_by = default_runtime(VAE_DECODER, vae_precision.value), "the VAE precision"
+    elif vae_runtime == AUTO_RUNTIME:
+        vae_runtime, vae_runtime_chosen_by = default_vae_runtime(target, vae_precision)
+        logger.info("--target %s, no --vae-runtime: VAE in %s (%s)", target.value, vae_runtime.value,
+                    vae_runtime_chosen_by)
+    vae_runtime = parse_runtime(vae_runtime)
+    check_vae_runtime(target, vae_precision, vae_runtime)
     chosen = _choose_models(models)
     repo = Path(repo)
     if repo.name == "triton":
@@ -140,7 +155,7 @@ def export_repository(
     cfg = _load_config(checkpoint)
     specs = build_specs(cfg, frames, height, width, precision=precision, max_batch=max_batch,
                         max_frames=max_frames, max_height=max_height, max_width=max_width, vae_precision=vae_precision,
-                        core_runtime=core_runtime)
+                        core_runtime=core_runtime, vae_runtime=vae_runtime)
     # The same submodels at fp32: a quantised one starts from its fp32 graph (_fp32_graph).
     fp32_specs = build_specs(cfg, frames, height, width, precision=Precision.FP32, max_batch=max_batch,
                              max_frames=max_frames, max_height=max_height, max_width=max_width)
@@ -158,7 +173,8 @@ def export_repository(
         "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": ck_hash, "target": target.value,
         "precision": precision.value, "precision_chosen_by": chosen_by, "vae_precision": vae_precision.value,
         "vae_precision_chosen_by": vae_chosen_by, "core_runtime": core_runtime.value,
-        "core_runtime_chosen_by": core_runtime_chosen_by,
+        "core_runtime_chosen_by": core_runtime_chosen_by, "vae_runtime": vae_runtime.value,
+        "vae_runtime_chosen_by": vae_runtime_chosen_by,
         "machine": _machine(target),
         "export_shape": {"frames": frames, "height": height, "width": width},
         "versions": mf.versions(), "models": {}, "specs": {n: specs[n].to_dict() for n in chosen},
@@ -190,7 +206,7 @@ def export_repository(
                 encoder = _exported_part(repo, specs, VAE_ENCODER, ck_hash, precision, calibration, calibration_clips,
                                          target) if name == VAE_DECODER and spec.precision != Precision.FP32.value else None
                 fp32_graph = _fp32_graph(repo, name, spec, fp32_specs[name], ck_hash, calibration_clips, target) \
-                    if _quantised(name, spec, precision) else None
+                    if _from_fp32_graph(name, spec, precision) else None
                 entry = _export_one(name, spec, state, stage, precision, frames, height, width, calibration, calibration_clips,
                                      target, vae=vae, vae_encoder=encoder, fp32_graph=fp32_graph)
             except ExportError as e:
@@ -404,18 +420,22 @@ def _fp32_graph(repo: Path, name: str, spec: SubmodelSpec, fp32: SubmodelSpec, c
     return vdir / MODEL_FILE
 
 
-def _quantised(name: str, spec: SubmodelSpec, precision: Precision) -> bool:
-    """Whether `name` is exported from its fp32 graph (int8/fp8 core, int8 VAE quantised; bf16 VAE as it is)."""
-    return precision in QUANTIZED if name == CORE else spec.precision != Precision.FP32.value
+def _from_fp32_graph(name: str, spec: SubmodelSpec, precision: Precision) -> bool:
+    """Whether `name` is exported from its fp32 graph: an int8/fp8 core or an int8 VAE quantised from
+    it, a bf16 VAE or an OpenVINO fp32 VAE as it is (the same graph as onnxruntime's fp32 one)."""
+    if name == CORE:
+        return precision in QUANTIZED
+    return spec.precision != Precision.FP32.value or runs_in_openvino(spec)
 
 
 def _graph_fields(spec: SubmodelSpec) -> dict[str, Any]:
-    """What a traced graph depends on: the spec without its precision and validation tolerances."""
-    return {k: v for k, v in spec.to_dict().items() if k not in ("precision", "tolerances")}
+    """What a traced graph depends on: the spec without its precision, validation tolerances and runtime."""
+    return {k: v for k, v in spec.to_dict().items() if k not in ("precision", "tolerances", "runtime")}
 
 
 def _fp32_source(module: Any, spec: SubmodelSpec, stage: Path, fp32_graph: Path | None, entry: dict[str, Any]) -> Path:
-    """The fp32 graph to quantise, in stage/fp32: the repository's current one copied, or a fresh trace."""
+    """The fp32 graph to start from (to quantise, or to serve as it is in OpenVINO), in stage/fp32: the
+    repository's current one copied, or a fresh trace."""
     path = stage / "fp32" / MODEL_FILE
     t0 = time.perf_counter()
     if fp32_graph is None:
@@ -426,7 +446,7 @@ def _fp32_source(module: Any, spec: SubmodelSpec, stage: Path, fp32_graph: Path 
         for f in onnx_files(fp32_graph):
             shutil.copy2(f, path.parent / f.name)
         entry["fp32_graph"] = f"the repository's fp32 {spec.name} (manifest current)"
-        logger.info("%s: quantising the repository's fp32 graph (%s) instead of tracing the module again", spec.name,
+        logger.info("%s: starting from the repository's fp32 graph (%s) instead of tracing the module again", spec.name,
                     fp32_graph)
     entry["fp32_graph_s"] = round(time.perf_counter() - t0, 1)
     return path
@@ -462,8 +482,9 @@ def _export_one(name: str, spec: SubmodelSpec, state: _State, stage: Path, preci
             entry["quantization"] = _quantize_vae(name, fp32_path, onnx_path, ck, spec, frames, height, width,
                                                   calibration, _clips(name, clips))
             shutil.rmtree(stage / "fp32")
-        elif spec.precision == Precision.BF16.value:
-            # The fp32 graph itself: OpenVINO lowers it to bf16 when it compiles it (serving.sessions).
+        elif spec.precision == Precision.BF16.value or runs_in_openvino(spec):
+            # The fp32 graph itself: OpenVINO compiles it at the spec's inference precision, lowering
+            # a bf16 VAE's to bf16 (serving.sessions).
             fp32_path = _fp32_source(module, spec, stage, fp32_graph, entry)
             for f in onnx_files(fp32_path):
                 shutil.move(str(f), str(stage / f.name))

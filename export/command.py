@@ -39,6 +39,11 @@ def register(sub) -> None:
                    "int8 core on CPUs with bf16 instructions, onnxruntime otherwise). openvino: the same ONNX graph "
                    "compiled by OpenVINO's CPU plugin, int8 linears in int8 and the float remainder in bf16 where the CPU "
                    "has bf16 instructions; int8 or fp32 cores only; validated in OpenVINO at export")
+    p.add_argument("--vae-runtime", default=None, metavar="{" + ",".join(r.value for r in Runtime) + "}",
+                   help="what runs the VAE graphs on --target cpu (default: chosen for this machine and logged: openvino "
+                   "for a bf16 VAE, the only runtime it has, and for an fp32 one on the avx2-fma and avx512-vnni-bf16 "
+                   "classes, where OpenVINO's f32 convolutions were measured faster with the same values; "
+                   "onnxruntime otherwise, and always for an int8 VAE). Validated in the runtime that will serve it")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
     p.add_argument("--width", type=int, help="export width, multiple of 16 (default: the checkpoint's)")

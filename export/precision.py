@@ -90,6 +90,15 @@ def default_core_runtime(target: Target, precision: Precision) -> tuple[Runtime,
     return Runtime(runtime), why
 
 
+def _require_openvino() -> None:
+    """A ThfmError naming what to install or choose instead when OpenVINO cannot run here."""
+    from thfm_serve.serving.sessions import openvino_missing
+
+    missing = openvino_missing()
+    if missing:
+        raise ThfmError(missing)
+
+
 def check_core_runtime(target: Target, precision: Precision, runtime: Runtime) -> None:
     """--core-runtime openvino: the cpu target, an int8 or fp32 core (contract.specs.OPENVINO_CORE_PRECISIONS),
     and OpenVINO installed."""
@@ -102,11 +111,40 @@ def check_core_runtime(target: Target, precision: Precision, runtime: Runtime) -
         raise ThfmError(f"--core-runtime openvino runs an int8 or fp32 core (OpenVINO lowers the int8 one's float part "
                         f"to bf16 where the CPU has bf16 instructions); got --precision {precision.value}: use "
                         "--core-runtime onnxruntime")
+    _require_openvino()
+
+
+def default_vae_runtime(target: Target, vae_precision: Precision) -> tuple[Runtime, str]:
+    """(VAE runtime, why) when --vae-runtime is not given: on cpu this machine's choice for the VAE
+    precision (thfm_serve.machine.cpu_vae_runtime), onnxruntime for an fp32 VAE where OpenVINO is not
+    installed; the gpu target's VAE runs in Triton's onnxruntime backend."""
+    if target != Target.CPU:
+        return Runtime.ONNXRUNTIME, f"the {target.value} target serves the VAE through Triton's onnxruntime backend"
+    from thfm_serve.machine import cpu_vae_runtime, read_cpu
     from thfm_serve.serving.sessions import openvino_missing
 
-    missing = openvino_missing()
-    if missing:
-        raise ThfmError(missing)
+    runtime, why = cpu_vae_runtime(read_cpu(), vae_precision.value)
+    if runtime == Runtime.OPENVINO.value and vae_precision == Precision.FP32 and openvino_missing():
+        return Runtime.ONNXRUNTIME, f"{why}; but OpenVINO is not installed, so onnxruntime"
+    return Runtime(runtime), why
+
+
+def check_vae_runtime(target: Target, vae_precision: Precision, runtime: Runtime) -> None:
+    """--vae-runtime: a bf16 VAE runs only in OpenVINO (onnxruntime has no bf16 kernels) and an int8 one
+    only in onnxruntime (its Q/DQ placement is onnxruntime's conv recipe); openvino is for --target cpu
+    and needs OpenVINO installed."""
+    if vae_precision == Precision.BF16 and runtime != Runtime.OPENVINO:
+        raise ThfmError("--vae-precision bf16 runs in OpenVINO (onnxruntime's CPU provider has no bf16 kernels): "
+                        "drop --vae-runtime onnxruntime or use --vae-precision fp32")
+    if runtime != Runtime.OPENVINO:
+        return
+    if target != Target.CPU:
+        raise ThfmError(f"--vae-runtime openvino is for --target cpu; --target {target.value} serves the VAE through "
+                        "Triton's onnxruntime backend")
+    if vae_precision == Precision.INT8:
+        raise ThfmError("--vae-precision int8 runs in onnxruntime (its Q/DQ placement is onnxruntime's int8 convolution "
+                        "recipe): use --vae-runtime onnxruntime, or --vae-precision fp32 with --vae-runtime openvino")
+    _require_openvino()
 
 
 def check_target_precision(target: Target, precision: Precision) -> None:
@@ -132,15 +170,12 @@ def check_target_vae_precision(target: Target, vae_precision: Precision, cpu=Non
                         f"convolutions, OpenVINO's CPU bf16 ones); --target {target.value} keeps the VAE fp32")
     if vae_precision == Precision.BF16:
         from thfm_serve.machine import read_cpu
-        from thfm_serve.serving.sessions import openvino_missing
 
         cpu = cpu or read_cpu()
         if not cpu.bf16:
             raise ThfmError(f"--vae-precision bf16 needs a CPU with bf16 instructions (avx512_bf16 or amx_bf16); this one "
                             f"is {cpu.machine_class}, where bf16 is emulated and slower than fp32: use fp32 or int8")
-        missing = openvino_missing()
-        if missing:
-            raise ThfmError(missing)
+        _require_openvino()
 
 
 def wan_fp32_modules() -> tuple[str, ...]:

@@ -113,8 +113,8 @@ class ServingRunner:
 def make_runner(path: Path, precision: Precision, num_params: int,
                 spec: SubmodelSpec | None = None) -> OrtRunner | ReferenceRunner | ServingRunner | None:
     """The runtime that validates an exported graph: the one serving uses where that is not
-    onnxruntime (a bf16 VAE in OpenVINO), else onnxruntime, or onnx's reference evaluator for a small
-    bf16 graph (None for a large one: nothing here runs it)."""
+    onnxruntime (OpenVINO: a bf16 VAE, --vae-runtime or --core-runtime openvino), else onnxruntime,
+    or onnx's reference evaluator for a small bf16 graph (None for a large one: nothing here runs it)."""
     from thfm_serve.serving.sessions import runs_in_openvino
 
     if spec is not None and runs_in_openvino(spec):
@@ -295,7 +295,7 @@ class OnnxVae:
         self._models: dict[str, Any] = {}
         self.window = window
         self.calls = {"encoder": 0, "decoder": 0}  # rows run, for the report
-        runtime = "openvino-cpu, bf16" if runs_in_openvino(decoder[0]) else "onnxruntime-cpu"
+        runtime = f"openvino-cpu, {decoder[0].precision}" if runs_in_openvino(decoder[0]) else "onnxruntime-cpu"
         self.kind = f"{runtime} (the exported vae_encoder/vae_decoder, serving's sessions)"
 
     def _model(self, part: str):

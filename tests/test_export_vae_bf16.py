@@ -15,7 +15,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from thfm_serve.config import DENSE_TASKS, TASKS
 from thfm_serve.contract import protocol
@@ -23,7 +22,6 @@ from thfm_serve.contract.protocol import CORE, VAE_DECODER, VAE_ENCODER
 from thfm_serve.contract.specs import VAE_DRIFT_BOUNDS, Precision, Target, build_specs
 from thfm_serve.errors import ThfmError
 from thfm_serve.export import build, export_repository
-from thfm_serve.export.calibration import procedural_clips
 from thfm_serve.export.precision import check_target_vae_precision
 from thfm_serve.machine import parse_cpuinfo, read_cpu
 from thfm_serve.serving.sessions import OpenVinoSession, create_session, runs_in_openvino
@@ -135,6 +133,8 @@ def test_bf16_vae_is_served_by_openvino_in_bf16_close_to_the_fp32_vae(bf16_repo,
     differ from the fp32 PyTorch VAE (bf16 arithmetic, not an fp32 run), by at most the bf16 budget
     of the spec element-wise, and on average by under 1% of the maps' [0, 1] range (2.5 grey levels)
     and 5% of the latents' unit scale."""
+    from vaefix import served_and_pytorch
+
     from thfm_serve import serving
 
     repo, _ = bf16_repo
@@ -145,16 +145,7 @@ def test_bf16_vae_is_served_by_openvino_in_bf16_close_to_the_fp32_vae(bf16_repo,
         # Compiled at load for the export shape, so the first request does not wait for it.
         opt = tuple((t.name, m.spec.shape(t.name, "opt")) for t in m.spec.inputs)
         assert list(m.session._requests) == [opt]
-    clips = procedural_clips(2, WINDOW, HEIGHT, WIDTH, seed=300)
-    feeds_enc = build.vae_feeds(ck, VAE_ENCODER, clips, WINDOW, HEIGHT, WIDTH)
-    feeds_dec = build.vae_feeds(ck, VAE_DECODER, clips, WINDOW, HEIGHT, WIDTH)
-    enc, dec = ck.vae_encoder(), ck.vae_decoder()
-    for fe, fd in zip(feeds_enc, feeds_dec):
-        x, z = fe[protocol.ENCODER_IN], fd[protocol.DECODER_IN]
-        with torch.no_grad():
-            ref = {VAE_ENCODER: enc(torch.from_numpy(x)).numpy(), VAE_DECODER: dec(torch.from_numpy(z)).numpy()}
-        got = {VAE_ENCODER: models[VAE_ENCODER].run({protocol.ENCODER_IN: x})[protocol.ENCODER_OUT],
-               VAE_DECODER: models[VAE_DECODER].run({protocol.DECODER_IN: z})[protocol.DECODER_OUT]}
+    for got, ref in served_and_pytorch(ck, models, (WINDOW, HEIGHT, WIDTH), seed=300):
         for name, mean_limit in ((VAE_ENCODER, 0.05), (VAE_DECODER, 0.01)):
             d = np.abs(got[name] - ref[name])
             logger.info("bf16 %s vs fp32 PyTorch: mean %.5f max %.5f", name, d.mean(), d.max())

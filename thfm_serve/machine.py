@@ -158,8 +158,38 @@ def cpu_vae_recipe(cpu: CpuFeatures) -> CpuRecipe:
     if cpu.bf16:
         return CpuRecipe("bf16", "bf16 VAE in OpenVINO: the CPU has bf16 instructions (" + ", ".join(
             f for f in ("amx_bf16", "avx512_bf16") if cpu.has(f)) + ")", cpu.machine_class)
-    return CpuRecipe("fp32", "fp32 VAE in onnxruntime: no bf16 instructions (bf16 would be emulated, slower than "
-                     "fp32); int8 only when asked for", cpu.machine_class)
+    return CpuRecipe("fp32", "fp32 VAE: no bf16 instructions (bf16 would be emulated, slower than fp32); int8 only "
+                     "when asked for", cpu.machine_class)
+
+
+# Machine classes where OpenVINO's f32 convolutions ran the fp32 Wan VAE faster than onnxruntime's, with
+# the same values, the 1.3B shape at 17x256x256 on 2 threads: AVX2-only EPYC, encoder 99.9 -> 78.8 s
+# (1.27x), decoder row 184.2 -> 153.6 s (1.20x; 213.9 -> 186.2 s, 1.15x, in another hour), max abs
+# difference 5e-6 (README, --vae-runtime and the AVX2 benchmark);
+# AVX-512 VNNI/BF16 EPYC, encoder 34.0 -> 26.1 s, decoder row 58.2 -> 44.7 s (1.30x each), 4e-6
+# (export/RESULTS.md; there the default VAE is bf16, so this is for --vae-precision fp32). Classes not
+# measured keep onnxruntime.
+OPENVINO_FP32_VAE_CLASSES = ("avx2-fma", "avx512-vnni-bf16")
+
+
+def cpu_vae_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
+    """(runtime, why): what runs the VAE graphs when `thfm export --target cpu` is given no --vae-runtime.
+
+    - openvino for a bf16 VAE, always: onnxruntime's CPU provider has no bf16 kernels;
+    - onnxruntime for an int8 VAE: its Q/DQ placement is onnxruntime's int8 convolution recipe
+      (export/quantize.py VAE_RECIPE), not measured in OpenVINO;
+    - openvino (f32 inference precision) for an fp32 VAE on the classes in OPENVINO_FP32_VAE_CLASSES,
+      onnxruntime elsewhere.
+    """
+    if precision == "bf16":
+        return "openvino", "a bf16 VAE runs in OpenVINO (onnxruntime's CPU provider has no bf16 kernels)"
+    if precision == "int8":
+        return "onnxruntime", "the int8 VAE's Q/DQ placement is onnxruntime's int8 convolution recipe"
+    if cpu.machine_class in OPENVINO_FP32_VAE_CLASSES:
+        return "openvino", (f"machine class {cpu.machine_class}: fp32 VAE in OpenVINO (f32), whose convolutions ran "
+                            "the Wan VAE 1.2-1.3x faster than onnxruntime's on this class, same values")
+    return "onnxruntime", (f"machine class {cpu.machine_class}: fp32 VAE in onnxruntime (OpenVINO f32 measured faster "
+                           f"only on {', '.join(OPENVINO_FP32_VAE_CLASSES)})")
 
 
 def cpu_core_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:

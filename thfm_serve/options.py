@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract.params import Limits
-from .contract.specs import (MAX_BATCH, Precision, Target, parse_precision, parse_runtime, parse_target,
+from .contract.specs import (AUTO_RUNTIME, MAX_BATCH, Precision, Target, parse_precision, parse_runtime, parse_target,
                              parse_vae_precision)
 from .errors import ThfmError
 
@@ -36,6 +36,7 @@ class ExportOptions:
     precision: str | None = None  # None: cpu: machine.cpu_recipe for this CPU; gpu: bf16
     vae_precision: str | None = None  # the VAE graphs (fp32; int8/bf16 on cpu); None: machine.cpu_vae_recipe on cpu, fp32 on gpu
     core_runtime: str | None = None  # onnxruntime or openvino (cpu); None: machine.cpu_core_runtime
+    vae_runtime: str | None = None  # onnxruntime or openvino (cpu); None: machine.cpu_vae_runtime
     frames: int | None = None  # the export window (default: the checkpoint's)
     height: int | None = None
     width: int | None = None
@@ -64,6 +65,8 @@ class ExportOptions:
             parse_vae_precision(self.vae_precision)
         if self.core_runtime is not None:
             parse_runtime(self.core_runtime)
+        if self.vae_runtime is not None:
+            parse_runtime(self.vae_runtime)
         if self.limits:
             Limits(**self.limits).validate()  # a bad value fails before minutes of export
             if self.no_configs:
@@ -74,6 +77,7 @@ class ExportOptions:
         """The keyword arguments of thfm_serve.export.build.export_repository after (checkpoint, repo)."""
         out: dict[str, Any] = dict(
             target=self.target, precision=self.precision, vae_precision=self.vae_precision, core_runtime=self.core_runtime,
+            vae_runtime=AUTO_RUNTIME if self.vae_runtime is None else self.vae_runtime,
             frames=self.frames, height=self.height, width=self.width, calibration=self.calibration,
             models=self.only, build_engine=not self.no_engine, force=self.force, max_batch=self.max_batch,
             max_frames=self.max_frames, max_height=self.max_height, max_width=self.max_width,

@@ -120,6 +120,11 @@ class Runtime(str, enum.Enum):
 OPENVINO_CORE_PRECISIONS = (Precision.INT8, Precision.FP32)
 
 
+# export_repository(vae_runtime=AUTO_RUNTIME): the machine's choice (machine.cpu_vae_runtime), what
+# `thfm export` does without --vae-runtime; None there is the precision's runtime (default_runtime).
+AUTO_RUNTIME = "auto"
+
+
 def parse_runtime(value: str | Runtime) -> Runtime:
     try:
         return Runtime(value)
@@ -529,6 +534,7 @@ def build_specs(
     max_width: int | None = None,
     vae_precision: str | Precision = Precision.FP32,
     core_runtime: str | Runtime | None = None,
+    vae_runtime: str | Runtime | None = None,
 ) -> dict[str, SubmodelSpec]:
     """Specs for "core", "vae_encoder" and "vae_decoder" (contract.protocol names).
 
@@ -542,7 +548,8 @@ def build_specs(
     dynamic); shorter clips are padded to the window and cropped after (contract.vae_window), which is
     exact because the Wan VAE is causal in time.
 
-    core_runtime: what runs the core graph (None: default_runtime); the VAE's follows its precision.
+    core_runtime, vae_runtime: what runs the core graph and the VAE graphs (None: default_runtime, which
+    for the VAE follows its precision).
     """
     precision = Precision(precision)
     frames = cfg.frames if frames is None else frames
@@ -608,6 +615,7 @@ def build_specs(
         profiles=vae_profiles,
         tolerances={ENCODER_OUT: vae_lat_tol},
         precision=vae_precision.value,
+        runtime=vae_runtime and parse_runtime(vae_runtime).value,
         static_dims=static,
         notes=list(notes),
     )
@@ -618,6 +626,7 @@ def build_specs(
         profiles=dict(vae_profiles),
         tolerances={DECODER_OUT: vae_tol},
         precision=vae_precision.value,
+        runtime=vae_runtime and parse_runtime(vae_runtime).value,
         static_dims=static,
         notes=list(notes),
     )
@@ -625,7 +634,7 @@ def build_specs(
 
 
 __all__ = [
-    "Axis", "BASE_DIMS", "DriftBound", "LATENT_CHANNELS", "MAX_BATCH", "OPENVINO_CORE_PRECISIONS", "PROFILE_LEVELS",
+    "AUTO_RUNTIME", "Axis", "BASE_DIMS", "DriftBound", "LATENT_CHANNELS", "MAX_BATCH", "OPENVINO_CORE_PRECISIONS", "PROFILE_LEVELS",
     "Precision", "Runtime", "SubmodelSpec", "Target", "default_runtime", "parse_runtime",
     "TensorSpec", "Tolerance", "VAE_SPATIAL", "base_dims_for", "build_specs", "parse_axis", "parse_precision",
     "parse_target", "parse_vae_precision", "tolerance_for", "VAE_DRIFT_BOUNDS", "VAE_PRECISIONS", "vae_tolerance_for",

@@ -4,10 +4,10 @@ Models of a THFM repository (contract.protocol names them; repository.py writes 
 
     preprocess          video BYTES [1] | frames UINT8 [F,H,W,3] -> clip [W,3,T,H,W] (one full window
                         per batch row), geometry INT64 [3], text_<task> [W,L,D] per task
-    vae_encoder         clip -> latent                      (ONNX; python+onnxruntime, or OpenVINO in bf16, on CPU)
+    vae_encoder         clip -> latent                      (ONNX; python+onnxruntime, or OpenVINO, on CPU)
     core                latent, text -> pred_latent, kp2d, kp3d (ONNX / TensorRT; dynamic batching;
                         python+onnxruntime or OpenVINO on CPU)
-    vae_decoder         latent -> maps                      (ONNX; python+onnxruntime, or OpenVINO in bf16, on CPU)
+    vae_decoder         latent -> maps                      (ONNX; python+onnxruntime, or OpenVINO, on CPU)
     postprocess_dense   geometry, maps_<task> -> one output per dense task (input frames and size)
     postprocess_sparse  geometry, kp2d, kp3d -> keypoints2d, keypoints3d, joint_names
     thfm_dense          ensemble: preprocess -> vae_encoder -> core x4 -> vae_decoder x4 -> postprocess

@@ -2,8 +2,10 @@
 
 Every graph runs in onnxruntime's CPU provider unless its spec's runtime is OpenVINO: a VAE exported
 with --vae-precision bf16 (onnxruntime has no bf16 convolution kernels, so that fp32 graph runs in
-OpenVINO's CPU plugin with bf16 inference precision: oneDNN's AVX-512 BF16 / AMX convolutions), and a
-core exported with --core-runtime openvino. Both sit behind onnxruntime's session API.
+OpenVINO's CPU plugin with bf16 inference precision: oneDNN's AVX-512 BF16 / AMX convolutions), an
+fp32 VAE exported with --vae-runtime openvino (f32 inference precision; the default on the classes
+where it was measured faster, machine.cpu_vae_runtime), and a core exported with --core-runtime openvino. All sit behind
+onnxruntime's session API.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def create_session(path: str | Path, threads: int = 0, spec: SubmodelSpec | None
 
 
 def runs_in_openvino(spec: SubmodelSpec) -> bool:
-    """The spec's runtime (contract.specs.default_runtime: a bf16 VAE; --core-runtime openvino for the
-    core); every other graph runs in onnxruntime (a GPU repository's core in TensorRT)."""
+    """The spec's runtime (contract.specs.default_runtime: a bf16 VAE; --vae-runtime and --core-runtime
+    openvino); every other graph runs in onnxruntime (a GPU repository's core in TensorRT)."""
     return spec.runtime == Runtime.OPENVINO.value
 
 
