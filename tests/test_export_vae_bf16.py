@@ -125,6 +125,64 @@ def test_bf16_session_compiles_each_shape_fixed_and_stays_in_budget_across_the_f
     assert ov._requests[seen] is before[seen]  # reused, not compiled again
 
 
+def _causal_conv(path, channels: int, frames: int) -> None:
+    """One Conv3d as the Wan VAE's causal convolutions are exported: kernel 3, padded 2 frames before
+    and none after, 1 pixel on each side (a bias-free kernel of seeded random weights)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((16, channels, 3, 3, 3)) * 0.2).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3, 3], pads=[2, 1, 1, 0, 1, 1])
+    graph = helper.make_graph([node], "causal_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                    [1, channels, frames, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("channels", [3, 5, 16])
+def test_one_frame_causal_convolutions_are_padded_explicitly_and_stay_exact(tmp_path, channels):
+    """The rewrite that works around OpenVINO's AMX bf16 one-frame convolution (explicit_time_padding)
+    touches the one-frame convolutions only and changes no value: in f32, the rewritten graph agrees
+    with onnxruntime on any CPU."""
+    import openvino as ov
+
+    from thfm_serve.serving.sessions import explicit_time_padding
+
+    for frames, rewritten in ((1, 1), (3, 0)):
+        path = tmp_path / f"conv_{frames}.onnx"
+        _causal_conv(path, channels, frames)
+        x = np.random.default_rng(1).uniform(-1, 1, (1, channels, frames, 16, 16)).astype(np.float32)
+        ref = create_session(path, threads=1).run(None, {"x": x})[0]
+        core = ov.Core()
+        model = core.read_model(str(path))
+        assert explicit_time_padding(model) == rewritten
+        ops = [op.get_type_name() for op in model.get_ordered_ops()]
+        assert ("Concat" in ops) == bool(rewritten)
+        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+        got = list(request.infer({0: x}).values())[0]
+        assert got.shape == ref.shape == (1, 16, frames, 16, 16)
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels", [3, 5, 7, 12])
+def test_bf16_one_frame_causal_convolution_is_right_and_repeatable(tmp_path, channels):
+    """The Wan encoder's conv_in (3 channels) over its first chunk's one frame: OpenVINO's AMX bf16
+    kernel for it returned relative error 1 (NaN with 96 output channels), different on each run; the
+    session's bf16 result is within bf16 rounding of onnxruntime's fp32 one, the same on every run."""
+    path = tmp_path / "conv.onnx"
+    _causal_conv(path, channels, 1)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, channels, 1, 16, 16)).astype(np.float32)
+    ref = create_session(path, threads=1).run(None, {"x": x})[0]
+    ov = OpenVinoSession(path, threads=2, precision="bf16")
+    runs = [ov.run(None, {"x": x})[0] for _ in range(3)]
+    assert all(np.array_equal(r, runs[0]) for r in runs)
+    assert np.abs(runs[0] - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 # --- the bf16 VAE against the fp32 VAE --------------------------------------------------------------
 
 @needs_bf16

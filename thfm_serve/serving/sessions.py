@@ -115,7 +115,9 @@ class OpenVinoSession:
       shape's decoder: 4 rows in 88.8 s one by one, 87.3 s as one batch, equal outputs; its int8 core:
       one row 6.0 s, 6 rows as one batch 35.5-36.7 s), while every compiled shape costs a compilation
       and memory (the 1.3B int8 core: 2 GB each). A server then compiles once per window grid.
-    The least recently used compiled shape is dropped beyond max_shapes.
+    The least recently used compiled shape is dropped beyond max_shapes. In bf16, each shape's model
+    has its one-frame causal convolutions padded explicitly first (explicit_time_padding: OpenVINO's
+    AMX kernel for them is wrong).
     """
 
     def __init__(self, path: Path, threads: int = 0, precision: str = "bf16", cpu: CpuFeatures | None = None,
@@ -157,6 +159,8 @@ class OpenVinoSession:
                 self._requests.pop(next(iter(self._requests)))
             model = self._model.clone()
             model.reshape({name: list(shape) for name, shape in key})
+            if self.inference_precision == "bf16":
+                explicit_time_padding(model)
             request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
             logger.info("%s: compiled by OpenVINO for %s (%s %s)", self.path.name, dict(key), self.precision,
                         self.inference_precision)
@@ -183,6 +187,51 @@ class OpenVinoSession:
             for n in names:
                 out[n].append(np.array(by_name[n], copy=True))
         return [np.concatenate(out[n], axis=0) for n in names]
+
+
+def explicit_time_padding(model) -> int:
+    """Rewrite, in place, each 3-D convolution of a statically shaped OpenVINO model whose input has
+    fewer frames than its kernel and that pads in time: the time padding becomes zero frames
+    concatenated to its input. Returns how many were rewritten.
+
+    Why: on a Xeon with AMX, OpenVINO 2026.4's (and 2025.4's) bf16 convolution over a one-frame input
+    with causal time padding (pads 2 before, 0 after, kernel 3) is wrong for some input channel
+    counts (3, 5, 7, 12 out of 1-16; 2, 4, 6, 8, 16 were right): relative error 1, NaN with 96 output
+    channels, and different from one run to the next. The Wan VAE's first chunk is one frame and its
+    conv_in has 3 channels, so the bf16 encoder's latent was wrong from the first frame on. The same
+    convolution over 2+ frames, or over the zero frames concatenated explicitly, is right (relative
+    error 0.003, bf16 rounding), as it is on the AVX-512 BF16 path without AMX. Only the one-frame
+    convolutions of a chunk are touched: they are small next to the others.
+    """
+    import openvino.opset13 as ops
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        data, weights = op.input_value(0), op.input_value(1)
+        shape, kernel = data.get_partial_shape(), weights.get_partial_shape()
+        if shape.rank.get_length() != 5 or not shape.is_static or not kernel.is_static:
+            continue
+        attrs = op.get_attributes()
+        before, after = attrs["pads_begin"][0], attrs["pads_end"][0]
+        if not (before or after) or shape[2].get_length() >= kernel[2].get_length():
+            continue
+        dims = [d.get_length() for d in shape]
+        dtype = data.get_element_type().to_dtype()
+        parts = [ops.constant(np.zeros([*dims[:2], before, *dims[3:]], dtype)).output(0)] if before else []
+        parts.append(data)
+        if after:
+            parts.append(ops.constant(np.zeros([*dims[:2], after, *dims[3:]], dtype)).output(0))
+        padded = ops.concat(parts, axis=2)
+        conv = ops.convolution(padded, weights, attrs["strides"], [0, *attrs["pads_begin"][1:]],
+                               [0, *attrs["pads_end"][1:]], attrs["dilations"])
+        for target in op.output(0).get_target_inputs():
+            target.replace_source_output(conv.output(0))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
 
 
 def _read_manifest(version_dir: Path) -> dict:
