@@ -34,6 +34,7 @@ def _cpu(flags: str):
 AVX2_ONLY = _cpu("fpu sse sse2 ssse3 sse4_1 sse4_2 avx fma avx2 bmi1 bmi2")
 AVX512_BF16 = _cpu("fpu sse2 avx fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16")
 AVX512_VNNI = _cpu("fpu sse2 avx fma avx2 avx512f avx512bw avx512vl avx512_vnni")
+XEON_AMX = _cpu("fpu sse2 avx fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8")
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,13 @@ def ck(tiny_checkpoint):
 
 def test_the_machine_choice_follows_the_vae_precision_and_the_class():
     """bf16 has only OpenVINO, int8 only onnxruntime; fp32 goes to OpenVINO on the classes where it was
-    measured faster (avx2-fma, avx512-vnni-bf16) and stays in onnxruntime on the others."""
+    measured faster (avx2-fma, avx512-vnni-bf16, amx) and stays in onnxruntime on the others."""
+    assert XEON_AMX.machine_class == "amx"
     assert cpu_vae_runtime(AVX2_ONLY, "fp32")[0] == "openvino"
     assert cpu_vae_runtime(AVX512_BF16, "fp32")[0] == "openvino"
+    assert cpu_vae_runtime(XEON_AMX, "fp32")[0] == "openvino"
     assert cpu_vae_runtime(AVX512_VNNI, "fp32")[0] == "onnxruntime"
-    for cpu in (AVX2_ONLY, AVX512_BF16, AVX512_VNNI):
+    for cpu in (AVX2_ONLY, AVX512_BF16, XEON_AMX, AVX512_VNNI):
         assert cpu_vae_runtime(cpu, "bf16")[0] == "openvino"
         assert cpu_vae_runtime(cpu, "int8")[0] == "onnxruntime"
     assert "avx2-fma" in cpu_vae_runtime(AVX2_ONLY, "fp32")[1]

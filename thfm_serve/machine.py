@@ -167,9 +167,10 @@ def cpu_vae_recipe(cpu: CpuFeatures) -> CpuRecipe:
 # (1.27x), decoder row 184.2 -> 153.6 s (1.20x; 213.9 -> 186.2 s, 1.15x, in another hour), max abs
 # difference 5e-6 (README, --vae-runtime and the AVX2 benchmark);
 # AVX-512 VNNI/BF16 EPYC, encoder 34.0 -> 26.1 s, decoder row 58.2 -> 44.7 s (1.30x each), 4e-6
-# (export/RESULTS.md; there the default VAE is bf16, so this is for --vae-precision fp32). Classes not
-# measured keep onnxruntime.
-OPENVINO_FP32_VAE_CLASSES = ("avx2-fma", "avx512-vnni-bf16")
+# (export/RESULTS.md); Xeon with AMX, encoder 25.0 -> 17.6 s (1.42x), decoder row 40.8 -> 29.8 s
+# (1.37x), 5e-6 (perf/runtimes.py, README). On the last two the default VAE is bf16, so this is for
+# --vae-precision fp32. Classes not measured keep onnxruntime.
+OPENVINO_FP32_VAE_CLASSES = ("avx2-fma", "avx512-vnni-bf16", "amx")
 
 
 def cpu_vae_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
@@ -199,14 +200,16 @@ def cpu_core_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
       graph's linears in int8 and its float remainder (attention products, norms, softmax) in bf16.
       On the AVX-512 BF16 EPYC class the 1.3B core at 17x256x256 took 38.0 s for six task rows, against
       66.1 s in onnxruntime (1.74x; 45.1 s with the remainder in f32), within the export's tolerances,
-      and the request end to end went from 2.68x to 3.21x the PyTorch pipeline (perf/README.md).
+      and the request end to end went from 2.68x to 3.21x the PyTorch pipeline (perf/README.md). On
+      a Xeon with AMX the same rows took 13.1 s against 45.2 s (3.46x; 20.5 s in f32; perf/runtimes.py).
     - onnxruntime elsewhere: on the AVX2-only EPYC class OpenVINO 2026.4 ran the int8 core slower than
       onnxruntime (3.98 s against 2.28 s for four 1.3B blocks) and the fp32 one no faster (3.58 s
       against 3.35 s). CPUs with VNNI but no bf16 have not been measured, so they keep onnxruntime.
     """
     if precision == "int8" and cpu.bf16:
         return "openvino", (f"machine class {cpu.machine_class}: int8 core in OpenVINO, its float remainder in bf16 "
-                            "(the CPU has bf16 instructions; 1.74x onnxruntime's int8 on the AVX-512 BF16 EPYC class)")
+                            "(the CPU has bf16 instructions; 1.74x onnxruntime's int8 on the AVX-512 BF16 EPYC class, "
+                            "3.46x on the amx class)")
     if precision == "int8":
         return "onnxruntime", (f"machine class {cpu.machine_class}: no bf16 instructions, where OpenVINO's int8 core "
                                "was slower than onnxruntime's (AVX2-only EPYC: 3.98 s against 2.28 s)")
