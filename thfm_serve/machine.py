@@ -188,7 +188,7 @@ def cpu_vae_runtime(cpu: CpuFeatures, precision: str) -> tuple[str, str]:
         return "onnxruntime", "the int8 VAE's Q/DQ placement is onnxruntime's int8 convolution recipe"
     if cpu.machine_class in OPENVINO_FP32_VAE_CLASSES:
         return "openvino", (f"machine class {cpu.machine_class}: fp32 VAE in OpenVINO (f32), whose convolutions ran "
-                            "the Wan VAE 1.2-1.3x faster than onnxruntime's on this class, same values")
+                            "the Wan VAE 1.2-1.4x faster than onnxruntime's on this class, same values")
     return "onnxruntime", (f"machine class {cpu.machine_class}: fp32 VAE in onnxruntime (OpenVINO f32 measured faster "
                            f"only on {', '.join(OPENVINO_FP32_VAE_CLASSES)})")
 
