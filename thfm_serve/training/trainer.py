@@ -26,6 +26,7 @@ from ..config import DENSE_TASKS, PRESETS, TASKS, check_resolution, latent_frame
 from ..errors import ThfmError
 from ..model import ThfmCore, VaeDecoder, VaeEncoder
 from . import core_stage, decoder_stage, state, vae_stage
+from .cpu_bf16 import check_cpu_bf16_training
 from .data import find_clips, load_samples
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     autocast = PRECISIONS[cfg.precision]
+    if device.type == "cpu" and cfg.precision == "bf16":
+        check_cpu_bf16_training()  # before any convolution of the run (it may cap oneDNN's ISA)
     # Cheap checks first: a wrong data folder fails before any checkpoint is written or loaded.
     find_clips(cfg.data)
     if cfg.val_data:
