@@ -194,11 +194,12 @@ def explicit_time_padding(model) -> int:
     fewer frames than its kernel and that pads in time: the time padding becomes zero frames
     concatenated to its input. Returns how many were rewritten.
 
-    Why: on a Xeon with AMX, OpenVINO 2026.4's (and 2025.4's) bf16 convolution over a one-frame input
-    with causal time padding (pads 2 before, 0 after, kernel 3) is wrong for some input channel
-    counts (of those tried, 1, 3, 5, 7 and 12 were wrong, 2, 4, 6, 8 and 16 right): relative error
-    1, NaN with 96 output channels, and different from one run to the next. The Wan VAE's first chunk is one frame and its
-    conv_in has 3 channels, so the bf16 encoder's latent was wrong from the first frame on. The same
+    Why: on a Xeon with AMX, OpenVINO 2026.4's (and 2025.4's) bf16 convolution over a one-frame
+    input with causal time padding (pads 2 before, 0 after, kernel 3) is wrong for some input
+    channel counts (of those tried, 1, 3, 5, 7 and 12 were wrong, 2, 4, 6, 8 and 16 right): relative
+    error 1, NaN with 96 output channels, and different from one run to the next. The Wan VAE's
+    first chunk is one frame and its conv_in has 3 channels, so the bf16 encoder's latent was wrong
+    from the first frame on. The same
     convolution over 2+ frames, or over the zero frames concatenated explicitly, is right (relative
     error 0.003, bf16 rounding), as it is on the AVX-512 BF16 path without AMX. Only the one-frame
     convolutions of a chunk are touched: they are small next to the others.
