@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from thfm_serve.contract.specs import MAX_BATCH, VAE_PRECISIONS, Precision, Runtime, Target
+from thfm_serve.machine import OPENVINO_FP32_VAE_CLASSES
 from thfm_serve.options import LIMIT_PREFIX, ExportOptions
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def register(sub) -> None:
                    "has bf16 instructions; int8 or fp32 cores only; validated in OpenVINO at export")
     p.add_argument("--vae-runtime", default=None, metavar="{" + ",".join(r.value for r in Runtime) + "}",
                    help="what runs the VAE graphs on --target cpu (default: chosen for this machine and logged: openvino "
-                   "for a bf16 VAE, the only runtime it has, and for an fp32 one on the avx2-fma and avx512-vnni-bf16 "
-                   "classes, where OpenVINO's f32 convolutions were measured faster with the same values; "
+                   "for a bf16 VAE, the only runtime it has, and for an fp32 one on the "
+                   f"{', '.join(OPENVINO_FP32_VAE_CLASSES)} classes, where OpenVINO's f32 convolutions were measured "
+                   "faster with the same values; "
                    "onnxruntime otherwise, and always for an int8 VAE). Validated in the runtime that will serve it")
     p.add_argument("--frames", type=int, help="export window, 4n+1 frames (default: the checkpoint's)")
     p.add_argument("--height", type=int, help="export height, multiple of 16 (default: the checkpoint's)")
