@@ -20,11 +20,10 @@ import json
 from thfm_serve.errors import ThfmError
 from thfm_serve.training.cpu_bf16 import GRADIENT_RTOL, check_cpu_bf16_training, conv_weight_gradient_error
 try:
-    check_cpu_bf16_training()
-    refused = None
+    error, refused = check_cpu_bf16_training(), None
 except ThfmError as e:
-    refused = str(e)
-print(json.dumps({"error": conv_weight_gradient_error(), "rtol": GRADIENT_RTOL, "refused": refused}))
+    error, refused = conv_weight_gradient_error(), str(e)
+print(json.dumps({"error": error, "rtol": GRADIENT_RTOL, "refused": refused}))
 """
 
 

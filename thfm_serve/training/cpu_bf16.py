@@ -58,9 +58,10 @@ def conv_weight_gradient_error(channels: int = 32, side: int = 64) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def check_cpu_bf16_training() -> None:
+def check_cpu_bf16_training() -> float:
     """Before `thfm train --precision bf16` on CPU: cap oneDNN below AMX where needed, then fail with
-    the way out if bf16 convolution weight gradients are still wrong in this process."""
+    the way out if bf16 convolution weight gradients are still wrong in this process. Returns the
+    probe's relative error (conv_weight_gradient_error)."""
     capped = cap_isa_below_amx()
     error = conv_weight_gradient_error()
     if error > GRADIENT_RTOL:
@@ -70,3 +71,4 @@ def check_cpu_bf16_training() -> None:
                         f"gradients are wrong here (relative error {error:.3g} against fp32; {where}). Use "
                         f"--precision fp32, or start the process with {ISA_VARIABLE}={BELOW_AMX}")
     logger.info("bf16 convolution weight gradients checked: relative error %.2g against fp32", error)
+    return error
